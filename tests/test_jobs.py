@@ -250,3 +250,26 @@ def test_runtime_env_reaches_the_kernel(env):
     nb = make_nb(d / "renv.ipynb", "import os, sys\nassert os.environ['GREETING'] == 'hej', os.environ.get('GREETING')")
     r = run_notebook(nb, settings=s, cwd=d, runtime_env={"env_vars": {"GREETING": "hej"}})
     assert r.ok
+
+
+# ---- detached jobs on a persistent local cluster ------------------------------------------------------
+
+def test_detached_job_outlives_its_caller(project_dir):
+    from ml_prod.cluster import cluster_down, cluster_up
+    import socket
+    with socket.socket() as so: so.bind(("127.0.0.1", 0)); port = so.getsockname()[1]
+    s = load_settings()
+    p = _cli(["run", "--detach", str(make_nb(project_dir / "d.ipynb", "print('detached')"))], project_dir)
+    out = p.communicate(timeout=60)[0]
+    assert p.returncode == 1 and "ml_prod cluster up" in out  # no persistent cluster yet
+    cluster_up(s, num_cpus=1, port=port)
+    try:
+        p = _cli(["run", "--detach", str(make_nb(project_dir / "slow.ipynb", "import time; time.sleep(3)\nprint('done')"))], project_dir)
+        out = p.communicate(timeout=120)[0]
+        assert p.returncode == 0, out
+        run_id = out.split(" as run ")[1].split(";")[0]
+        assert client(s).get_run(run_id).info.status == "RUNNING"  # the caller has exited, the job goes on
+        wait_for(lambda: client(s).get_run(run_id).info.status == "FINISHED", timeout=90, every=1)
+        assert "done" in job_log(s, run_id)
+    finally:
+        assert cluster_down(s)
