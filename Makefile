@@ -1,0 +1,73 @@
+# ml_prod developer commands. `make demo` and `make test` are the README's quick start;
+# `.ci/run` (what CI runs) is `make venv check test`.
+
+SHELL  := /bin/bash
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+# notebooks nbdev-clean keeps tidy: the nbdev sources and the job notebooks the package ships
+EXAMPLES := ml_prod/examples
+
+# SKIP_SLOW=1 leaves out `#| slow` notebook cells and pytest's `slow` scenarios
+ifeq ($(SKIP_SLOW),1)
+NBDEV_TEST_FLAGS :=
+PYTEST_ARGS      := -m "not slow"
+else
+NBDEV_TEST_FLAGS := --flags slow
+PYTEST_ARGS      :=
+endif
+
+.DEFAULT_GOAL := help
+.PHONY: help venv export clean readme check test demo docs bench
+
+help:
+	@echo "make demo     set up .venv and run the fraud example as tracked jobs on a local Ray (ml_prod demo)"
+	@echo "make test     set up .venv and run all tests: nbdev-test on nbs/, then pytest tests (SKIP_SLOW=1: skip slow ones)"
+	@echo "make venv     create .venv and install ml_prod with its dev extras (re-runs only when pyproject.toml changes)"
+	@echo "make export   write ml_prod/ from the notebooks in nbs/"
+	@echo "make clean    nbdev-clean the notebooks in nbs/ and $(EXAMPLES)/"
+	@echo "make readme   render README.md from nbs/index.ipynb"
+	@echo "make check    fail if export, clean or readme would change anything"
+	@echo "make docs     build the docs site into docs/site/ (offline)"
+	@echo "make bench    run every benchmark script bench/*.py"
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $@
+
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[dev,docs]"
+	@touch $@
+
+export: venv
+	$(BIN)/nbdev-export
+
+clean: venv
+	$(BIN)/nbdev-clean --fname nbs
+	$(BIN)/nbdev-clean --fname $(EXAMPLES)
+
+readme: venv
+	$(PY) .ci/readme.py
+
+# runs export and clean on a throwaway copy and compares: never writes to the working tree
+check: venv
+	.ci/check
+
+test: venv
+	$(BIN)/nbdev-test $(NBDEV_TEST_FLAGS)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+demo: venv
+	$(BIN)/ml_prod demo
+
+docs: $(VENV)/.docs-installed
+	$(PY) docs/build.py
+
+bench: venv
+	@set -e; found=0; for f in bench/[!_]*.py; do [ -e "$$f" ] || continue; found=1; \
+	  echo "== $$f"; $(PY) "$$f"; done; [ $$found = 1 ] || echo "no benchmarks (bench/*.py) yet"
