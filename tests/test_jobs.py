@@ -250,6 +250,7 @@ def test_runtime_env_reaches_the_kernel(env):
     nb = make_nb(d / "renv.ipynb", "import os, sys\nassert os.environ['GREETING'] == 'hej', os.environ.get('GREETING')")
     r = run_notebook(nb, settings=s, cwd=d, runtime_env={"env_vars": {"GREETING": "hej"}})
     assert r.ok
+    assert json.loads(client(s).get_run(r.run_id).data.tags["ml_prod.runtime_env"]) == {"env_vars": {"GREETING": "hej"}}
 
 
 # ---- detached jobs on a persistent local cluster ------------------------------------------------------
