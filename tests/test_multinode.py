@@ -1,0 +1,421 @@
+"""A notebook job on a two-node Ray cluster, tracked by an MLflow tracking server with artifact proxying.
+
+One module-scoped fixture starts, all on this machine and on free ports (Ray is given
+`--node-ip-address 127.0.0.1`, which it resolves to this machine's own address for what it advertises):
+
+* an MLflow tracking server (`--serve-artifacts`, SQLite backend and artifact folder in a tmp folder);
+* a Ray head (1 CPU, no custom resources) and a Ray worker node (1 CPU, resource `trainer`), both
+  started with `ray start` and Ray's token authentication (`RAY_AUTH_MODE=token`), in a dedicated
+  `--temp-dir`;
+* a `settings.ini` with a multi-node `[cluster]` profile pointing at both.
+
+The job is submitted from a separate Python process: the pytest process may already run a local Ray
+(conftest's `ray_local`), and `ray.init(address=...)` must not be mixed with it.
+
+Teardown stops only what this module started (never `ray stop`, which would stop every Ray on the
+machine): the processes whose command line names our temp dir or our GCS address, or that carry our
+marker environment variable, and their descendants; SIGTERM, then SIGKILL after 10 s; the GCS last.
+The whole module takes about 60-90 s on 2 cores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import nbformat
+import psutil
+import pytest
+
+from ml_prod.errors import ConfigError
+from ml_prod.settings import load_settings
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+MARKER = "ML_PROD_MULTINODE_TEST"  # set in the environment of every process this module starts
+START_TIMEOUT_S = 120     # one `ray start`
+RAY_START_ATTEMPTS = 2
+MLFLOW_START_TIMEOUT_S = 120
+JOB_TIMEOUT_S = 180
+
+
+# ---- helpers -------------------------------------------------------------------------------------------
+
+def free_ports(n: int) -> list[int]:
+    "`n` distinct ports that are free on 127.0.0.1 right now (all held open while choosing)."
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks: s.close()
+
+
+def free_port_range(size: int, avoid: set[int], lo: int = 20000, hi: int = 32000) -> tuple[int, int]:
+    "A run of `size` consecutive ports, none in `avoid`, all bindable now (below the ephemeral range: no clash with `free_ports`)."
+    import random
+    rng = random.Random()
+    for _ in range(200):
+        start = rng.randrange(lo, hi - size)
+        ports = range(start, start + size)
+        if avoid & set(ports): continue
+        ok = True
+        for p in ports:
+            with socket.socket() as s:
+                try: s.bind(("", p))
+                except OSError: ok = False; break
+        if ok:
+            avoid.update(ports)
+            return start, start + size - 1
+    raise RuntimeError("no free port range found")
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200: return
+        except OSError: pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def clean_env(**extra) -> dict:
+    "This process's environment without ML_PROD_*/MLFLOW_*/RAY_ADDRESS leaking in, plus `extra`."
+    env = {k: v for k, v in os.environ.items()
+           if not (k.startswith("ML_PROD_") and k != "ML_PROD_TEST_SESSION")
+           and not k.startswith("MLFLOW_") and k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    return {**env, **extra}
+
+
+def run_cmd(cmd: list[str], env: dict, timeout: float = START_TIMEOUT_S) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"`{' '.join(cmd)}` failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def _has_marker(p: psutil.Process, marker: str) -> bool:
+    try: return p.environ().get(MARKER) == marker
+    except psutil.Error: return False
+
+
+def our_processes(temp_dirs: list[str], gcs_addresses: list[str], marker: str) -> list[psutil.Process]:
+    "Live processes this module started: named by our temp dirs or GCS addresses, or carrying our marker; and their descendants."
+    me = os.getpid()
+    # our GCS's port after any IPv4 address: Ray hands some processes (the client server) the resolved address
+    gcs = [re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}:" + a.rsplit(":", 1)[1] + r"(?!\d)") for a in gcs_addresses]
+    found: dict[int, psutil.Process] = {}
+    for p in psutil.process_iter(["cmdline"]):
+        if p.pid == me: continue
+        args = p.info["cmdline"] or []
+        if any(t in a for a in args for t in temp_dirs) or any(g.search(a) for a in args for g in gcs) or _has_marker(p, marker):
+            found[p.pid] = p
+    for p in list(found.values()):
+        try:
+            for c in p.children(recursive=True): found.setdefault(c.pid, c)
+        except psutil.Error: pass
+    found.pop(me, None)
+    return [p for p in found.values() if _alive(p)]
+
+
+def _name(p: psutil.Process) -> str:
+    try: return p.name()
+    except psutil.Error: return ""
+
+
+def _alive(p: psutil.Process) -> bool:
+    "Running and not a zombie (a zombie is dead, only not yet reaped by its parent)."
+    try: return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error: return False
+
+
+def stop_processes(procs: list[psutil.Process], grace_s: float = 10.0) -> list[psutil.Process]:
+    "SIGTERM `procs`, SIGKILL those still alive after `grace_s`; returns the ones that had to be killed."
+    for p in procs:
+        try: p.terminate()
+        except psutil.Error: pass
+    deadline = time.monotonic() + grace_s
+    while (alive := [p for p in procs if _alive(p)]) and time.monotonic() < deadline:
+        psutil.wait_procs(alive, timeout=0.2)  # also reaps those that are our children
+    for p in alive:
+        try: p.kill()
+        except psutil.Error: pass
+    psutil.wait_procs(alive, timeout=5)
+    return alive
+
+
+def make_notebook(path: Path) -> Path:
+    "A job notebook: a `greeting` parameter, a metric and a text artifact logged into the job's run."
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell('greeting: str = "hello"  # text written to hello.txt', metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(textwrap.dedent("""\
+            import os, socket, mlflow
+            mlflow.log_metric("on_worker", 1)
+            mlflow.log_text(greeting, "hello.txt")
+            # mlflow removes MLFLOW_RUN_ID from the environment once it has resumed the run
+            assert mlflow.active_run().info.run_id == os.environ["ML_PROD_RUN_ID"]
+            print("kernel pid", os.getpid(), "on", socket.gethostname(), "run", os.environ["ML_PROD_RUN_ID"])""")),
+    ])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+# Runs in its own Python process: connects to the cluster through ml_prod (never the pytest process's Ray).
+DRIVER = '''
+import json, sys, time
+from ml_prod.settings import load_settings
+from ml_prod.jobs import run_notebook
+
+settings_path, notebook, cwd = sys.argv[1:4]
+s = load_settings("cluster", path=settings_path, env={})
+result = run_notebook(notebook, {"greeting": "hello"}, settings=s, resources={"trainer": 1}, cwd=cwd, check=False)
+
+import ray
+nodes = [n for n in ray.nodes() if n["Alive"]]
+print("RESULT " + json.dumps(dict(
+    run_id=result.run_id, status=result.status, error=result.error,
+    worker_nodes=[n["NodeID"] for n in nodes if n["Resources"].get("trainer")],
+    other_nodes=[n["NodeID"] for n in nodes if not n["Resources"].get("trainer")],
+    auth_mode=__import__("os").environ.get("RAY_AUTH_MODE"),
+)), flush=True)
+ray.shutdown()
+'''
+
+
+# ---- the cluster ---------------------------------------------------------------------------------------
+
+def cluster_profile(ray_address: str, tracking_uri: str, tmp: Path, shared: bool = True) -> str:
+    "settings.ini text with the multi-node `[cluster]` profile."
+    text = textwrap.dedent(f"""\
+        [DEFAULT]
+
+        [cluster]
+        ray_address = {ray_address}
+        multi_node = true
+        tracking_uri = {tracking_uri}
+        artifact_location = mlflow-artifacts:/
+        audit_dir = {tmp}/audit
+        state_dir = {tmp}/.ml_prod
+        """)
+    if shared: text += textwrap.dedent("""\
+        # Both nodes run on this one machine, so the local audit_dir, state_dir and outputs_dir
+        # are on storage every node sees; a real multi-node cluster would need a shared mount.
+        storage_is_shared = true
+        """)
+    return text
+
+
+def ray_logs(temp_dir: str, chars: int = 1500) -> str:
+    "The ends of the GCS's and raylets' logs of the sessions in `temp_dir`, for error messages."
+    out = []
+    for f in sorted(Path(temp_dir).glob("session_2*/logs/*")):
+        if f.name.startswith(("gcs_server", "raylet")) and f.suffix in (".out", ".err") and f.stat().st_size:
+            out.append(f"--- {f}:\n{f.read_text(errors='replace')[-chars:]}")
+    return "\n".join(out)
+
+
+class Started:
+    "What this module started, so that teardown stops exactly that."
+    def __init__(self):
+        self.marker = uuid.uuid4().hex  # in the environment of everything we start
+        self.temp_dirs: list[str] = []
+        self.gcs_addresses: list[str] = []
+        self.mlflow: subprocess.Popen | None = None
+
+    def processes(self, ray_only: bool = False) -> list[psutil.Process]:
+        procs = {p.pid: p for p in our_processes(self.temp_dirs, self.gcs_addresses, self.marker)}
+        if ray_only and self.mlflow is not None:
+            mlflow = {self.mlflow.pid, *(c.pid for c in _children(self.mlflow.pid))}
+            procs = {pid: p for pid, p in procs.items() if pid not in mlflow}
+        return list(procs.values())
+
+    def stop_ray(self):
+        "Stop our Ray processes: raylets, workers, agents and kernels first, the GCS last (as `ray stop` does)."
+        procs = self.processes(ray_only=True)
+        gcs = [p for p in procs if _name(p) == "gcs_server"]
+        stop_processes([p for p in procs if p not in gcs])  # a GCS stopped before its raylets ignores SIGTERM
+        stop_processes(gcs)
+
+    def stop_mlflow(self, wait: bool = True):
+        "SIGTERM the tracking server's process group (it and its uvicorn worker); with `wait`, SIGKILL it after 10 s."
+        if self.mlflow is None: return
+        try: os.killpg(self.mlflow.pid, signal.SIGTERM)
+        except ProcessLookupError: pass
+        if not wait: return
+        try: self.mlflow.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.mlflow.pid, signal.SIGKILL); self.mlflow.wait(5)
+
+
+def _children(pid: int) -> list[psutil.Process]:
+    try: return psutil.Process(pid).children(recursive=True)
+    except psutil.Error: return []
+
+
+def start_ray(started: Started, env: dict) -> str:
+    "A Ray head (1 CPU) and a worker node (1 CPU, resource `trainer`) in a fresh temp dir; returns the GCS address."
+    # Ray's unix socket paths must stay short: a dedicated folder right under /tmp
+    temp_dir = tempfile.mkdtemp(prefix="ray_mn_", dir="/tmp")
+    started.temp_dirs.append(temp_dir)
+    gcs_port, client_port, dashboard_port, *node_ports = free_ports(3 + 2 * 6)
+    gcs_address = f"127.0.0.1:{gcs_port}"
+    started.gcs_addresses.append(gcs_address)
+    taken = {gcs_port, client_port, dashboard_port, *node_ports}
+
+    def node_args(ports):
+        nm, om, dal, dag, rea, met = ports
+        lo, hi = free_port_range(40, taken)
+        # Ray resolves 127.0.0.1 to this machine's own address for what it advertises: still this machine
+        return ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats",
+                "--object-store-memory", str(100 * 1024**2), f"--temp-dir={temp_dir}",
+                "--node-manager-port", str(nm), "--object-manager-port", str(om),
+                "--dashboard-agent-listen-port", str(dal), "--dashboard-agent-grpc-port", str(dag),
+                "--runtime-env-agent-port", str(rea), "--metrics-export-port", str(met),
+                "--min-worker-port", str(lo), "--max-worker-port", str(hi)]
+
+    try:
+        run_cmd([str(BIN / "ray"), "start", "--head", "--port", str(gcs_port), "--ray-client-server-port", str(client_port),
+                 "--include-dashboard=false", "--dashboard-port", str(dashboard_port), *node_args(node_ports[:6])], env)
+        run_cmd([str(BIN / "ray"), "start", "--address", gcs_address, "--resources", json.dumps({"trainer": 1}),
+                 *node_args(node_ports[6:])], env)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        raise RuntimeError(f"{e}\n{ray_logs(temp_dir)}") from None
+    return gcs_address
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("multinode")
+    started = Started()
+    env = clean_env(**{MARKER: started.marker, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"})
+    mlflow_log = open(tmp / "mlflow_server.log", "w")
+    try:
+        # 1. the tracking server, proxying artifacts into tmp/mlartifacts; it takes a while to create
+        # its database, so Ray starts meanwhile
+        mlflow_port, = free_ports(1)
+        tracking_uri = f"http://127.0.0.1:{mlflow_port}"
+        started.mlflow = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+             "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db", "--serve-artifacts",
+             "--artifacts-destination", str(tmp / "mlartifacts"), "--workers", "1"],
+            env=env, cwd=tmp, stdout=mlflow_log, stderr=subprocess.STDOUT, start_new_session=True)
+
+        # 2. token authentication (~/.ray/auth_token is created only when missing, never replaced), then
+        # the two nodes; on a loaded machine a raylet may miss Ray's fixed 30 s registration deadline:
+        # one more try, from scratch
+        run_cmd([str(BIN / "ray"), "get-auth-token", "--generate"], env)
+        for attempt in range(RAY_START_ATTEMPTS):
+            try:
+                gcs_address = start_ray(started, env)
+                break
+            except RuntimeError as e:
+                if attempt == RAY_START_ATTEMPTS - 1: raise
+                print(f"\nthe Ray cluster did not start, trying again: {str(e)[:3000]}", file=sys.stderr)
+                started.stop_ray()
+        wait_http(f"{tracking_uri}/health", MLFLOW_START_TIMEOUT_S, started.mlflow, tmp / "mlflow_server.log")
+
+        # 3. the multi-node profile
+        settings = tmp / "settings.ini"
+        settings.write_text(cluster_profile(gcs_address, tracking_uri, tmp))
+        yield dict(tmp=tmp, settings=settings, tracking_uri=tracking_uri, artifacts=tmp / "mlartifacts", env=env)
+    finally:
+        # 5. stop only what we started (never `ray stop`: it stops every Ray on the machine)
+        started.stop_mlflow(wait=False)  # it takes a few seconds to shut down: meanwhile, Ray
+        started.stop_ray()
+        started.stop_mlflow()
+        mlflow_log.close()
+        left = started.processes()
+        for d in started.temp_dirs: shutil.rmtree(d, ignore_errors=True)
+        assert not left, f"processes of the multi-node test outlived its teardown: {[p.pid for p in left]}"
+
+
+@pytest.fixture(scope="module")
+def job(cluster):
+    "The notebook job, run on the cluster from a separate Python process; the driver's JSON report."
+    tmp = cluster["tmp"]
+    nb = make_notebook(tmp / "on_worker.ipynb")
+    script = tmp / "driver.py"
+    script.write_text(DRIVER)
+    # no RAY_AUTH_MODE in the driver's environment: ml_prod.cluster.connect must set it
+    env = {k: v for k, v in cluster["env"].items() if k != "RAY_AUTH_MODE"}
+    r = subprocess.run([sys.executable, str(script), str(cluster["settings"]), str(nb), str(tmp)],
+                       env=env, cwd=tmp, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    lines = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
+    assert r.returncode == 0 and lines, f"driver failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+# ---- tests ----------------------------------------------------------------------------------------------
+
+def test_job_finishes_on_the_trainer_node(cluster, job):
+    from mlflow.tracking import MlflowClient
+    assert job["status"] == "FINISHED", job["error"]
+    assert job["auth_mode"] == "token"
+    assert len(job["worker_nodes"]) == 1 and len(job["other_nodes"]) == 1, job
+    run = MlflowClient(cluster["tracking_uri"]).get_run(job["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["ml_prod.ray_node"] == job["worker_nodes"][0]
+    assert run.data.tags["ml_prod.ray_node"] != job["other_nodes"][0]
+    assert run.data.tags["ml_prod.profile"] == "cluster"
+    assert run.data.metrics["on_worker"] == 1
+
+
+def test_artifacts_go_through_the_proxy(cluster, job):
+    from mlflow.tracking import MlflowClient
+    c = MlflowClient(cluster["tracking_uri"])
+    run = c.get_run(job["run_id"])
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:"), run.info.artifact_uri
+    names = {a.path for a in c.list_artifacts(job["run_id"])}
+    assert {"on_worker.ipynb", "hello.txt", "job.log", "provenance"} <= names, names
+    stored = cluster["artifacts"] / run.info.experiment_id / job["run_id"] / "artifacts"
+    assert (stored / "hello.txt").read_text() == "hello"
+    executed = nbformat.read(stored / "on_worker.ipynb", as_version=4)
+    assert any("kernel pid" in o.get("text", "") for cell in executed.cells for o in cell.get("outputs", []))
+    assert (stored / "provenance" / "on_worker.ipynb").is_file()
+
+
+def problems(e: ConfigError) -> set[str]:
+    "The settings a node-local storage error lists, one per indented line."
+    return {m.group(1) for m in re.finditer(r"^  (\w+) = ", str(e), re.M)}
+
+
+def test_multi_node_profile_with_sqlite_is_refused(tmp_path):
+    "The cluster profile with a SQLite tracking store is refused unless its storage is declared shared."
+    ini = tmp_path / "settings.ini"
+    sqlite = f"sqlite:///{tmp_path}/mlflow.db"
+    ini.write_text(cluster_profile("127.0.0.1:6399", sqlite, tmp_path, shared=False))
+    with pytest.raises(ConfigError, match="node-local storage") as e:
+        load_settings("cluster", path=ini, env={})
+    assert problems(e.value) == {"tracking_uri", "registry_uri", "audit_dir"}  # mlflow-artifacts:/ goes through the server
+    # multi_node alone (no ray_address) is enough to be refused
+    ini.write_text(cluster_profile("", sqlite, tmp_path, shared=False))
+    with pytest.raises(ConfigError, match="node-local storage"):
+        load_settings("cluster", path=ini, env={})
+    # a tracking server: only the local audit_dir is left, which is why the cluster profile says storage_is_shared
+    ini.write_text(cluster_profile("127.0.0.1:6399", "http://127.0.0.1:5000", tmp_path, shared=False))
+    with pytest.raises(ConfigError, match="node-local storage") as e:
+        load_settings("cluster", path=ini, env={})
+    assert problems(e.value) == {"audit_dir"}
+    ini.write_text(cluster_profile("127.0.0.1:6399", "http://127.0.0.1:5000", tmp_path, shared=True))
+    s = load_settings("cluster", path=ini, env={})
+    assert s.is_multi_node and s.storage_is_shared and s.artifact_location == "mlflow-artifacts:/"
