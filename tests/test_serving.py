@@ -1,0 +1,232 @@
+"""Serving against the real thing: `ml_prod serve up` starts the project's persistent local Ray with
+direct ingress, deploys a spec, and requests go over HTTP to the replica's port. One cluster for the
+module; each test deploys its own application.
+
+Models are tiny MLflow models logged from code (`tiny_model.py`) and registered in the project's
+SQLite registry, so aliases, versions and the promotion path are the real ones."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+ML_PROD = str(Path(sys.executable).parent / "ml_prod")
+HERE = Path(__file__).parent
+RECORD = {"amount": 250.0, "country": "US"}
+
+
+def cli(*args, check=True, env=None, timeout=300):
+    r = subprocess.run([ML_PROD, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if check and r.returncode != 0: raise AssertionError(f"ml_prod {' '.join(args)} exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    "A project with a registry holding tiny-model versions; the persistent cluster is stopped at the end."
+    root = tmp_path_factory.mktemp("serving")
+    (root / "settings.ini").write_text("[DEFAULT]\n")
+    old = Path.cwd()
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("ML_PROD_") and k != "ML_PROD_TEST_SESSION"}
+    os.chdir(root)
+    try:
+        yield root
+    finally:
+        cli("serve", "down", check=False)
+        cli("cluster", "down", check=False)
+        os.chdir(old)
+        os.environ.update(saved)
+
+
+def log_version(alias: str, **model_config) -> int:
+    "Log a tiny model with `model_config` and register it as a new version of `tiny` under `alias`."
+    import mlflow
+    import pandas as pd
+    from mlflow.models import infer_signature
+    from ml_prod.registry import register
+    from ml_prod.settings import load_settings
+    s = load_settings()
+    mlflow.set_tracking_uri(s.tracking_uri)
+    X = pd.DataFrame({"amount": [10.0, 250.0], "country": ["US", "FR"]})
+    sig = infer_signature(X, pd.DataFrame({"score": [0.1, 0.9]}))
+    mlflow.set_experiment("serving-tests")
+    with mlflow.start_run() as run:
+        mlflow.pyfunc.log_model(name="model", python_model=str(HERE / "tiny_model.py"), model_config=model_config or None,
+                                signature=sig, input_example=X)
+    return register(s, run.info.run_id, "tiny", alias=alias)
+
+
+def set_alias(alias: str, version: int):
+    from ml_prod.registry import set_alias as move
+    from ml_prod.settings import load_settings
+    move(load_settings(), "tiny", alias, version, reason="test")
+
+
+def deploy(project: Path, app: dict, env=None) -> str:
+    "Deploy one application with `ml_prod serve up`; its base URL."
+    spec = project / f"{app['name']}.yaml"
+    spec.write_text(yaml.safe_dump({"applications": [app]}))
+    out = cli("serve", "up", str(spec), env=env).stdout
+    line = next(l for l in out.splitlines() if l.startswith(app["name"]))
+    return line.split(" serving at ")[1].split(",")[0].strip().removesuffix("/predict")
+
+
+def status(app: str) -> dict:
+    return next(a for a in json.loads(cli("serve", "status", "--json").stdout) if a["app"] == app)
+
+
+def test_request_path_update_and_audit(project):
+    v1 = log_version("champion")
+    v2 = log_version("candidate", offset=0.5)
+    url = deploy(project, {"name": "fraud", "arms": {"champion": {"model": "models:/tiny@champion", "weight": 1},
+                                                     "canary": {"model": "models:/tiny@candidate", "weight": 0},
+                                                     "shadow": {"model": "models:/tiny@candidate", "shadow": True}},
+                           "decision": {"threshold": 0.5, "positive": "fraud", "negative": "legit"},
+                           "limits": {"max_records": 5, "max_body_bytes": 2000, "timeout_s": 5}})
+    assert url.startswith("http://127.0.0.1:")
+    c = httpx.Client(base_url=url, timeout=10)
+
+    # one record, a list, the request id echoed
+    r = c.post("/predict", json=RECORD, headers={"x-request-id": "first-request"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["decision"], body["version"], body["arm"], body["model"]) == ("fraud", str(v1), "champion", "tiny")
+    assert r.headers["x-request-id"] == "first-request" and body["request_id"] == "first-request"
+    r = c.post("/predict", json=[RECORD, {"amount": 1.0, "country": "FR"}])
+    assert r.json()["decisions"] == ["fraud", "legit"]
+
+    # bad input: 4xx naming the field, never a 500, never the model
+    cases = [(b'{"amount": 1', 400), (b'"text"', 400), (b'{"amount": "lots", "country": "US"}', 422), (b'{"amount": 1.0}', 422),
+             (b'{"amount": 1.0, "country": "US", "extra": 1}', 422), (b'{"amount": NaN, "country": "US"}', 422),
+             (b'{"amount": Infinity, "country": "US"}', 422), (b'[]', 422), (json.dumps([RECORD] * 6).encode(), 413),
+             (json.dumps({"amount": 1.0, "country": "x" * 3000}).encode(), 413)]
+    for body_bytes, want in cases:
+        r = c.post("/predict", content=body_bytes, headers={"content-type": "application/json"})
+        assert r.status_code == want, (body_bytes[:60], r.status_code, r.text)
+    r = c.post("/predict", json={"amount": "lots", "country": "US", "extra": 1})
+    assert sorted(e["loc"][0] for e in r.json()["errors"]) == ["amount", "extra"]
+
+    # OpenAPI carries the record schema of the model's signature
+    schema = c.get("/openapi.json").json()["components"]["schemas"]["Record"]
+    assert set(schema["properties"]) == {"amount", "country"} and schema["additionalProperties"] is False
+
+    # zero-downtime update: load never stops while the alias moves to v2
+    answers, stop = [], threading.Event()
+    def load():
+        with httpx.Client(base_url=url, timeout=10) as lc:
+            while not stop.is_set():
+                try:
+                    r = lc.post("/predict", json=RECORD)
+                    answers.append((r.status_code, r.json().get("version")))
+                except httpx.HTTPError as e: answers.append((type(e).__name__, None))
+    t = threading.Thread(target=load); t.start()
+    time.sleep(1)
+    set_alias("champion", v2)
+    cli("serve", "update", "fraud")
+    time.sleep(1)
+    stop.set(); t.join()
+    assert len(answers) > 50 and {s for s, _ in answers} == {200}, {s for s, _ in answers}
+    versions = [v for _, v in answers]
+    assert set(versions) == {str(v1), str(v2)} and versions[-1] == str(v2)
+    assert versions.index(str(v2)) > 0 and str(v1) not in versions[versions.index(str(v2)):]  # no flapping back
+
+    # a version that fails its health check never takes traffic
+    v3 = log_version("champion", broken=True)
+    r = cli("serve", "update", "fraud", check=False)
+    assert r.returncode != 0 and "failed its health check" in r.stderr, r.stderr
+    assert c.post("/predict", json=RECORD).json()["version"] == str(v2)
+    st = status("fraud")
+    assert st["last_refusal"] is not None and st["serving"][0]["arms"]["champion"]["version"] == str(v2)
+
+    # weights change in place; the canary takes a share
+    set_alias("champion", v1)
+    cli("serve", "update", "fraud", "--weight", "canary=1")
+    arms = {c.post("/predict", json=RECORD).json()["arm"] for _ in range(60)}
+    assert arms == {"champion", "canary"}
+    assert cli("serve", "update", "fraud", "--weight", "nope=1", check=False).returncode != 0
+
+    # API keys: configured keys are required from the next update on
+    cli("serve", "update", "fraud", env={"ML_PROD_API_KEY": "k-123"})
+    assert c.post("/predict", json=RECORD).status_code == 401
+    assert c.post("/predict", json=RECORD, headers={"x-api-key": "k-123"}).status_code == 200
+
+    # rollback returns to the previous versions
+    cli("serve", "rollback", "fraud", env={"ML_PROD_API_KEY": "k-123"})
+    st = status("fraud")
+    assert st["arms"]["champion"]["pinned"] == f"models:/tiny/{v2}"
+
+    # feedback, then the audit log: every answered request once, shadow answers recorded apart
+    ok = c.post("/predict", json=RECORD, headers={"x-api-key": "k-123", "x-request-id": "labelled"})
+    assert ok.status_code == 200
+    assert c.post("/feedback", json={"request_id": "labelled", "label": 1}, headers={"x-api-key": "k-123"}).json() == {"stored": 1}
+    cli("audit", "compact")
+    from ml_prod.audit import query, read_feedback
+    from ml_prod.settings import load_settings
+    s = load_settings()
+    df = query(s.audit_dir, "fraud", include_shadow=False)
+    assert df.request_id.is_unique
+    assert {"first-request", "labelled"} <= set(df.request_id)
+    assert len(df[df.status == 200]) >= len([a for a in answers if a[0] == 200])
+    assert set(df.outcome) >= {"ok", "invalid", "unauthorized"}
+    shadows = query(s.audit_dir, "fraud", include_shadow=True).query("shadow")
+    assert len(shadows) > 0 and set(shadows.arm) == {"shadow"}
+    assert "labelled" in set(read_feedback(s.audit_dir, "fraud").request_id)
+    assert "k-123" not in "".join(p.read_text(errors="ignore") for p in Path(s.audit_dir).rglob("*.jsonl"))
+
+
+def test_overload_is_503_and_recovers(project):
+    v = log_version("slow", delay=0.2)
+    url = deploy(project, {"name": "slow", "arms": {"main": {"model": "models:/tiny@slow", "weight": 1}},
+                           "max_ongoing_requests": 2, "max_queued_requests": 2, "batching": {"enabled": False}})
+    def hit(_):
+        try: return httpx.post(f"{url}/predict", json=RECORD, timeout=30)
+        except httpx.HTTPError as e: return e
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(24) as ex: results = list(ex.map(hit, range(24)))
+    codes = sorted(r.status_code if isinstance(r, httpx.Response) else type(r).__name__ for r in results)
+    assert 200 in codes and (503 in codes or 429 in codes) and 500 not in codes, codes
+    assert all(r.headers.get("retry-after") for r in results if isinstance(r, httpx.Response) and r.status_code in (429, 503)), codes
+    time.sleep(1)
+    assert httpx.post(f"{url}/predict", json=RECORD, timeout=30).status_code == 200  # recovered by itself
+    cli("serve", "down", "slow")
+
+
+def test_killed_replica_loses_no_answered_record(project):
+    log_version("steady")
+    url = deploy(project, {"name": "steady", "arms": {"main": {"model": "models:/tiny@steady", "weight": 1}}})
+    pid = status("steady")["replicas"][0]["pid"]
+    answered, stop = [], threading.Event()
+    def load():
+        with httpx.Client(base_url=url, timeout=5) as c:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                try:
+                    r = c.post("/predict", json=RECORD, headers={"x-request-id": f"k-{threading.get_ident()}-{i}"})
+                    if r.status_code == 200: answered.append(r.json()["request_id"])
+                except httpx.HTTPError: time.sleep(0.05)
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads: t.start()
+    time.sleep(2)
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(1)
+    stop.set()
+    for t in threads: t.join()
+    assert len(answered) > 20
+    cli("audit", "compact")
+    from ml_prod.audit import query
+    from ml_prod.settings import load_settings
+    df = query(load_settings().audit_dir, "steady", include_shadow=False)
+    ok = df[df.status == 200]
+    missing = set(answered) - set(ok.request_id)
+    assert not missing, f"{len(missing)} answered requests have no audit record, e.g. {sorted(missing)[:5]}"
+    assert df.request_id.is_unique
