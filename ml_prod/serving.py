@@ -8,9 +8,10 @@ Docs: https://ml-prod.github.io/ml_prod/serving.html.md"""
 __all__ = ['SALT_ENV', 'record_model', 'RequestRejected', 'RecordParser', 'LoadedModel', 'load_model', 'key_digest',
            'read_api_keys', 'authorized', 'is_loopback', 'Batcher', 'EndpointCore', 'Feedback', 'endpoint_deployment',
            'app_builder', 'ServingError', 'resolver', 'auth_config', 'replica_settings', 'build', 'serve_client',
-           'wait_running', 'deploy', 'endpoints', 'replica_states', 'status', 'logs', 'undeploy', 'update', 'rollback']
+           'wait_running', 'deploy', 'endpoints', 'replica_states', 'status', 'logs', 'undeploy', 'update',
+           'follow_alias', 'rollback']
 
-# %% ../nbs/12_serving.ipynb #fc94d101
+# %% ../nbs/12_serving.ipynb #5dead7e7
 import asyncio, hashlib, hmac, json, math, os, sys, time, uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from .serve_spec import pick_arm
 
 SALT_ENV = "ML_PROD_AUDIT_SALT"  # secret salt of hashed audit fields (see `ml_prod.audit.Privacy`)
 
-# %% ../nbs/12_serving.ipynb #5bc00a15
+# %% ../nbs/12_serving.ipynb #6793734e
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError, create_model
 
 _TYPES = {"double": float, "float": float, "long": StrictInt, "integer": StrictInt, "string": StrictStr, "boolean": StrictBool}
@@ -37,7 +38,7 @@ def record_model(columns:list[dict], # MLflow signature inputs: [{"name", "type"
         fields[c["name"]] = (t, info) if c.get("required", True) else (t|None, Field(None, allow_inf_nan=False) if t is float else None)
     return create_model(name, __config__=ConfigDict(extra="forbid", strict=False), **fields)
 
-# %% ../nbs/12_serving.ipynb #8fc13e32
+# %% ../nbs/12_serving.ipynb #70cd8c9b
 class RequestRejected(Exception):
     "A request answered with a 4xx/5xx before it reached the model."
     def __init__(self, status:int, reason:str, errors:list|None=None, headers:dict|None=None):
@@ -74,7 +75,7 @@ class RecordParser:
         if len(records) > self.max_records: raise RequestRejected(413, f"{len(records)} records is more than this endpoint's limit of {self.max_records}; split the batch")
         return records, many
 
-# %% ../nbs/12_serving.ipynb #24d44e35
+# %% ../nbs/12_serving.ipynb #8634b0c9
 @dataclass
 class LoadedModel:
     "A model ready to score."
@@ -120,7 +121,7 @@ def load_model(uri:str, # a pinned model URI (models:/NAME/VERSION, runs:/..., a
         if not all(math.isfinite(x) for x in scores): raise MlProdError(f"{uri} failed its health check: non-finite scores {scores[:5]} for its input example")
     return loaded
 
-# %% ../nbs/12_serving.ipynb #ef978859
+# %% ../nbs/12_serving.ipynb #a4bbee44
 def key_digest(key:str) -> str: return hashlib.sha256(key.strip().encode()).hexdigest()
 
 def read_api_keys(env_var:str="ML_PROD_API_KEY", # environment variable with comma-separated keys
@@ -143,7 +144,7 @@ def authorized(headers, digests:list[str]) -> bool:
 
 def is_loopback(host:str) -> bool: return host in ("127.0.0.1", "::1", "localhost")
 
-# %% ../nbs/12_serving.ipynb #6b5bc14e
+# %% ../nbs/12_serving.ipynb #9b9203d5
 class Batcher:
     "Collects concurrent calls of an async batch function into one call."
     def __init__(self, fn, # async fn(list of items) -> list of results, one per item
@@ -190,7 +191,7 @@ class Batcher:
     def close(self):
         if self.task: self.task.cancel()
 
-# %% ../nbs/12_serving.ipynb #aa869938
+# %% ../nbs/12_serving.ipynb #b8bb09d9
 def _import(path:str):
     import importlib
     mod, _, name = path.partition(":")
@@ -214,7 +215,7 @@ def _check_same_inputs(models:dict[str, LoadedModel]):
     for a, c in cols.items():
         if c != cols[first]: raise MlProdError(f"arm {a!r} ({models[a].uri}) takes inputs {c}, arm {first!r} takes {cols[first]}: every arm must take the same inputs")
 
-# %% ../nbs/12_serving.ipynb #bc5d3319
+# %% ../nbs/12_serving.ipynb #41cd363c
 class EndpointCore:
     "One replica's request path: admission, validation, arm, batched model call, decision, audit."
     def __init__(self, args:dict, # the application's static args (see `serve_spec.app_config`)
@@ -418,7 +419,7 @@ class Feedback(BaseModel):
 
 _FEEDBACK = RecordParser(Feedback, max_records=10_000)
 
-# %% ../nbs/12_serving.ipynb #719ad5ad
+# %% ../nbs/12_serving.ipynb #5402ce75
 from fastapi import Request  # evaluated annotations (no `from __future__ import annotations` here): FastAPI reads them in the replica
 from .serve_spec import DEPLOYMENT
 
@@ -496,7 +497,7 @@ def app_builder(args:dict):
     "Ray Serve application builder (`import_path: ml_prod.serving:app_builder`): the application for `args`."
     return endpoint_deployment().bind(args)
 
-# %% ../nbs/12_serving.ipynb #ffe105f2
+# %% ../nbs/12_serving.ipynb #ae11965c
 from .settings import ResolvedSettings, load_settings
 from .serve_spec import SERVE_ENV, ServeSpec, build_config, load_spec
 
@@ -516,9 +517,11 @@ def resolver(s:ResolvedSettings):
                                f"Set it with `ml_prod models register RUN --name {name} --alias {alias}` or `ml_prod models promote`.") from None
     return resolve
 
-def auth_config(s:ResolvedSettings) -> dict:
-    "Whether requests need an API key, and the keys' digests; refuses a non-loopback endpoint without keys."
+def auth_config(s:ResolvedSettings, deployed:dict|None=None) -> dict:
+    """Whether requests need an API key, and the keys' digests; refuses a non-loopback endpoint without keys.
+    Keys configured here replace the `deployed` ones; with none configured here, the deployed ones stay (an update never drops auth)."""
     keys = read_api_keys(s.serve_api_key_env, s.serve_api_key_file)
+    if not keys and deployed and deployed.get("required"): return deployed
     if not keys and not is_loopback(s.serve_host):
         raise ConfigError(f"serve_host = {s.serve_host!r} (profile '{s.profile}') is reachable from other machines, so serving requires an API key: "
                           f"set ${s.serve_api_key_env} (comma-separated keys) or serve_api_key_file.")
@@ -543,7 +546,7 @@ def build(spec:ServeSpec, s:ResolvedSettings|None=None) -> dict:
     s = s or load_settings()
     return build_config(spec, s.serve_host, s.serve_port, resolver(s), replica_settings(s), auth_config(s))
 
-# %% ../nbs/12_serving.ipynb #20f95c9f
+# %% ../nbs/12_serving.ipynb #98c71eca
 def serve_client(s:ResolvedSettings, start:bool=True):
     "Ray Serve's client on the profile's cluster; on the embedded profile the persistent local cluster, started when `start`."
     from ml_prod.cluster import connect, cluster_up, local_cluster
@@ -603,7 +606,7 @@ def deploy(spec:ServeSpec|str|Path, # the serving spec or its YAML file
     for a in cfg["applications"]: _remember(s, a, "deploy")
     return {n: endpoints(client, n) for n in names}
 
-# %% ../nbs/12_serving.ipynb #24aea39a
+# %% ../nbs/12_serving.ipynb #1a98a64b
 def endpoints(client, app:str) -> list[str]:
     "Base URLs serving `app`: one per replica with direct ingress, else Ray's proxy."
     details = client.get_serve_details()
@@ -669,7 +672,7 @@ def undeploy(app:str|None=None, s:ResolvedSettings|None=None) -> list[str]:
     client.delete_apps(names, blocking=True)
     return names
 
-# %% ../nbs/12_serving.ipynb #a41e6d67
+# %% ../nbs/12_serving.ipynb #4a8c2d0b
 def _check_traffic(arms:dict):
     if not any(a["weight"] > 0 and not a["shadow"] for a in arms.values()):
         raise ServingError("no arm would take traffic: give at least one non-shadow arm a weight > 0")
@@ -718,8 +721,20 @@ def update(app:str, # the application
         except MlProdError as e:
             _remember(s, cfg, "refused")
             raise ServingError(f"update of {app} stopped, still serving the previous version: {e}") from None
-    uc["auth"] = auth_config(s)
+    uc["auth"] = auth_config(s, uc.get("auth"))
     return _apply_update(s, client, app, cfg, "update", timeout_s)
+
+def follow_alias(name:str, # registered model name
+                 alias:str, # the alias that moved
+                 s:ResolvedSettings|None=None, # settings (default: the active profile)
+                ) -> list[dict]:
+    "Update every deployed application with an arm on `models:/NAME@ALIAS`; [] when nothing is served. The CLI calls it after moving an alias."
+    s = s or load_settings()
+    try: client = serve_client(s, start=False)
+    except ServingError: return []
+    uri = f"models:/{name}@{alias}"
+    apps = [n for n, c in _deployed(client).items() if any(a["model"] == uri for a in c["deployments"][0]["user_config"]["arms"].values())]
+    return [update(n, s) for n in sorted(apps)]
 
 def rollback(app:str, s:ResolvedSettings|None=None, timeout_s:float=180) -> dict:
     "Go back to the configuration `app` had before its current one."
@@ -731,5 +746,5 @@ def rollback(app:str, s:ResolvedSettings|None=None, timeout_s:float=180) -> dict
     previous = [c for c in applied if pinned(c) != pinned(current)]
     if not previous: raise ServingError(f"{app} has no earlier model versions to roll back to (history: {_history(s, app)})")
     cfg = previous[-1]
-    cfg["deployments"][0]["user_config"]["auth"] = auth_config(s)
+    cfg["deployments"][0]["user_config"]["auth"] = auth_config(s, current["deployments"][0]["user_config"].get("auth"))
     return _apply_update(s, client, app, cfg, "rollback", timeout_s)

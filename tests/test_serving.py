@@ -159,10 +159,18 @@ def test_request_path_update_and_audit(project):
     assert c.post("/predict", json=RECORD).status_code == 401
     assert c.post("/predict", json=RECORD, headers={"x-api-key": "k-123"}).status_code == 200
 
-    # rollback returns to the previous versions
-    cli("serve", "rollback", "fraud", env={"ML_PROD_API_KEY": "k-123"})
+    # rollback returns to the previous versions; auth stays on although this shell has no keys
+    cli("serve", "rollback", "fraud")
     st = status("fraud")
     assert st["arms"]["champion"]["pinned"] == f"models:/tiny/{v2}"
+    assert c.post("/predict", json=RECORD).status_code == 401
+
+    # moving an alias from the CLI updates the endpoints that serve it: here back to the broken v3, which is refused
+    r = cli("models", "rollback", "tiny", "--alias", "champion", check=False)
+    assert r.returncode == 1 and "serving was not updated" in r.stderr and "failed its health check" in r.stderr, r.stderr
+    assert c.post("/predict", json=RECORD, headers={"x-api-key": "k-123"}).json()["version"] == str(v2)
+    r = cli("models", "rollback", "tiny", "--alias", "champion")  # undoes the move to v3: back to v2
+    assert f"champion=models:/tiny/{v2}" in r.stdout and "serving: fraud now answers with" in r.stdout, r.stdout
 
     # feedback, then the audit log: every answered request once, shadow answers recorded apart
     ok = c.post("/predict", json=RECORD, headers={"x-api-key": "k-123", "x-request-id": "labelled"})
@@ -230,3 +238,49 @@ def test_killed_replica_loses_no_answered_record(project):
     missing = set(answered) - set(ok.request_id)
     assert not missing, f"{len(missing)} answered requests have no audit record, e.g. {sorted(missing)[:5]}"
     assert df.request_id.is_unique
+
+
+@pytest.mark.slow
+def test_built_config_runs_under_rays_own_serve_deploy(tmp_path, monkeypatch):
+    "`ml_prod serve build` writes a Ray Serve config that Ray's own `serve deploy` runs, answering like `serve up`."
+    import math
+    import uuid
+    from ml_prod.serve_spec import SERVE_ENV
+    from test_multinode import MARKER, clean_env, free_ports, our_processes, run_cmd, stop_processes
+    root = tmp_path / "p"
+    root.mkdir()
+    gcs, dashboard = free_ports(2)
+    (root / "settings.ini").write_text(f"[DEFAULT]\n\n[raw]\nray_address = 127.0.0.1:{gcs}\nstorage_is_shared = true  # one machine\n")
+    for k in [k for k in os.environ if k.startswith("ML_PROD_") and k != "ML_PROD_TEST_SESSION"]: monkeypatch.delenv(k)
+    monkeypatch.chdir(root)
+    version = log_version("champion")
+    spec = root / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"applications": [{"name": "built", "arms": {"main": {"model": "models:/tiny@champion", "weight": 1}}}]}))
+    r = cli("serve", "build", str(spec), "-o", "serve_config.yaml")
+    assert "RAY_SERVE_THROUGHPUT_OPTIMIZED=1" in r.stderr  # says what the cluster's processes need
+    built = yaml.safe_load((root / "serve_config.yaml").read_text())
+    assert built["applications"][0]["deployments"][0]["user_config"]["arms"]["main"]["pinned"] == f"models:/tiny/{version}"
+
+    marker, temp = uuid.uuid4().hex, f"/tmp/ray_sb_{uuid.uuid4().hex[:6]}"
+    env = clean_env(RAY_AUTH_MODE="token", **SERVE_ENV, **{MARKER: marker})
+    try:
+        run_cmd([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                 "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
+                 "--disable-usage-stats"], env)
+        run_cmd([str(Path(sys.executable).parent / "serve"), "deploy", "serve_config.yaml", "-a", f"http://127.0.0.1:{dashboard}"], env)
+        deadline, st = time.time() + 180, None
+        while time.time() < deadline:
+            r = cli("serve", "status", "--profile", "raw", "--json", check=False, env={"RAY_AUTH_MODE": "token"})
+            apps = json.loads(r.stdout) if r.returncode == 0 else []
+            if apps and apps[0]["status"] == "RUNNING": st = apps[0]; break
+            assert r.returncode == 0 or "Ray Serve is not running" in r.stderr, r.stderr[-2000:]  # not yet, or a real error
+            assert not apps or apps[0]["status"] not in ("DEPLOY_FAILED", "UNHEALTHY"), apps[0]["message"]
+            time.sleep(2)
+        assert st, f"not RUNNING under `serve deploy`: {r.stdout[-2000:]} {r.stderr[-2000:]}"
+        url = st["urls"][0]
+        body = httpx.post(f"{url}/predict", json=RECORD, timeout=30).json()
+        assert body["version"] == str(version) and body["decision"] == "positive"
+        assert math.isclose(body["score"], 1 / (1 + math.exp(-1.5)), rel_tol=1e-6)
+        assert httpx.post(f"{url}/predict", json={"amount": "x", "country": "US"}, timeout=30).status_code == 422
+    finally:
+        stop_processes(our_processes([temp], [f"127.0.0.1:{gcs}"], marker))
