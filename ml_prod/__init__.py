@@ -5,7 +5,8 @@ __version__ = "0.1.0"
 from .report import report
 
 _LAZY = {"run_notebook": "jobs", "submit_notebook": "jobs", "run_notebooks": "jobs", "JobResult": "jobs",
-         "load_settings": "settings", "notebook_schema": "params", "MlProdError": "errors", "JobFailed": "errors"}
+         "load_settings": "settings", "notebook_schema": "params", "MlProdError": "errors", "JobFailed": "errors",
+         "deploy": "serving", "load_spec": "serve_spec"}
 
 def __getattr__(name):
     if name in _LAZY:
