@@ -71,13 +71,14 @@ def set_alias(alias: str, version: int):
     move(load_settings(), "tiny", alias, version, reason="test")
 
 
-def deploy(project: Path, app: dict, env=None) -> str:
-    "Deploy one application with `ml_prod serve up`; its base URL."
+def deploy(project: Path, app: dict, env=None, direct: bool = True) -> str:
+    "Deploy one application with `ml_prod serve up`; the base URL of its replica (`direct`) or its stable one (Ray's proxy)."
     spec = project / f"{app['name']}.yaml"
     spec.write_text(yaml.safe_dump({"applications": [app]}))
     out = cli("serve", "up", str(spec), env=env).stdout
-    line = next(l for l in out.splitlines() if l.startswith(app["name"]))
-    return line.split(" serving at ")[1].split(",")[0].strip().removesuffix("/predict")
+    stable = out.split(" serving at ")[1].split()[0]
+    assert stable.startswith("http://127.0.0.1:8000/"), out
+    return status(app["name"])["replica_urls"][0] if direct else stable.removesuffix("/predict")
 
 
 def status(app: str) -> dict:
@@ -277,7 +278,7 @@ def test_built_config_runs_under_rays_own_serve_deploy(tmp_path, monkeypatch):
             assert not apps or apps[0]["status"] not in ("DEPLOY_FAILED", "UNHEALTHY"), apps[0]["message"]
             time.sleep(2)
         assert st, f"not RUNNING under `serve deploy`: {r.stdout[-2000:]} {r.stderr[-2000:]}"
-        url = st["urls"][0]
+        url = st["replica_urls"][0]
         body = httpx.post(f"{url}/predict", json=RECORD, timeout=30).json()
         assert body["version"] == str(version) and body["decision"] == "positive"
         assert math.isclose(body["score"], 1 / (1 + math.exp(-1.5)), rel_tol=1e-6)
