@@ -11,7 +11,7 @@ __all__ = ['SALT_ENV', 'TENSOR_FIELD', 'record_model', 'RequestRejected', 'Recor
            'serve_client', 'wait_running', 'deploy', 'endpoints', 'replica_states', 'status', 'logs', 'undeploy',
            'update', 'follow_alias', 'rollback']
 
-# %% ../nbs/12_serving.ipynb #6ec7a282
+# %% ../nbs/12_serving.ipynb #b3650d49
 import asyncio, hashlib, hmac, json, math, os, sys, time, uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,7 +22,7 @@ from .serve_spec import pick_arm
 
 SALT_ENV = "ML_PROD_AUDIT_SALT"  # secret salt of hashed audit fields (see `ml_prod.audit.Privacy`)
 
-# %% ../nbs/12_serving.ipynb #ec1a887c
+# %% ../nbs/12_serving.ipynb #9563cd57
 from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError, create_model
 
@@ -53,7 +53,7 @@ def record_model(columns:list[dict], # MLflow signature inputs: [{"name", "type"
         fields[c["name"]] = (t, info) if c.get("required", True) else (t|None, Field(None, allow_inf_nan=False) if t is float else None)
     return create_model(name, __config__=ConfigDict(extra="forbid", strict=False), **fields)
 
-# %% ../nbs/12_serving.ipynb #53b26377
+# %% ../nbs/12_serving.ipynb #f8a53817
 class RequestRejected(Exception):
     "A request answered with a 4xx/5xx before it reached the model."
     def __init__(self, status:int, reason:str, errors:list|None=None, headers:dict|None=None):
@@ -90,7 +90,7 @@ class RecordParser:
         if len(records) > self.max_records: raise RequestRejected(413, f"{len(records)} records is more than this endpoint's limit of {self.max_records}; split the batch")
         return records, many
 
-# %% ../nbs/12_serving.ipynb #d5df6063
+# %% ../nbs/12_serving.ipynb #16dc5105
 @dataclass
 class LoadedModel:
     "A model ready to score."
@@ -138,7 +138,7 @@ def load_model(uri:str, # a pinned model URI (models:/NAME/VERSION, runs:/..., a
         if not all(math.isfinite(x) for x in scores): raise MlProdError(f"{uri} failed its health check: non-finite scores {scores[:5]} for its input example")
     return loaded
 
-# %% ../nbs/12_serving.ipynb #a0b8498b
+# %% ../nbs/12_serving.ipynb #b608227f
 def key_digest(key:str) -> str: return hashlib.sha256(key.strip().encode()).hexdigest()
 
 def read_api_keys(env_var:str="ML_PROD_API_KEY", # environment variable with comma-separated keys
@@ -161,7 +161,7 @@ def authorized(headers, digests:list[str]) -> bool:
 
 def is_loopback(host:str) -> bool: return host in ("127.0.0.1", "::1", "localhost")
 
-# %% ../nbs/12_serving.ipynb #940c1cd9
+# %% ../nbs/12_serving.ipynb #0c9967ec
 class Batcher:
     "Collects concurrent calls of an async batch function into one call."
     def __init__(self, fn, # async fn(list of items) -> list of results, one per item
@@ -208,7 +208,7 @@ class Batcher:
     def close(self):
         if self.task: self.task.cancel()
 
-# %% ../nbs/12_serving.ipynb #ef367b07
+# %% ../nbs/12_serving.ipynb #34fffa31
 def _import(path:str):
     import importlib
     mod, _, name = path.partition(":")
@@ -232,7 +232,7 @@ def _check_same_inputs(models:dict[str, LoadedModel]):
     for a, c in cols.items():
         if c != cols[first]: raise MlProdError(f"arm {a!r} ({models[a].uri}) takes inputs {c}, arm {first!r} takes {cols[first]}: every arm must take the same inputs")
 
-# %% ../nbs/12_serving.ipynb #918e57b3
+# %% ../nbs/12_serving.ipynb #0474260a
 class EndpointCore:
     "One replica's request path: admission, validation, arm, batched model call, decision, audit."
     def __init__(self, args:dict, # the application's static args (see `serve_spec.app_config`)
@@ -436,7 +436,7 @@ class Feedback(BaseModel):
 
 _FEEDBACK = RecordParser(Feedback, max_records=10_000)
 
-# %% ../nbs/12_serving.ipynb #89a933a1
+# %% ../nbs/12_serving.ipynb #235e23ef
 from fastapi import Request  # evaluated annotations (no `from __future__ import annotations` here): FastAPI reads them in the replica
 from .serve_spec import DEPLOYMENT
 
@@ -479,6 +479,8 @@ def endpoint_deployment():
     class Endpoint:
         "One replica of an ml_prod application."
         def __init__(self, args:dict):
+            # the model runs in a worker thread: hand the GIL back to the request loop within 0.5 ms, not Python's 5 ms
+            sys.setswitchinterval(0.0005)
             self.core = EndpointCore(args, serve.get_replica_context().replica_id.unique_id, on_done=_metrics(args["name"]))
             self.max_body = args["limits"]["max_body_bytes"]
             api.openapi = lambda: _openapi(api, self.core)
@@ -514,7 +516,7 @@ def app_builder(args:dict):
     "Ray Serve application builder (`import_path: ml_prod.serving:app_builder`): the application for `args`."
     return endpoint_deployment().bind(args)
 
-# %% ../nbs/12_serving.ipynb #ff7c1459
+# %% ../nbs/12_serving.ipynb #0e934b21
 from .settings import ResolvedSettings, load_settings
 from .serve_spec import SERVE_ENV, ServeSpec, build_config, load_spec
 
@@ -563,7 +565,7 @@ def build(spec:ServeSpec, s:ResolvedSettings|None=None) -> dict:
     s = s or load_settings()
     return build_config(spec, s.serve_host, s.serve_port, resolver(s), replica_settings(s), auth_config(s))
 
-# %% ../nbs/12_serving.ipynb #4ab2d280
+# %% ../nbs/12_serving.ipynb #44cc0691
 def serve_client(s:ResolvedSettings, start:bool=True):
     "Ray Serve's client on the profile's cluster; on the embedded profile the persistent local cluster, started when `start`."
     from ml_prod.cluster import connect, cluster_up, local_cluster
@@ -623,7 +625,7 @@ def deploy(spec:ServeSpec|str|Path, # the serving spec or its YAML file
     for a in cfg["applications"]: _remember(s, a, "deploy")
     return {n: endpoints(client, n) for n in names}
 
-# %% ../nbs/12_serving.ipynb #6adb4c54
+# %% ../nbs/12_serving.ipynb #d79c9ff7
 def endpoints(client, app:str) -> dict:
     "`{url: the stable address through Ray's proxy, replica_urls: the replicas' own (direct ingress) addresses}` of `app`."
     details = client.get_serve_details()
@@ -688,7 +690,7 @@ def undeploy(app:str|None=None, s:ResolvedSettings|None=None) -> list[str]:
     client.delete_apps(names, blocking=True)
     return names
 
-# %% ../nbs/12_serving.ipynb #d1ee315e
+# %% ../nbs/12_serving.ipynb #2a2fe2af
 def _check_traffic(arms:dict):
     if not any(a["weight"] > 0 and not a["shadow"] for a in arms.values()):
         raise ServingError("no arm would take traffic: give at least one non-shadow arm a weight > 0")
