@@ -54,7 +54,7 @@ class Kernel:
     @property
     def exit_code(self) -> int|None: return self.km.provisioner.process.poll()
 
-    def prepare(self, env:dict, cwd:str|None):
+    def prepare(self, env:dict, cwd:str|None, timeout:float=60):
         "Give a kernel started ahead of demand this job's environment and working directory."
         from jupyter_client import BlockingKernelClient
         delta = {k: v for k, v in env.items() if self.env.get(k) != v}
@@ -64,15 +64,26 @@ class Kernel:
         if cwd: code += f"_os.chdir({cwd!r})\n"
         kc = BlockingKernelClient(connection_file=self.km.connection_file)
         kc.load_connection_file()
-        kc.start_channels()
+        kc.start_channels(iopub=False, stdin=False, hb=False)  # only the shell: its reply comes once the code has run
         try:
-            kc.wait_for_ready(timeout=30)
-            reply = kc.execute_interactive(code + "del _os, _json", silent=True, store_history=False, timeout=30,
-                                           output_hook=lambda msg: None)  # never echo: the request carries secrets
+            msg_id = kc.execute(code + "del _os, _json", silent=True, store_history=False)  # silent: never echoed (it carries secrets)
+            reply = self._shell_reply(kc, msg_id, timeout)
             if reply["content"]["status"] != "ok": raise MlProdError(f"could not prepare the kernel: {reply['content'].get('ename')}")
         finally: kc.stop_channels()
         self.env, self.cwd = env, cwd
         return self
+
+    def _shell_reply(self, kc, msg_id:str, timeout:float) -> dict:
+        "The kernel's reply to request `msg_id`; a kernel still booting answers once it listens (ZeroMQ queues the request)."
+        from queue import Empty
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try: msg = kc.get_shell_msg(timeout=0.5)
+            except Empty:
+                if self.exit_code is not None: raise MlProdError(f"the kernel died before it was prepared (exit code {self.exit_code})")
+                continue
+            if msg["parent_header"].get("msg_id") == msg_id: return msg
+        raise MlProdError(f"the kernel did not answer within {timeout:g} s")
 
     def kill(self):
         "Kill the kernel's whole process group."
@@ -94,12 +105,18 @@ _spare = {}
 def _base_env() -> dict: return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 def _boot_spare():
-    "Start booting the kernel for this worker's next job, in the background."
+    "Start booting the kernel for this worker's next job, in the background (unless one is booting or booted)."
+    if "thread" in _spare or "kernel" in _spare: return
     def boot():
         try: _spare["kernel"] = Kernel(_base_env(), None).start()
         except Exception: _spare.pop("kernel", None)
     _spare["thread"] = threading.Thread(target=boot, daemon=True)
     _spare["thread"].start()
+
+def _drop_spare():
+    "Kill this worker's spare kernel, if it has one (the worker will run no more jobs)."
+    if t := _spare.pop("thread", None): t.join(60)
+    if (k := _spare.pop("kernel", None)) is not None: k.__exit__(None, None, None)
 
 def acquire_kernel(env:dict, cwd:str|None) -> Kernel:
     "The worker's spare kernel prepared for this job, or a freshly started one."
@@ -224,7 +241,7 @@ def _forward_reports(c, spec:JobSpec, reports:ReportReader, on_report) -> str|No
         if on_report and (why := on_report(m)): return why
     return None
 
-def _watch(c, spec:JobSpec, kernel:Kernel, thread:threading.Thread, reports:ReportReader, on_report=None) -> str|None:
+def _watch(c, spec:JobSpec, kernel:Kernel, thread:threading.Thread, reports:ReportReader, on_report=None, should_stop=None) -> str|None:
     "Wait for `thread`, beating, forwarding reports, enforcing deadline and cancellation; the reason if the kernel was killed."
     deadline = time.time() + spec.timeout if spec.timeout else None
     next_beat = time.time() + spec.heartbeat_s  # the reaper counts from the run's start until the first beat
@@ -232,6 +249,8 @@ def _watch(c, spec:JobSpec, kernel:Kernel, thread:threading.Thread, reports:Repo
         while thread.is_alive():
             thread.join(0.2)
             if why := _forward_reports(c, spec, reports, on_report):
+                kernel.kill(); thread.join(30); return why
+            if should_stop and (why := should_stop()):
                 kernel.kill(); thread.join(30); return why
             now = time.time()
             if now >= next_beat:
@@ -250,7 +269,8 @@ def _watch(c, spec:JobSpec, kernel:Kernel, thread:threading.Thread, reports:Repo
 # %% ../nbs/05_jobs.ipynb #3d60e4aa
 def supervise(spec:JobSpec,
               on_report=None, # called with each `ml_prod.report` dict; a returned string stops the job with that reason
-              boot_spare:bool=True, # boot a kernel for this worker's next job afterwards (off for one-job processes)
+              boot_spare:bool|str=True, # boot a kernel for this worker's next job afterwards (off for one-job processes; "ahead": while this one runs)
+              should_stop=None, # polled about every 0.2 s while the notebook runs; a returned string stops the job with that reason
              ) -> dict:
     "Run one job to the end and record it; returns its status and error. Runs inside a Ray task."
     import nbformat
@@ -263,11 +283,13 @@ def supervise(spec:JobSpec,
     nb, secret_env = inject_parameters(nb, spec.values, notebook_schema(nb, Path(spec.notebook).name))
     outcome = {}
     reports = ReportReader(out_dir/"reports.jsonl")
+    reports.path.unlink(missing_ok=True)  # an earlier attempt's reports (same run, same folder) are not this one's
     with open(log_path, "w") as log, acquire_kernel(_kernel_env(spec, secret_env, reports.path), _cwd(spec)) as kernel:
         c.set_tag(spec.run_id, "ml_prod.kernel_pgid", str(kernel.pid))
+        if boot_spare == "ahead": _boot_spare()  # the next job's kernel boots while this one runs
         t = threading.Thread(target=_execute, args=(nb, out_path, kernel, spec.cell_timeout, log, outcome), daemon=True)
         t.start()
-        reason = _watch(c, spec, kernel, t, reports, on_report)
+        reason = _watch(c, spec, kernel, t, reports, on_report, should_stop)
         reason = reason or _forward_reports(c, spec, reports, on_report)  # what was reported at the very end
         if reason is None and kernel.exit_code is not None and outcome.get("error") is not None:
             reason = f"the kernel died (exit code {kernel.exit_code})"

@@ -6,7 +6,7 @@ Docs: https://ml-prod.github.io/ml_prod/tune.html.md"""
 
 # %% ../nbs/09_tune.ipynb #6a0534de
 from __future__ import annotations
-import json, os, signal, socket, threading, time
+import json, os, queue, signal, socket, tempfile, threading, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from .errors import MlProdError, ParameterError
@@ -14,7 +14,7 @@ from .settings import ResolvedSettings, load_settings
 from . import tracking
 
 # %% auto #0
-__all__ = ['DISTRIBUTIONS', 'RUN_ID_KEY', 'STOP_GRACE_S', 'FINISH_WAIT_S', 'SWEEP_FILE', 'to_tune', 'check_search_space',
+__all__ = ['DISTRIBUTIONS', 'RUN_ID_KEY', 'ATTEMPT_START_TAG', 'FINISH_WAIT_S', 'SWEEP_FILE', 'to_tune', 'check_search_space',
            'load_space', 'make_trainable', 'ProgressTable', 'TrialResult', 'TuneResult', 'tune_notebook']
 
 # %% ../nbs/09_tune.ipynb #1853a62e
@@ -125,64 +125,128 @@ class _Sweep:
     cwd: str
     timeout: float|None = None
     cell_timeout: float|None = None
+    run_tags: dict = field(default_factory=dict)  # tags every child run shares, computed once by the driver
+    reuse: bool = True     # actors are reused: boot the next trial's kernel while a trial runs
+    resumed: bool = False  # a resumed sweep: a restarted trial reopens its child run
 
 RUN_ID_KEY = "ml_prod_run_id"  # the child run's id, in every result a trial reports to Tune
-_trials = {}  # this actor's trials: trial id -> state shared by the trial function and `cleanup`
+_trials = {}  # this actor's trials not yet ended: trial id -> _Bridge
 
 # %% ../nbs/09_tune.ipynb #eb552552
-class _Bridge:
-    "Forwards one trial's reports to Ray Tune and turns Tune's stop into the supervisor's reason to stop."
-    def __init__(self, sw:_Sweep, run_id:str):
-        self.sw, self.run_id, self.n, self.stop_reason, self.forward = sw, run_id, 0, None, True
-        self.done = threading.Event()
+def _trial_tags(s:ResolvedSettings, path:Path, nb_bytes:bytes, git:dict, sweep_run_id:str) -> dict:
+    "The tags every child run of sweep `sweep_run_id` shares (what `tracking.create_job_run` computes per job)."
+    t = {tracking.JOB_TAG: "true", "mlflow.source.name": str(path), "mlflow.source.type": "NOTEBOOK", "ml_prod.notebook": str(path),
+         "ml_prod.notebook_sha256": tracking.sha256_bytes(nb_bytes), "ml_prod.submitted_from": socket.gethostname(),
+         "ml_prod.profile": s.profile, "mlflow.parentRunId": sweep_run_id, "ml_prod.sweep_run_id": sweep_run_id,
+         "ml_prod.environment": f"runs:/{sweep_run_id}/provenance/requirements.txt"}
+    if git: t.update({"mlflow.source.git.commit": git["commit"], "ml_prod.git_dirty": str(git["dirty"]).lower()})
+    if git.get("dirty"): t["ml_prod.git_diff"] = f"runs:/{sweep_run_id}/provenance/git_diff.patch"
+    return t
 
-    def __call__(self, m:dict) -> str|None:
-        if self.stop_reason: return self.stop_reason
-        if not self.forward or self.sw.metric not in m: return None
-        from ray import tune
-        self.n += 1
-        try: tune.report({**m, RUN_ID_KEY: self.run_id})
-        except SystemExit:  # Tune stopped the trial while this report waited (see the top of this page)
-            self.forward = False
-            if self.n >= self.sw.max_t: return None  # its full budget: let the notebook finish
-            self.stop_reason = f"stopped by {self.sw.scheduler} after {self.n} report(s) of {self.sw.metric}"
-            return self.stop_reason
-        return None
+ATTEMPT_START_TAG = "ml_prod.tune.attempt_start"  # unix ms when a resumed trial's latest attempt started
+
+def _recorded_reports(c, run, metric:str) -> list[dict]:
+    "The reports of `run`'s latest attempt that carried `metric`, read back from its metric histories."
+    since = int(run.data.tags.get(ATTEMPT_START_TAG, 0))
+    by = {}
+    for k in run.data.metrics:
+        if k == tracking.HEARTBEAT_METRIC: continue
+        for m in c.get_metric_history(run.info.run_id, k):
+            if m.timestamp >= since: by.setdefault((m.timestamp, m.step), {})[k] = m.value  # one report: one timestamp
+    return [v for _, v in sorted(by.items()) if metric in v]
+
+def _trial_run(sw:_Sweep, public:dict, trial_id:str) -> tuple[str, list|None]:
+    "The trial's child run: a new one or, in a resumed sweep, the one its earlier attempt left; and that attempt's reports if it FINISHED."
+    from mlflow.entities import Param
+    c = tracking.client(sw.settings)
+    if sw.resumed and (old := _children(c, sw.experiment_id, sw.sweep_run_id, trial_id)):
+        r = old[0]
+        if r.info.status == "FINISHED": return r.info.run_id, _recorded_reports(c, r, sw.metric)
+        c.update_run(r.info.run_id, "RUNNING")
+        for k in ("ml_prod.error", "ml_prod.cancel_requested"):  # the last attempt's outcome, not this one's
+            if k in r.data.tags: c.delete_tag(r.info.run_id, k)
+        c.set_tag(r.info.run_id, ATTEMPT_START_TAG, str(int(time.time() * 1000)))
+        return r.info.run_id, None
+    path = Path(sw.notebook)
+    tags = {**sw.run_tags, "ml_prod.tune.trial_id": trial_id, "ml_prod.versions": json.dumps(tracking.package_versions()),
+            **{f"ml_prod.input.{k}.sha256": v for k, v in tracking.input_fingerprints(public, sw.cwd).items()}}
+    run_id = c.create_run(sw.experiment_id, tags=tags, run_name=f"{path.stem}-{trial_id}").info.run_id
+    ps = [Param(k, v if isinstance(v, str) else json.dumps(v)) for k, v in public.items()]
+    for i in range(0, len(ps), 100): c.log_batch(run_id, params=ps[i:i + 100])
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d)/path.name).write_bytes(sw.nb_bytes)
+        c.log_artifacts(run_id, d, "provenance")
+    return run_id, None
 
 # %% ../nbs/09_tune.ipynb #27c26c46
+class _Bridge:
+    "One trial in its actor: its supervisor's thread, the reports queued for Tune, and the reason to stop."
+    def __init__(self, sw:_Sweep, run_id:str):
+        self.sw, self.run_id, self.n, self.stop_reason, self.full_budget = sw, run_id, 0, None, False
+        self.q, self.done, self.result, self.relay = queue.Queue(), threading.Event(), None, threading.current_thread()
+
+    def __call__(self, m:dict) -> str|None:
+        "The supervisor's `on_report`: queue a report carrying the sweep's metric for Tune."
+        if self.stop_reason: return self.stop_reason
+        if self.sw.metric in m and not self.full_budget: self.q.put({**m, RUN_ID_KEY: self.run_id})
+        return None
+
+    def should_stop(self) -> str|None: return self.stop_reason
+
+    def stop(self, why:str):
+        "Tune is done with this trial: stop its notebook with `why`, unless it has ended or had its full budget."
+        if not (self.done.is_set() or self.full_budget or self.stop_reason): self.stop_reason = why
+
+    def supervise(self, spec):
+        "The supervisor's thread: the notebook job, then the end of the queue."
+        from ml_prod import jobs
+        try: self.result = jobs.supervise(spec, on_report=self, should_stop=self.should_stop, boot_spare="ahead" if self.sw.reuse else False)
+        except BaseException as e: self.result = dict(status="FAILED", error=f"the trial's supervisor failed: {type(e).__name__}: {e}")
+        finally: self.done.set(); self.q.put(None)
+
+# %% ../nbs/09_tune.ipynb #6e953df5
 def _run_trial(config:dict, sw:_Sweep):
-    "The body of a trial: one notebook job, a child run of the sweep."
+    "The body of a trial, in Tune's thread: one notebook job, a child run of the sweep, its reports relayed to Tune."
     from ray import tune
     from ml_prod import jobs
-    from ml_prod.params import notebook_schema
-    jobs._boot_spare()  # the kernel boots while the child run is created; the supervisor takes it
-    ctx = tune.get_context()
+    jobs._boot_spare()  # a first trial's kernel boots while its run is created (a reused actor has one ready)
+    tid = tune.get_context().get_trial_id()
     values = {**sw.fixed, **config}
     path = Path(sw.notebook)
-    public = {k: v for k, v in values.items() if k not in sw.secret_names}
-    tags = {"mlflow.parentRunId": sw.sweep_run_id, "ml_prod.sweep_run_id": sw.sweep_run_id, "ml_prod.tune.trial_id": ctx.get_trial_id()}
-    run_id = tracking.create_job_run(sw.settings, sw.experiment_id, path, sw.nb_bytes, public, tags, sw.cwd, f"{path.stem}-{ctx.get_trial_id()}")
-    bridge = _trials[ctx.get_trial_id()] = _Bridge(sw, run_id)
+    run_id, recorded = _trial_run(sw, {k: v for k, v in values.items() if k not in sw.secret_names}, tid)
+    if recorded is not None:  # resumed: its notebook ran to the end before the interruption reached Tune; not again
+        for m in recorded: tune.report({**m, RUN_ID_KEY: run_id})
+        return
+    b = _trials[tid] = _Bridge(sw, run_id)
     spec = jobs.JobSpec(run_id, str(path), sw.nb_bytes.decode(), values, sw.settings.tracking_uri, sw.settings.registry_uri,
                         sw.experiment_id, str(sw.settings.outputs_dir), sw.cwd, sw.timeout, sw.cell_timeout, sw.settings.job_heartbeat_s)
-    try: res = jobs.supervise(spec, on_report=bridge, boot_spare=False)  # this actor runs one trial, then ends
-    finally: bridge.done.set()
-    if res["status"] == "FAILED": raise MlProdError(f"trial notebook failed: {res['error']}")
-    if res["status"] == "KILLED": raise SystemExit(0)  # stopped: Tune ends the thread quietly
+    threading.Thread(target=b.supervise, args=(spec,), name=f"ml_prod-trial-{tid}", daemon=True).start()
+    while (m := b.q.get()) is not None:
+        b.n += 1
+        try: tune.report(m)
+        except SystemExit:  # Tune released the report it held: it is done with this trial (see the top of this page)
+            if b.n >= sw.max_t: b.full_budget = True  # its full budget: let the notebook finish
+            else: b.stop(f"stopped by {sw.scheduler} after {b.n} report(s) of {sw.metric}" if sw.scheduler != "fifo" else
+                         f"stopped by Ray Tune after {b.n} report(s) of {sw.metric} (the sweep ended)")
+            raise
+    if b.result["status"] == "FAILED": raise MlProdError(f"trial notebook failed: {b.result['error']}")
+    if b.result["status"] == "KILLED": raise SystemExit(0)  # stopped: Tune ends the thread quietly
 
 # %% ../nbs/09_tune.ipynb #02f968c2
-STOP_GRACE_S = 2.0    # a stopped trial's notebook has this long to report before it is cancelled
-FINISH_WAIT_S = 60.0  # longest `cleanup` waits for a stopped trial's supervisor to record it
+FINISH_WAIT_S = 60.0  # longest a reset or stop waits for a trial's supervisor to record it, before killing its kernel group
 
-def _wait_for_trials():
-    "Called by the trial actor's `stop()`: stop this actor's notebooks and wait until their runs are recorded."
+def _end_trials() -> bool:
+    "End this actor's trials: stop a notebook still running, wait until its run is recorded and its kernel gone; False if one would not end."
     from ml_prod.jobs import cancel_job
+    ok = True
     for tid, b in list(_trials.items()):
-        if not b.done.is_set() and b.forward: b.stop_reason = f"stopped by Ray Tune ({b.sw.scheduler}) after {b.n} report(s)"
-        if not b.done.wait(STOP_GRACE_S if b.forward else FINISH_WAIT_S):
-            cancel_job(b.sw.settings, b.run_id)  # no report came: kill the kernel group, the run ends KILLED
-            b.done.wait(FINISH_WAIT_S)
+        b.relay.join(2)  # Tune's thread, just released: it records why Tune stopped the trial (`stop` does not wait for it)
+        b.stop(f"stopped by Ray Tune ({b.sw.scheduler}) after {b.n} report(s)")
+        if not b.done.wait(FINISH_WAIT_S):
+            cancel_job(b.sw.settings, b.run_id)  # the supervisor is stuck: kill the kernel group from here
+            if not b.done.wait(30): ok = False; continue
         _trials.pop(tid, None)
+    return ok
 
 def make_trainable(sw:_Sweep, cpus:float=1):
     "The Ray Tune trainable of the sweep `sw`, `cpus` per trial."
@@ -190,11 +254,17 @@ def make_trainable(sw:_Sweep, cpus:float=1):
     from ray.tune.trainable.function_trainable import wrap_function
     from ml_prod import tune as mt  # by reference, so trial actors import the installed module (also when called from this notebook)
     def notebook_trial(config): return mt._run_trial(config, sw)
-    base = wrap_function(notebook_trial)
-    class NotebookTrial(base):
+    class NotebookTrial(wrap_function(notebook_trial)):
+        def reset_config(self, new_config):
+            ok = super().reset_config(new_config)  # releases the report Tune holds; waits up to 2 s for Tune's thread
+            ended = mt._end_trials()
+            return ended and (ok or super().reset_config(new_config))
         def cleanup(self):
             try: super().cleanup()
-            finally: mt._wait_for_trials()
+            finally:
+                mt._end_trials()
+                from ml_prod import jobs
+                jobs._drop_spare()
     NotebookTrial.__name__ = NotebookTrial.__qualname__ = "notebook_trial"
     return tune.with_resources(NotebookTrial, {"cpu": cpus})
 
@@ -264,8 +334,10 @@ class TuneResult:
         return "\n".join(lines)
 
 # %% ../nbs/09_tune.ipynb #276a20cf
-def _children(c, exp:str, sweep_run_id:str) -> list:
-    return c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{sweep_run_id}'", max_results=10000)
+def _children(c, exp:str, sweep_run_id:str, trial_id:str|None=None) -> list:
+    "The child runs of the sweep (of its trial `trial_id` only, when given)."
+    flt = f"tags.`mlflow.parentRunId` = '{sweep_run_id}'" + (f" and tags.`ml_prod.tune.trial_id` = '{trial_id}'" if trial_id else "")
+    return c.search_runs([exp], flt, max_results=10000)
 
 def _close_orphan(c, r):
     "End a child run whose trial actor vanished: kill its kernel group (this host), log its partial notebook."
@@ -303,6 +375,7 @@ def _best(trials:list[TrialResult], mode:str) -> TrialResult|None:
 
 # %% ../nbs/09_tune.ipynb #27abaeee
 SWEEP_FILE = "ml_prod_sweep.json"
+_SAME_ON_RESUME = ("space", "fixed", "metric", "mode", "samples", "scheduler")
 
 def _scheduler(name:str, grace_period:int, max_t:int, reduction_factor:float):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -317,22 +390,45 @@ def _sweep_dir(s:ResolvedSettings, stem:str, name:str|None, resume:bool) -> Path
     if not found: raise MlProdError(f"No sweep of {stem} to resume under {root}.")
     return found[-1]
 
-# %% ../nbs/09_tune.ipynb #82bbd113
-def _open_sweep(s, exp, path:Path, nb_bytes:bytes, d:Path, record:dict, resume:bool) -> str:
-    "The sweep's parent run: a new one, or the interrupted one reopened."
+def _expected_trials(space:dict, samples:int) -> int:
+    "How many trials the sweep runs: `samples` times each combination of the grid values."
+    n = samples
+    for name, spec in space.items():
+        if (d := _one_dist(name, spec)) and d[0] == "grid": n *= len(d[1])
+    return n
+
+def _trials_done(d:Path, expected:int) -> tuple[int, int]:
+    "(trials done, trials in all) by the state Tune saved in `d`: after a Ctrl-C it holds unfinished or missing trials."
+    from ray.tune import ExperimentAnalysis
+    trials = ExperimentAnalysis(str(d)).trials  # what `Tuner.restore` reads (in memory, Tune marks stopped trials TERMINATED)
+    return sum(t.status in ("TERMINATED", "ERROR") for t in trials), max(len(trials), expected)
+
+# %% ../nbs/09_tune.ipynb #10e22100
+def _check_resume(old:dict, new:dict, d:Path, nb_name:str):
+    "Refuse to resume sweep `d` (record `old`) with another notebook or other settings."
+    if old["notebook_sha256"] != new["notebook_sha256"]:
+        raise MlProdError(f"{nb_name} changed since sweep {d.name} started: its trials must run the same notebook. Start a new sweep.")
+    norm = lambda v: json.loads(json.dumps(v, default=str))
+    diff = [f"{k}: the sweep has {norm(old.get(k))!r}, this call {norm(new[k])!r}" for k in _SAME_ON_RESUME if norm(old.get(k)) != norm(new[k])]
+    if diff: raise MlProdError(f"Sweep {d.name} continues as it started; resume it with the same settings, or start a new sweep:\n  - " + "\n  - ".join(diff))
+
+def _open_sweep(s, exp, path:Path, nb_bytes:bytes, d:Path, record:dict, resume:bool, git:dict) -> str:
+    "The sweep's parent run: a new one (with the environment and git provenance its trials refer to), or the interrupted one reopened."
     c = tracking.client(s)
     if resume:
         if not (d/SWEEP_FILE).is_file(): raise MlProdError(f"No sweep to resume in {d}.")
         old = json.loads((d/SWEEP_FILE).read_text())
-        if old["notebook_sha256"] != record["notebook_sha256"]:
-            raise MlProdError(f"{path.name} changed since sweep {d.name} started: its trials must run the same notebook. Start a new sweep.")
+        _check_resume(old, record, d, path.name)
+        run = c.get_run(old["sweep_run_id"])
         c.update_run(old["sweep_run_id"], "RUNNING")
+        c.set_tag(old["sweep_run_id"], "ml_prod.tune.resumes", str(int(run.data.tags.get("ml_prod.tune.resumes", "0")) + 1))
         return old["sweep_run_id"]
     tags = {"ml_prod.sweep": "true", "ml_prod.notebook": str(path), "mlflow.source.name": str(path),
             "ml_prod.notebook_sha256": record["notebook_sha256"], "ml_prod.tune.path": str(d), "ml_prod.profile": s.profile}
     run = c.create_run(exp, tags=tags, run_name=f"tune-{path.stem}")
     c.log_dict(run.info.run_id, {k: record[k] for k in ("space", "fixed", "metric", "mode", "samples", "scheduler")}, "sweep.json")
     for k in ("metric", "mode", "samples", "scheduler"): c.log_param(run.info.run_id, k, record[k])
+    tracking._log_provenance(c, run.info.run_id, git, nb_bytes, path.name)  # requirements.txt (and git diff) once, for every trial
     d.mkdir(parents=True, exist_ok=True)
     (d/SWEEP_FILE).write_text(json.dumps({**record, "sweep_run_id": run.info.run_id}, indent=1, default=str))
     return run.info.run_id
@@ -345,7 +441,14 @@ def _close_sweep(s, sweep_run_id:str, best:TrialResult|None, metric:str, interru
         c.log_metric(sweep_run_id, f"best_{metric}", best.metric)
     c.set_terminated(sweep_run_id, "KILLED" if interrupted else ("FINISHED" if best else "FAILED"))
 
-# %% ../nbs/09_tune.ipynb #10e22100
+def _abort_sweep(s, exp:str, sweep_run_id:str, status:str):
+    "End an interrupted or failed sweep: close the child runs its trials could not record, then the sweep's run."
+    c = tracking.client(s)
+    for r in _children(c, exp, sweep_run_id):
+        if r.info.status == "RUNNING": _close_orphan(c, r)
+    c.set_terminated(sweep_run_id, status)
+
+# %% ../nbs/09_tune.ipynb #62375409
 def tune_notebook(notebook:str|Path, # the job notebook to tune
                   space=None, # search space: a mapping, a .yaml/.json file, or None for the notebook's metadata
                   metric:str="score", # the reported metric to optimise (`ml_prod.report(<metric>=...)`)
@@ -368,6 +471,7 @@ def tune_notebook(notebook:str|Path, # the job notebook to tune
                   timeout:float|None=None, # seconds before one trial's notebook is killed and FAILED
                   cell_timeout:float|None=None, # seconds a single cell may run
                   progress:bool|float=True, # print the progress table (a number: seconds between tables)
+                  reuse_actors:bool=True, # run the next trial in a finished trial's actor (False: a fresh actor per trial)
                  ) -> TuneResult:
     "Tune a notebook's parameters with Ray Tune; every trial is a notebook job and a child run of the sweep's run."
     import nbformat
@@ -390,9 +494,11 @@ def tune_notebook(notebook:str|Path, # the job notebook to tune
     d = _sweep_dir(s, path.stem, name, resume)
     record = dict(notebook=str(path), notebook_sha256=tracking.sha256_bytes(nb_bytes), space=raw, fixed=schema.public(fixed),
                   metric=metric, mode=mode, samples=samples, scheduler=scheduler, experiment_id=exp)
-    sweep_run_id = _open_sweep(s, exp, path, nb_bytes, d, record, resume)
+    git = tracking.git_state(path)
+    sweep_run_id = _open_sweep(s, exp, path, nb_bytes, d, record, resume, git)
     sw = _Sweep(s, sweep_run_id, exp, str(path), nb_bytes, fixed, schema.secret_names, metric, scheduler, max_t,
-                str(Path(cwd or Path.cwd()).resolve()), timeout, cell_timeout)
+                str(Path(cwd or Path.cwd()).resolve()), timeout, cell_timeout, _trial_tags(s, path, nb_bytes, git, sweep_run_id),
+                reuse_actors, resume)
     trainable = make_trainable(sw, cpus)
     connect(s)
     callbacks = [ProgressTable(metric, mode, progress if not isinstance(progress, bool) else 5.0)] if progress else []
@@ -401,10 +507,16 @@ def tune_notebook(notebook:str|Path, # the job notebook to tune
     else:
         tuner = tune.Tuner(trainable, param_space=param_space,
                            tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=samples, scheduler=sched,
-                                                       max_concurrent_trials=max_concurrent, reuse_actors=False),
+                                                       max_concurrent_trials=max_concurrent, reuse_actors=reuse_actors),
                            run_config=tune.RunConfig(name=d.name, storage_path=str(d.parent), verbose=0, callbacks=callbacks))
     try: grid = tuner.fit()
-    except BaseException: _close_sweep(s, sweep_run_id, None, metric, True); raise
+    except BaseException as e:  # a second Ctrl-C, or Tune itself failed
+        _abort_sweep(s, exp, sweep_run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"); raise
+    done, total = _trials_done(d, _expected_trials(raw, samples))
+    if done < total:  # Tune caught a Ctrl-C, stopped the running trials and returned
+        _abort_sweep(s, exp, sweep_run_id, "KILLED")
+        raise KeyboardInterrupt(f"sweep {d.name} interrupted with {done} of {total} trials done; "
+                                "tune_notebook(..., resume=True) (ml_prod tune --resume) continues it")
     trials = _trial_results(tracking.client(s), exp, sweep_run_id, grid, metric)
     best = _best(trials, mode)
     _close_sweep(s, sweep_run_id, best, metric, False)
