@@ -26,7 +26,7 @@ from ml_prod.tune import tune_notebook
 EPOCHS = 6
 
 
-def make_notebook(path: Path, epochs: int = EPOCHS, sleep: float = 0.4, log: str | None = None) -> Path:
+def make_notebook(path: Path, epochs: int = EPOCHS, sleep: float | str = 0.4, log: str | None = None) -> Path:
     "Reports `score` each epoch: climbs for lr near 0.1, stays near zero for lr >= 0.5. `log`: a file each execution appends its seed to."
     params = new_code_cell("lr: float = 0.1  # {min: 0, max: 1}\nseed: int = 0", metadata={"tags": ["parameters"]})
     start = [new_code_cell(f"with open({log!r}, 'a') as f: f.write(f'{{seed}}\\n')")] if log else []
@@ -180,7 +180,9 @@ def test_interrupted_sweep_resumes(project_dir):
     continues it: finished trials are not run again, interrupted ones restart in the child runs they had, and
     the sweep ends with all its trials under its one parent run."""
     s = load_settings()
-    make_notebook(project_dir / "train.ipynb", log="executions.log")
+    # seed 0 is quick (2.4 s), the others slow (9 s): when seed 0 is done and another has reported, that one
+    # is still far from done, so Ctrl-C always finds a trial to interrupt (with equal trials it could finish first)
+    make_notebook(project_dir / "train.ipynb", sleep="(0.4 if seed == 0 else 1.5)", log="executions.log")
     (project_dir / "space.yaml").write_text("seed: {grid: [0, 1, 2, 3]}\n")
     c = tracking.client(s)
     p = _tune_cli(project_dir, project_dir / "first.log")
