@@ -93,6 +93,7 @@ class Application(_Strict):
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica works on at once")
     max_queued_requests: int = Field(256, ge=-1, description="Requests waiting for a replica before callers get 503 (-1: no limit)")
     num_cpus: float = Field(1, ge=0, description="CPUs each replica reserves")
+    access_log: bool = Field(False, description="Ray Serve's access log line per request (the audit log already records every request)")
     limits: Limits = Field(default_factory=Limits)
     audit: Audit = Field(default_factory=Audit)
 
@@ -174,7 +175,7 @@ def pick_arm(weights:dict[str, float], # arm -> weight (arms with 0 never picked
     return live[-1][0]
 
 # %% ../nbs/11_serve_spec.ipynb #f00cc6a2
-SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1", "RAY_worker_niceness": "0"}
 DEPLOYMENT = "Endpoint"
 
 def _scaling(a:Application) -> dict:
@@ -197,7 +198,8 @@ def app_config(a:Application, resolve=lambda uri: uri, settings:dict|None=None, 
     deployment = dict(name=DEPLOYMENT, max_ongoing_requests=a.max_ongoing_requests, max_queued_requests=a.max_queued_requests,
                       ray_actor_options=dict(num_cpus=a.num_cpus), user_config=user_config(a, resolve, auth),
                       backpressure_config=dict(status_code=503, retry_after_s=a.limits.retry_after_s),
-                      health_check_period_s=5, graceful_shutdown_timeout_s=5, **_scaling(a))
+                      health_check_period_s=5, graceful_shutdown_timeout_s=5, logging_config=dict(enable_access_log=a.access_log),
+                      **_scaling(a))
     return dict(name=a.name, route_prefix=a.route_prefix, import_path="ml_prod.serving:app_builder", args=args, deployments=[deployment])
 
 def build_config(spec:ServeSpec, # the serving spec
