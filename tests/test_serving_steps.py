@@ -106,6 +106,8 @@ def test_separate_steps_run_in_their_own_replicas(project, step_env):
     endpoint_pid = st["replicas"][0]["pid"]
     assert set(step_pids) == {"pre_enrich", "post_halve"} and all(len(p) == 1 for p in step_pids.values()), st["steps"]
     assert "step pre_enrich" in cli("serve", "status").stdout
+    logs = cli("serve", "logs", "stepped", env={"COLUMNS": "1000"}).stdout  # no wrapped paths
+    assert "replica_stepped_pre_enrich_" in logs and "replica_stepped_Endpoint_" in logs  # the steps' replica logs too
 
     # the right answer, steps in spec order: double (fused), enrich (+100, own replica), model, halve (own replica)
     r = c.post("/predict", json=RECORD, headers={"x-request-id": "step-ok"})
@@ -149,6 +151,12 @@ def test_separate_steps_run_in_their_own_replicas(project, step_env):
     new = {x["deployment"]: {r["pid"] for r in x["replicas"]} for x in status("stepped")["steps"]}["pre_enrich"]
     assert new and not new & step_pids["pre_enrich"]
 
+    # an in-place update (new weights) leaves the step deployments as they are
+    cli("serve", "update", "stepped", "--weight", "main=2")
+    after = status("stepped")
+    assert {x["deployment"]: {r["pid"] for r in x["replicas"]} for x in after["steps"]}["post_halve"] == step_pids["post_halve"]
+    assert after["arms"]["main"]["weight"] == 2 and c.post("/predict", json=RECORD).status_code == 200
+
     # every attempt has its audit record, with the outcome of its answer
     cli("audit", "compact")
     from ml_prod.audit import query
@@ -156,5 +164,5 @@ def test_separate_steps_run_in_their_own_replicas(project, step_env):
     df = query(load_settings().audit_dir, "stepped", include_shadow=False).set_index("request_id")
     assert (df.loc["step-ok", "status"], df.loc["step-broken", "outcome"], df.loc["step-slow", "outcome"]) == (200, "error", "timeout")
     assert "enrich refuses country FAIL" in df.loc["step-broken", "error"]
-    assert len(df) >= 5 + len(codes)
+    assert len(df) >= 6 + len(codes)
     cli("serve", "down", "stepped")
