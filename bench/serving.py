@@ -23,6 +23,8 @@ from a fixed seed, `torch.set_num_threads(1)`, inference under `torch.inference_
                validation against the model's signature, the audit record of every request, batching on;
                requests go to the replica's own port (the fast path `ml_prod serve status` lists);
 - `ml_prod_nobatch` the same with batching off.
+- `ml_prod_step` `ml_prod` with one separate pre step (`{step: "builtins:list", num_cpus: 0}`: a copy of the
+               records, in a deployment of its own): the cost of one handle hop per request.
 
 Load comes from wrk (a C HTTP load generator; `apt-get install -y wrk`), POSTing through a Lua script whose
 `done()` hook prints exact p50/p90/p99 latencies. Each target gets a warm-up at the highest connection count,
@@ -44,7 +46,7 @@ import argparse, json, os, secrets, shutil, signal, socket, subprocess, sys, tem
 from pathlib import Path
 
 N_FEATURES, HIDDEN, SEED = 30, 32, 0
-TARGETS = ["fastapi", "ray_proxy", "ray_direct", "ray_haproxy", "ml_prod", "ml_prod_nobatch"]
+TARGETS = ["fastapi", "ray_proxy", "ray_direct", "ray_haproxy", "ml_prod", "ml_prod_nobatch", "ml_prod_step"]
 START_TIMEOUT_S = 240
 STOP_TIMEOUT_S = 60
 
@@ -233,7 +235,7 @@ def _serve_ray(args, mode: str):
             ray.shutdown()
             if state: shutil.rmtree(state, ignore_errors=True)
 
-def _serve_ml_prod(args, batching: bool = True):
+def _serve_ml_prod(args, batching: bool = True, steps: list | None = None):
     """ml_prod's full request path (API key, validation against the signature, arm pick, audit record, batching on
     or off) on the embedded profile: `ml_prod.deploy` starts the project's persistent local Ray with the Serve flags
     it needs and serves the model folder; requests go to the replica's own (direct ingress) port."""
@@ -243,7 +245,8 @@ def _serve_ml_prod(args, batching: bool = True):
     from ml_prod.settings import load_settings
     s = load_settings()
     spec = spec_from_dict({"applications": [{"name": "bench", "arms": {"main": {"model": str(args.model_dir), "weight": 1}},
-                                              "batching": {"enabled": batching, "max_batch_size": 32, "wait_ms": 1}}]})
+                                              "batching": {"enabled": batching, "max_batch_size": 32, "wait_ms": 1},
+                                              "preprocess": steps or []}]})
     try:
         e = deploy(spec, s)["bench"]
         _write_ready(args.ready_file, {"url": e["replica_urls"][0] + "/predict", "headers": {"x-api-key": os.environ["ML_PROD_API_KEY"]}})
@@ -256,7 +259,8 @@ def target_main(args):
     "Entry point of a target process (`--_serve NAME`)."
     {"fastapi": _serve_fastapi, "ray_proxy": lambda a: _serve_ray(a, "proxy"), "ray_direct": lambda a: _serve_ray(a, "direct"),
      "ray_haproxy": lambda a: _serve_ray(a, "haproxy"), "ml_prod": _serve_ml_prod,
-     "ml_prod_nobatch": lambda a: _serve_ml_prod(a, batching=False)}[args._serve](args)
+     "ml_prod_nobatch": lambda a: _serve_ml_prod(a, batching=False),
+     "ml_prod_step": lambda a: _serve_ml_prod(a, steps=[{"step": "builtins:list", "num_cpus": 0}])}[args._serve](args)
 
 # ---------------------------------------------------------------------------------------------- the driver side
 

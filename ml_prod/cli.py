@@ -425,7 +425,7 @@ def serve_build(spec:Path=SpecArg, output:Path=typer.Option(Path("serve_config.y
 
 @serve_app.command("status")
 def serve_status(profile:Optional[str]=ProfileOpt, as_json:bool=typer.Option(False, "--json", help="Print JSON")):
-    "Applications, replicas, the model version and weight of each arm, and refused updates."
+    "Applications, replicas, the model version and weight of each arm, separate steps, and refused updates."
     from ml_prod import serving
     try: apps = serving.status(_settings(profile))
     except MlProdError as e: _fail(e)
@@ -440,6 +440,8 @@ def serve_status(profile:Optional[str]=ProfileOpt, as_json:bool=typer.Option(Fal
             st = next((x for x in a["serving"] if x["replica"] == r["id"]), None)
             served = ", ".join(f"{n}=v{x['version'] or x['uri']}" for n, x in (st or {}).get("arms", {}).items())
             console.print(f"  replica {r['id']} {r['state']} pid {r['pid']}: {served}" + (f"  [red]{st['update_error']}[/red]" if st and st["update_error"] else ""))
+        for x in a.get("steps", []):
+            console.print(f"  step {x['deployment']} {x['status']}: " + ", ".join(f"replica {r['id']} {r['state']} pid {r['pid']}" for r in x["replicas"]))
         if a["last_refusal"]: console.print(f"  [red]last update refused at {a['last_refusal']['time']:.0f}[/red]")
 
 @serve_app.command("update")

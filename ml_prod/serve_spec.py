@@ -8,13 +8,14 @@ Docs: https://ml-prod.github.io/ml_prod/serve_spec.html.md"""
 from __future__ import annotations
 import re
 from pathlib import Path
-from typing import Literal
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from typing import Annotated, Literal
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from .errors import ConfigError, field_errors
 
 # %% auto #0
-__all__ = ['SERVE_ENV', 'DEPLOYMENT', 'Arm', 'Batching', 'Autoscaling', 'Limits', 'Decision', 'Audit', 'Application', 'ServeSpec',
-           'spec_from_dict', 'load_spec', 'pick_arm', 'user_config', 'app_config', 'build_config']
+__all__ = ['SERVE_ENV', 'DEPLOYMENT', 'Arm', 'Batching', 'Autoscaling', 'Limits', 'Decision', 'Audit', 'Step', 'Application',
+           'ServeSpec', 'spec_from_dict', 'load_spec', 'pick_arm', 'user_config', 'step_args', 'app_config',
+           'build_config']
 
 # %% ../nbs/11_serve_spec.ipynb #82e8324b
 class _Strict(BaseModel): model_config = ConfigDict(extra="forbid")
@@ -54,7 +55,7 @@ class Limits(_Strict):
     "What a request may ask for, and how long it may take."
     max_records: int = Field(256, ge=1, description="Most records in one request (more: 413)")
     max_body_bytes: int = Field(1 << 20, ge=64, description="Largest request body in bytes (more: 413)")
-    timeout_s: float = Field(2.0, gt=0, description="A request slower than this gets 408 (and an audit record marked timeout)")
+    timeout_s: float = Field(2.0, gt=0, description="A model call slower than this gets 408, a separate step's call 504 (and an audit record marked timeout)")
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of the 503 answered beyond max_ongoing_requests + max_queued_requests")
 
 class Decision(_Strict):
@@ -75,17 +76,50 @@ class Audit(_Strict):
         if both := sorted(set(self.drop) & set(self.hash)): raise ValueError(f"{both} are both dropped and hashed: pick one")
         return self
 
+# %% ../nbs/11_serve_spec.ipynb #42513737
+class Step(_Strict):
+    "A pre/post-processing step that runs as its own deployment: its own replicas, resources and scaling, one handle hop away."
+    step: str = Field(description="module:function: pre steps take records and return records, post steps take (records, scores) and return scores")
+    replicas: int|None = Field(None, ge=1, description="Fixed replica count (exclusive with autoscaling)")
+    autoscaling: Autoscaling|None = Field(None, description="Replica count follows the load (exclusive with replicas)")
+    max_ongoing_requests: int = Field(64, ge=1, description="Calls one replica of the step works on at once")
+    num_cpus: float = Field(1, ge=0, description="CPUs each replica of the step reserves")
+    num_gpus: float = Field(0, ge=0, description="GPUs each replica of the step reserves")
+    resources: dict[str, float] = Field({}, description="Custom Ray resources each replica of the step reserves, e.g. {memory_hog: 1}")
+
+    @field_validator("step")
+    @classmethod
+    def _path(cls, v):
+        if not re.match(_IMPORT_PATH, v): raise ValueError(f"step {v!r} must be an import path module:function")
+        return v
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, v):
+        if bad := [k for k in v if k in ("CPU", "GPU")]: raise ValueError(f"resource {bad[0]!r}: use num_cpus / num_gpus instead")
+        if bad := [k for k, x in v.items() if x < 0]: raise ValueError(f"resource {bad[0]!r} must be >= 0")
+        return v
+
+    @model_validator(mode="after")
+    def _scaling(self):
+        if self.replicas and self.autoscaling: raise ValueError("set replicas or autoscaling, not both")
+        return self
+
 # %% ../nbs/11_serve_spec.ipynb #0f4c562a
 _NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
 _IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+_FUSED, _SEPARATE = "(fused step)", "(separate step)"  # tags pydantic puts into error locations; `spec_from_dict` takes them out
+# a step is a string (fused) or an object (a Step: its own deployment); anything else is refused as a string
+_StepSpec = Annotated[Annotated[str, Tag(_FUSED)] | Annotated[Step, Tag(_SEPARATE)],
+                      Discriminator(lambda v: _SEPARATE if isinstance(v, (dict, Step)) else _FUSED)]
 
 class Application(_Strict):
     "One HTTP endpoint: its arms, traffic, steps and scaling."
     name: str = Field(pattern=_NAME, description="Application name; also its URL prefix /NAME")
     arms: dict[str, Arm] = Field(min_length=1, description="Arm name -> arm")
     sticky_key: str|None = Field(None, min_length=1, description="Input field whose value pins a request to an arm")
-    preprocess: list[str] = Field([], description="module:function steps applied to the records before the model, in order")
-    postprocess: list[str] = Field([], description="module:function steps applied to (records, scores) after the model")
+    preprocess: list[_StepSpec] = Field([], description="Steps applied to the records before the model, in order: module:function (fused) or a Step (own deployment)")
+    postprocess: list[_StepSpec] = Field([], description="Steps applied to (records, scores) after the model: module:function (fused) or a Step (own deployment)")
     decision: Decision = Field(default_factory=Decision)
     batching: Batching = Field(default_factory=Batching)
     replicas: int|None = Field(None, ge=1, description="Fixed replica count (exclusive with autoscaling)")
@@ -107,7 +141,7 @@ class Application(_Strict):
     @field_validator("preprocess", "postprocess")
     @classmethod
     def _steps(cls, v):
-        if bad := [p for p in v if not re.match(_IMPORT_PATH, p)]: raise ValueError(f"step {bad[0]!r} must be an import path module:function")
+        if bad := [p for p in v if isinstance(p, str) and not re.match(_IMPORT_PATH, p)]: raise ValueError(f"step {bad[0]!r} must be an import path module:function")
         return v
 
     @model_validator(mode="after")
@@ -135,7 +169,7 @@ class ServeSpec(_Strict):
         raise ConfigError(f"No application {name!r} in this spec (it has {[a.name for a in self.applications]}).")
 
 # %% ../nbs/11_serve_spec.ipynb #435f1e77
-_MODELS = [Arm, Batching, Autoscaling, Limits, Decision, Audit, Application, ServeSpec]
+_MODELS = [Arm, Batching, Autoscaling, Step, Limits, Decision, Audit, Application, ServeSpec]
 _FIELDS = sorted({f for m in _MODELS for f in m.model_fields})
 
 def spec_from_dict(data, # the parsed YAML
@@ -144,7 +178,9 @@ def spec_from_dict(data, # the parsed YAML
     "A `ServeSpec` from plain data; malformed data raises `ConfigError` naming each bad field."
     if not isinstance(data, dict): raise ConfigError(f"{source}: expected a mapping with 'applications', got {type(data).__name__}")
     try: return ServeSpec(**data)
-    except ValidationError as e: raise ConfigError(f"Invalid {source}:\n{field_errors(e.errors(), _FIELDS)}") from None
+    except ValidationError as e:
+        errors = [dict(x, loc=tuple(p for p in x["loc"] if p not in (_FUSED, _SEPARATE))) for x in e.errors()]
+        raise ConfigError(f"Invalid {source}:\n{field_errors(errors, _FIELDS)}") from None
 
 def load_spec(path:str|Path) -> ServeSpec:
     "The serving spec in the YAML file at `path`."
@@ -178,7 +214,7 @@ def pick_arm(weights:dict[str, float], # arm -> weight (arms with 0 never picked
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1", "RAY_worker_niceness": "0"}
 DEPLOYMENT = "Endpoint"
 
-def _scaling(a:Application) -> dict:
+def _scaling(a:Application|Step) -> dict:
     if a.autoscaling is None: return dict(num_replicas=a.replicas or 1)
     x = a.autoscaling
     return dict(autoscaling_config=dict(min_replicas=x.min_replicas, max_replicas=x.max_replicas, initial_replicas=max(x.min_replicas, 1),
@@ -191,16 +227,42 @@ def user_config(a:Application, resolve=lambda uri: uri, auth:dict|None=None) -> 
     return dict(arms=arms, sticky_key=a.sticky_key, decision=a.decision.model_dump(), batching=a.batching.model_dump(),
                 auth=auth or dict(required=False, digests=[]))
 
+_KINDS = {"preprocess": "pre", "postprocess": "post"}
+
+def _step_deployment(st:Step, name:str, access_log:bool=False) -> dict:
+    "Ray Serve's config of the deployment of a separate step."
+    resources = dict(num_cpus=st.num_cpus, **({"num_gpus": st.num_gpus} if st.num_gpus else {}), **({"resources": st.resources} if st.resources else {}))
+    return dict(name=name, max_ongoing_requests=st.max_ongoing_requests, ray_actor_options=resources,
+                health_check_period_s=5, graceful_shutdown_timeout_s=5,
+                logging_config=dict(enable_access_log=access_log), **_scaling(st))
+
+def step_args(a:Application) -> tuple[dict, list[dict]]:
+    "The steps of `a` as app args (fused: the import path; separate: `{step, deployment, threads}`) and the separate steps' deployments."
+    args, deployments, taken = {}, [], {DEPLOYMENT}
+    for kind, prefix in _KINDS.items():
+        args[kind] = []
+        for st in getattr(a, kind):
+            if isinstance(st, str): args[kind].append(st); continue
+            base = name = f"{prefix}_{st.step.partition(':')[2]}"
+            for i in range(2, 1000):
+                if name not in taken: break
+                name = f"{base}_{i}"
+            taken.add(name)
+            args[kind].append(dict(step=st.step, deployment=name, threads=min(st.max_ongoing_requests, 32)))
+            deployments.append(_step_deployment(st, name, a.access_log))
+    return args, deployments
+
 def app_config(a:Application, resolve=lambda uri: uri, settings:dict|None=None, auth:dict|None=None) -> dict:
     "Ray Serve's config of one application."
-    args = dict(name=a.name, preprocess=a.preprocess, postprocess=a.postprocess, limits=a.limits.model_dump(),
-                audit=a.audit.model_dump(), settings=settings or {})
+    steps, step_deployments = step_args(a)
+    args = dict(name=a.name, **steps, limits=a.limits.model_dump(), audit=a.audit.model_dump(), settings=settings or {})
     deployment = dict(name=DEPLOYMENT, max_ongoing_requests=a.max_ongoing_requests, max_queued_requests=a.max_queued_requests,
                       ray_actor_options=dict(num_cpus=a.num_cpus), user_config=user_config(a, resolve, auth),
                       backpressure_config=dict(status_code=503, retry_after_s=a.limits.retry_after_s),
                       health_check_period_s=5, graceful_shutdown_timeout_s=5, logging_config=dict(enable_access_log=a.access_log),
                       **_scaling(a))
-    return dict(name=a.name, route_prefix=a.route_prefix, import_path="ml_prod.serving:app_builder", args=args, deployments=[deployment])
+    return dict(name=a.name, route_prefix=a.route_prefix, import_path="ml_prod.serving:app_builder", args=args,
+                deployments=[deployment, *step_deployments])
 
 def build_config(spec:ServeSpec, # the serving spec
                  host:str="127.0.0.1", # address the endpoints bind to

@@ -7,9 +7,9 @@ Docs: https://ml-prod.github.io/ml_prod/serving.html.md"""
 # %% auto #0
 __all__ = ['SALT_ENV', 'TENSOR_FIELD', 'record_model', 'RequestRejected', 'RecordParser', 'LoadedModel', 'load_model',
            'key_digest', 'read_api_keys', 'authorized', 'is_loopback', 'Batcher', 'EndpointCore', 'Feedback',
-           'endpoint_deployment', 'app_builder', 'ServingError', 'resolver', 'auth_config', 'replica_settings', 'build',
-           'serve_client', 'wait_running', 'deploy', 'endpoints', 'replica_states', 'status', 'logs', 'undeploy',
-           'update', 'follow_alias', 'rollback']
+           'StepFailed', 'StepRunner', 'endpoint_deployment', 'step_deployment', 'app_builder', 'ServingError',
+           'resolver', 'auth_config', 'replica_settings', 'build', 'serve_client', 'wait_running', 'deploy',
+           'endpoints', 'replica_states', 'status', 'logs', 'undeploy', 'update', 'follow_alias', 'rollback']
 
 # %% ../nbs/12_serving.ipynb #b3650d49
 import asyncio, hashlib, hmac, json, math, os, sys, time, uuid
@@ -215,6 +215,15 @@ def _import(path:str):
     try: return getattr(importlib.import_module(mod), name)
     except (ImportError, AttributeError) as e: raise ConfigError(f"step {path!r} cannot be imported: {e}") from None
 
+def _steps(specs:list, remote:dict) -> list[tuple]:
+    "(import path, function, deployment) of each step: fused ones imported here (deployment None), separate ones called through `remote`."
+    out = []
+    for x in specs:
+        if isinstance(x, str): out.append((x, _import(x), None)); continue
+        if x["deployment"] not in remote: raise ConfigError(f"step {x['step']!r} runs as deployment {x['deployment']!r}, which this replica has no handle to")
+        out.append((x["step"], remote[x["deployment"]], x["deployment"]))
+    return out
+
 @dataclass(frozen=True)
 class _State:
     "Everything a request reads, swapped as one object by `reconfigure`."
@@ -238,6 +247,7 @@ class EndpointCore:
     def __init__(self, args:dict, # the application's static args (see `serve_spec.app_config`)
                  replica:str, # this replica's id (names its audit segment)
                  on_done=None, # called with (status, arm, version, latency_s) after each request (metrics)
+                 steps:dict|None=None, # deployment -> async fn(*args) calling each separate step (in Ray: its handle's `remote`)
                 ):
         from ml_prod.audit import AuditWriter, FeedbackWriter, Privacy
         self.app, self.limits, self.replica = args["name"], args["limits"], replica
@@ -251,8 +261,7 @@ class EndpointCore:
         privacy = Privacy(drop=args["audit"].get("drop", []), hash=args["audit"].get("hash", []))
         self.audit = AuditWriter(self.audit_dir, self.app, replica, privacy=privacy)
         self.feedback_log = FeedbackWriter(self.audit_dir, self.app, replica)
-        self.pre = [_import(p) for p in args.get("preprocess", [])]
-        self.post = [_import(p) for p in args.get("postprocess", [])]
+        self.pre, self.post = _steps(args.get("preprocess", []), steps or {}), _steps(args.get("postprocess", []), steps or {})
         self.state: _State|None = None
         self.update_error: str|None = None
         self.on_done = on_done or (lambda *a: None)
@@ -358,12 +367,12 @@ class EndpointCore:
             self._admit(s, body, headers)
             records, many = s.parser(body)
             rec["inputs"] = records
-            for step in self.pre: records = step(records)
+            if self.pre: records = await self._run_steps(self.pre, records)
             arm = pick_arm(s.weights, _sticky_key(records, headers, s.config.get("sticky_key")))
             model = s.models[arm]
             rec.update(arm=arm, model_name=model.name, model_version=model.version)
             async with asyncio.timeout(self.limits["timeout_s"]): scores = await self.score(model, records)  # no task per request, unlike wait_for
-            for step in self.post: scores = step(records, scores)
+            if self.post: scores = await self._run_steps(self.post, records, scores)
             d = s.config["decision"]
             decisions = [d["positive"] if x >= d["threshold"] else d["negative"] for x in scores]
             rec["outputs"] = dict(scores=scores, decisions=decisions)
@@ -388,6 +397,26 @@ class EndpointCore:
         self.served += 1
         self.on_done(status, rec["arm"], rec["model_version"], latency)
         return status, out, {"x-request-id": rid, **extra}
+
+    async def _run_steps(self, steps:list[tuple], *args):
+        "The last of `args` (records, or scores) after `steps`: fused ones as plain calls, separate ones through their deployment."
+        for path, fn, deployment in steps:
+            out = fn(*args) if deployment is None else await self._call_step(path, fn, deployment, args)
+            args = (*args[:-1], out)
+        return args[-1]
+
+    async def _call_step(self, path:str, fn, deployment:str, args:tuple):
+        "A separate step's answer; its failure, slowness or absence becomes a `StepFailed` (502, 504, 503), never a crash."
+        t = self.limits["timeout_s"]
+        try:
+            async with asyncio.timeout(t): return await fn(*args)
+        except TimeoutError: raise StepFailed(504, f"step {path} (deployment {deployment}) did not answer within this endpoint's timeout of {t} s") from None
+        except Exception as e:
+            if {c.__name__ for c in type(e).__mro__} & _UNAVAILABLE:
+                raise StepFailed(503, f"step {path} (deployment {deployment}) is unavailable ({type(e).__name__}): retry shortly",
+                                 headers={"retry-after": str(self.limits.get("retry_after_s", 1))}) from None
+            cause = getattr(e, "cause", None) or e  # Ray wraps the step's exception; report the step's own
+            raise StepFailed(502, f"step {path} (deployment {deployment}) failed: {type(cause).__name__}: {str(cause)[:500]}") from None
 
     def _shadow(self, s:_State, arm:str, records:list[dict], rid:str, attempt:int):
         "Score a copy of the request with shadow arm `arm` in the background; its answer is only audited."
@@ -416,7 +445,7 @@ class EndpointCore:
             return 200, {"stored": len(items)}, {}
         except RequestRejected as e: return e.status, e.body(), e.headers
 
-_OUTCOMES = {400: "invalid", 401: "unauthorized", 413: "invalid", 422: "invalid", 503: "overloaded"}
+_OUTCOMES = {400: "invalid", 401: "unauthorized", 413: "invalid", 422: "invalid", 502: "error", 503: "overloaded", 504: "timeout"}
 
 def _attempt(headers) -> int:
     try: return max(1, int(headers.get("x-attempt", 1)))
@@ -435,6 +464,24 @@ class Feedback(BaseModel):
     ts: float|None = None
 
 _FEEDBACK = RecordParser(Feedback, max_records=10_000)
+
+# %% ../nbs/12_serving.ipynb #e6948b26
+class StepFailed(RequestRejected):
+    "A separate step failed (502), did not answer in time (504) or could not be reached (503)."
+
+_UNAVAILABLE = {"BackPressureError", "DeploymentUnavailableError", "ReplicaUnavailableError", "RayActorError"}  # Ray's "not reachable" errors
+
+class StepRunner:
+    "One replica of a separate step: calls the step's function in worker threads, off the replica's event loop."
+    def __init__(self, path:str, # the step's import path module:function
+                 threads:int=8, # calls that may run at once
+                ):
+        self.path, self.fn = path, _import(path)
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="ml_prod-step")
+
+    async def __call__(self, *args):
+        "The step's answer for `args`: (records,) for a pre step, (records, scores) for a post step."
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.fn, *args)
 
 # %% ../nbs/12_serving.ipynb #235e23ef
 from fastapi import Request  # evaluated annotations (no `from __future__ import annotations` here): FastAPI reads them in the replica
@@ -478,10 +525,11 @@ def endpoint_deployment():
     @serve.ingress(api)
     class Endpoint:
         "One replica of an ml_prod application."
-        def __init__(self, args:dict):
+        def __init__(self, args:dict, steps:dict|None=None):  # steps: deployment -> handle of each separate step
             # the model runs in a worker thread: hand the GIL back to the request loop within 0.5 ms, not Python's 5 ms
             sys.setswitchinterval(0.0005)
-            self.core = EndpointCore(args, serve.get_replica_context().replica_id.unique_id, on_done=_metrics(args["name"]))
+            self.core = EndpointCore(args, serve.get_replica_context().replica_id.unique_id, on_done=_metrics(args["name"]),
+                                     steps={n: h.remote for n, h in (steps or {}).items()})
             self.max_body = args["limits"]["max_body_bytes"]
             api.openapi = lambda: _openapi(api, self.core)
 
@@ -512,9 +560,17 @@ def endpoint_deployment():
 
     return Endpoint
 
+def step_deployment():
+    "The Ray Serve deployment class of a separate step; `app_builder` names one per step."
+    from ray import serve
+    return serve.deployment(name="Step")(StepRunner)
+
 def app_builder(args:dict):
     "Ray Serve application builder (`import_path: ml_prod.serving:app_builder`): the application for `args`."
-    return endpoint_deployment().bind(args)
+    separate = [x for x in [*args.get("preprocess", []), *args.get("postprocess", [])] if isinstance(x, dict)]
+    Step = step_deployment() if separate else None
+    steps = {x["deployment"]: Step.options(name=x["deployment"]).bind(x["step"], x.get("threads", 8)) for x in separate}
+    return endpoint_deployment().bind(args, steps)
 
 # %% ../nbs/12_serving.ipynb #0e934b21
 from .settings import ResolvedSettings, load_settings
@@ -654,7 +710,7 @@ def _events(s:ResolvedSettings, app:str) -> list[dict]:
     return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
 
 def status(s:ResolvedSettings|None=None) -> list[dict]:
-    "Applications, their state, replicas, the version and weight of each arm, and the last refused update."
+    "Applications, their state, replicas, the version and weight of each arm, separate steps' deployments, and the last refused update."
     s = s or load_settings()
     client = serve_client(s, start=False)
     details, out = client.get_serve_details(), []
@@ -664,9 +720,12 @@ def status(s:ResolvedSettings|None=None) -> list[dict]:
         cfg = (a.get("deployed_app_config") or {}).get("deployments", [{}])[0].get("user_config", {})
         refusals = [e for e in _events(s, name) if e["reason"] == "refused"]
         value = lambda x: getattr(x, "value", x)  # Ray's status enums as plain strings
+        steps = [dict(deployment=n, status=value(d.get("status")), replicas=[dict(id=r["replica_id"], state=value(r["state"]), node=r.get("node_ip"), pid=r.get("pid"))
+                                                                            for r in d.get("replicas", [])])
+                 for n, d in sorted(a.get("deployments", {}).items()) if n != DEPLOYMENT]
         replicas = [dict(r, state=value(r["state"])) for r in replicas]
         out.append(dict(app=name, status=value(a.get("status")), message=a.get("message", ""), deployment=value(dep.get("status")), **endpoints(client, name),
-                        arms=cfg.get("arms", {}), replicas=replicas, serving=replica_states(s, name, [r["id"] for r in replicas]),
+                        arms=cfg.get("arms", {}), replicas=replicas, serving=replica_states(s, name, [r["id"] for r in replicas]), steps=steps,
                         last_refusal=refusals[-1] if refusals and refusals[-1]["time"] > max([e["time"] for e in _events(s, name) if e["reason"] != "refused"], default=0) else None))
     return out
 
@@ -677,7 +736,7 @@ def logs(app:str, s:ResolvedSettings|None=None, lines:int=50) -> dict[str, str]:
     import ray
     node = ray._private.worker.global_worker.node  # the session this driver joined
     folder = Path(node.get_logs_dir_path())/"serve"
-    files = sorted(folder.glob(f"replica_{app}_{DEPLOYMENT}_*.log"), key=lambda p: p.stat().st_mtime)
+    files = sorted(folder.glob(f"replica_{app}_*.log"), key=lambda p: p.stat().st_mtime)  # Endpoint's and separate steps' replicas
     if not files: raise ServingError(f"No replica logs of {app!r} in {folder} (logs of replicas on other machines are on those machines).")
     return {str(p): "\n".join(p.read_text(errors="replace").splitlines()[-lines:]) for p in files[-8:]}
 

@@ -1,0 +1,168 @@
+"""Separate steps against the real thing: a spec whose pre/post steps are objects runs them as
+deployments of their own, next to `Endpoint`, on the project's persistent local Ray (`ml_prod serve
+up`) and under Ray's own `serve deploy`. Requests go over HTTP; the steps (tests/step_functions.py)
+note the process they ran in, so the tests see that a separate step runs in another replica.
+
+Helpers and the `project` fixture come from test_serving.py."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from test_serving import HERE, RECORD, cli, deploy, log_version, project, status  # noqa: F401 (project is a fixture)
+
+TIMEOUT_S = 2
+
+
+def app_spec(name: str) -> dict:
+    "A fused pre step, then a separate one; a separate post step. Small CPU shares: the local cluster has 2 CPUs."
+    return {"name": name, "arms": {"main": {"model": "models:/tiny@champion", "weight": 1}}, "num_cpus": 0.5,
+            "preprocess": ["step_functions:double", {"step": "step_functions:enrich", "num_cpus": 0.25, "replicas": 1, "max_ongoing_requests": 16}],
+            "postprocess": [{"step": "step_functions:halve", "num_cpus": 0.25}],
+            "limits": {"timeout_s": TIMEOUT_S}}
+
+
+def expected_score(amount: float) -> float:
+    "tiny's score after double, then enrich (+100), then halve."
+    return 1 / (1 + math.exp(-((amount * 2 + 100) / 100 - 1))) / 2
+
+
+def pids(folder: Path, step: str) -> set[int]:
+    "The processes that ran `step` (from the files the steps leave)."
+    return {int(p.name.rsplit("-", 1)[1]) for p in folder.glob(f"{step}-*")}
+
+
+@pytest.fixture
+def step_env(tmp_path, monkeypatch):
+    "tests/ importable by the cluster's processes, and a folder where the steps note their pid; both set before the cluster starts."
+    log = tmp_path / "step_log"
+    log.mkdir()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.setenv("STEP_TEST_LOG", str(log))
+    return log
+
+
+@pytest.mark.slow
+def test_separate_step_runs_under_rays_own_serve_deploy(tmp_path, monkeypatch, step_env):
+    "`ml_prod serve build` of a spec with separate steps: Ray's `serve deploy` runs the step deployments, and the answer is right."
+    from ml_prod.serve_spec import SERVE_ENV
+    from test_multinode import MARKER, clean_env, free_ports, our_processes, run_cmd, stop_processes
+    root = tmp_path / "p"
+    root.mkdir()
+    gcs, dashboard = free_ports(2)
+    (root / "settings.ini").write_text(f"[DEFAULT]\n\n[raw]\nray_address = 127.0.0.1:{gcs}\nstorage_is_shared = true  # one machine\n")
+    for k in [k for k in os.environ if k.startswith("ML_PROD_") and k != "ML_PROD_TEST_SESSION"]: monkeypatch.delenv(k)
+    monkeypatch.chdir(root)
+    log_version("champion")
+    spec = root / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"applications": [app_spec("built-steps")]}))
+    cli("serve", "build", str(spec), "-o", "serve_config.yaml")
+    built = yaml.safe_load((root / "serve_config.yaml").read_text())["applications"][0]
+    assert [d["name"] for d in built["deployments"]] == ["Endpoint", "pre_enrich", "post_halve"]
+
+    marker, temp = uuid.uuid4().hex, f"/tmp/ray_ss_{uuid.uuid4().hex[:6]}"
+    env = clean_env(RAY_AUTH_MODE="token", **SERVE_ENV, **{MARKER: marker})
+    try:
+        run_cmd([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                 "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
+                 "--disable-usage-stats"], env)
+        run_cmd([str(Path(sys.executable).parent / "serve"), "deploy", "serve_config.yaml", "-a", f"http://127.0.0.1:{dashboard}"], env)
+        deadline, st, r = time.time() + 180, None, None
+        while time.time() < deadline:
+            r = cli("serve", "status", "--profile", "raw", "--json", check=False, env={"RAY_AUTH_MODE": "token"})
+            apps = json.loads(r.stdout) if r.returncode == 0 else []
+            if apps and apps[0]["status"] == "RUNNING": st = apps[0]; break
+            assert r.returncode == 0 or "Ray Serve is not running" in r.stderr, r.stderr[-2000:]
+            assert not apps or apps[0]["status"] not in ("DEPLOY_FAILED", "UNHEALTHY"), apps[0]["message"]
+            time.sleep(2)
+        assert st, f"not RUNNING under `serve deploy`: {r.stdout[-2000:]} {r.stderr[-2000:]}"
+        step_pids = {x["deployment"]: {r["pid"] for r in x["replicas"]} for x in st["steps"]}
+        assert {n: len(p) for n, p in step_pids.items()} == {"pre_enrich": 1, "post_halve": 1}, st["steps"]
+        body = httpx.post(f"{st['replica_urls'][0]}/predict", json=RECORD, timeout=30).json()
+        assert math.isclose(body["score"], expected_score(RECORD["amount"]), rel_tol=1e-6), body
+        assert pids(step_env, "enrich") == step_pids["pre_enrich"] and pids(step_env, "halve") == step_pids["post_halve"]
+        assert st["replicas"][0]["pid"] not in step_pids["pre_enrich"]
+    finally:
+        stop_processes(our_processes([temp], [f"127.0.0.1:{gcs}"], marker))
+
+
+def test_separate_steps_run_in_their_own_replicas(project, step_env):
+    version = log_version("champion")
+    url = deploy(project, app_spec("stepped"))
+    c = httpx.Client(base_url=url, timeout=30)
+    st = status("stepped")
+    step_pids = {x["deployment"]: {r["pid"] for r in x["replicas"]} for x in st["steps"]}
+    endpoint_pid = st["replicas"][0]["pid"]
+    assert set(step_pids) == {"pre_enrich", "post_halve"} and all(len(p) == 1 for p in step_pids.values()), st["steps"]
+    assert "step pre_enrich" in cli("serve", "status").stdout
+    logs = cli("serve", "logs", "stepped", env={"COLUMNS": "1000"}).stdout  # no wrapped paths
+    assert "replica_stepped_pre_enrich_" in logs and "replica_stepped_Endpoint_" in logs  # the steps' replica logs too
+
+    # the right answer, steps in spec order: double (fused), enrich (+100, own replica), model, halve (own replica)
+    r = c.post("/predict", json=RECORD, headers={"x-request-id": "step-ok"})
+    assert r.status_code == 200, r.text
+    assert math.isclose(r.json()["score"], expected_score(RECORD["amount"]), rel_tol=1e-6) and r.json()["version"] == str(version)
+    r = c.post("/predict", json=[RECORD, {"amount": 1.0, "country": "FR"}])
+    assert all(math.isclose(s, expected_score(a), rel_tol=1e-6) for s, a in zip(r.json()["scores"], [RECORD["amount"], 1.0]))
+
+    # each step ran where `serve status` says its replica is, not in the endpoint's process; the fused one did
+    assert pids(step_env, "enrich") == step_pids["pre_enrich"] and pids(step_env, "halve") == step_pids["post_halve"]
+    assert pids(step_env, "double") == {endpoint_pid} and endpoint_pid not in step_pids["pre_enrich"] | step_pids["post_halve"]
+
+    # a failing step: 502 naming it; the endpoint lives on
+    r = c.post("/predict", json={"amount": 1.0, "country": "FAIL"}, headers={"x-request-id": "step-broken"})
+    assert r.status_code == 502 and "step step_functions:enrich (deployment pre_enrich) failed: ValueError: enrich refuses country FAIL" in r.json()["error"], r.text
+
+    # a slow step: 504 at timeout_s, while the step's replica keeps answering others (the step runs in a thread, off its event loop)
+    slow: list = []
+    t = threading.Thread(target=lambda: slow.append(httpx.post(f"{url}/predict", json={"amount": 1.0, "country": "SLOW"},
+                                                               headers={"x-request-id": "step-slow"}, timeout=30)))
+    t0 = time.time(); t.start()
+    time.sleep(0.3)
+    fast_t = time.time()
+    fast = c.post("/predict", json=RECORD)
+    fast_s = time.time() - fast_t
+    t.join()
+    assert fast.status_code == 200 and fast_s < 1.5, (fast.status_code, fast_s)
+    assert slow[0].status_code == 504 and "did not answer within this endpoint's timeout of 2" in slow[0].json()["error"], slow[0].text
+    assert TIMEOUT_S - 0.1 < time.time() - t0 < TIMEOUT_S + 2.5
+    assert status("stepped")["replicas"][0]["pid"] == endpoint_pid  # no failure took the endpoint down
+
+    # the step's replica dies: defined answers (503/504) until Ray has replaced it, then 200 again; never a 500 or a dropped connection
+    os.kill(next(iter(step_pids["pre_enrich"])), signal.SIGKILL)
+    codes, deadline = [], time.time() + 90
+    while time.time() < deadline:
+        codes.append(c.post("/predict", json=RECORD).status_code)
+        if codes[-1] == 200: break
+        time.sleep(0.2)
+    print("answers while the step's replica was replaced:", {c: codes.count(c) for c in set(codes)})
+    assert codes[-1] == 200 and set(codes) <= {200, 503, 504}, codes
+    new = {x["deployment"]: {r["pid"] for r in x["replicas"]} for x in status("stepped")["steps"]}["pre_enrich"]
+    assert new and not new & step_pids["pre_enrich"]
+
+    # an in-place update (new weights) leaves the step deployments as they are
+    cli("serve", "update", "stepped", "--weight", "main=2")
+    after = status("stepped")
+    assert {x["deployment"]: {r["pid"] for r in x["replicas"]} for x in after["steps"]}["post_halve"] == step_pids["post_halve"]
+    assert after["arms"]["main"]["weight"] == 2 and c.post("/predict", json=RECORD).status_code == 200
+
+    # every attempt has its audit record, with the outcome of its answer
+    cli("audit", "compact")
+    from ml_prod.audit import query
+    from ml_prod.settings import load_settings
+    df = query(load_settings().audit_dir, "stepped", include_shadow=False).set_index("request_id")
+    assert (df.loc["step-ok", "status"], df.loc["step-broken", "outcome"], df.loc["step-slow", "outcome"]) == (200, "error", "timeout")
+    assert "enrich refuses country FAIL" in df.loc["step-broken", "error"]
+    assert len(df) >= 6 + len(codes)
+    cli("serve", "down", "stepped")
