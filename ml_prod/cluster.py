@@ -210,9 +210,11 @@ def connect(s:ResolvedSettings|None=None, # settings of the project (default: th
     s = s or load_settings()
     info = None if s.ray_address else local_cluster(s)
     address = s.ray_address or (info and info["address"])
+    imported = "ray" in sys.modules  # by the user or a library, before ml_prod could set anything
     if address: os.environ["RAY_AUTH_MODE"] = "token"  # read by Ray when it is imported
     import ray
     if ray.is_initialized(): return ray.get_runtime_context()
+    if address and imported: ray._raylet.Config.initialize("")  # re-read RAY_AUTH_MODE, as Ray's own `_enable_token_auth` does
     kw = dict(namespace=NAMESPACE, log_to_driver=True, configure_logging=True, logging_level="warning")
     loopback = loopback_only(s) and (info is None or info.get("loopback", False))  # a cluster from before: joined as it is
     runtime_env = {"worker_process_setup_hook": LOOPBACK_HOOK} if loopback else {}
