@@ -88,16 +88,18 @@ IN_PROCESS = textwrap.dedent("""
 
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
         serve.run(Ingress.bind(Down.bind()), name="lb", route_prefix="/lb")
-        def get(url):
-            with urllib.request.urlopen(url, timeout=30) as r: return r.status, json.loads(r.read())
-        out["proxy"] = get(f"http://127.0.0.1:{http_port}/lb")
-        details = serve.context._get_global_client().get_serve_details()
-        out["direct"] = [get(f"http://{t['ip']}:{t['port']}/lb") for g in details["target_groups"]
-                         if g["protocol"] == "HTTP" and g["app_name"] == "lb" for t in g["targets"]]
         me = psutil.Process()
         gcs_port = ray._private.worker.global_worker.node.gcs_address.rsplit(":", 1)[1]
         procs = {p.pid: p for p in [me, *me.children(recursive=True), *_cluster_processes(temp_dir, gcs_port)]}
         out["listeners"] = listeners(procs.values())
+        def get(url):
+            try:
+                with urllib.request.urlopen(url, timeout=30) as r: return r.status, json.loads(r.read())
+            except Exception as e: return f"{url}: {e!r}", None
+        out["proxy"] = get(f"http://127.0.0.1:{http_port}/lb")
+        details = serve.context._get_global_client().get_serve_details()
+        out["direct"] = [get(f"http://{t['ip']}:{t['port']}/lb") for g in details["target_groups"]
+                         if g["protocol"] == "HTTP" and g["app_name"] == "lb" for t in g["targets"]]
     finally:
         serve.shutdown()
         ray.shutdown()
