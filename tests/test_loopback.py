@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -121,6 +122,7 @@ def test_in_process_ray_of_connect(tmp_path):
         out = json.loads(lines[-1].removeprefix("RESULT "))
     finally:
         _stop(_cluster_processes(temp_dir, "0"))  # whatever of this Ray outlived its driver
+        shutil.rmtree(temp_dir, ignore_errors=True)
     assert_ray_and_serve(out["listeners"])
     assert_loopback_only(out["listeners"], "in-process Ray of connect()")
     assert out["node_ip"] == "127.0.0.1"
