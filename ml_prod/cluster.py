@@ -7,13 +7,15 @@ Docs: https://ml-prod.github.io/ml_prod/cluster.html.md"""
 # %% ../nbs/03_cluster.ipynb #cbbc8710
 from __future__ import annotations
 import json, os, socket, subprocess, sys, time
+from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
 from .errors import MlProdError
 from .settings import ResolvedSettings, load_settings
 
 # %% auto #0
-__all__ = ['CLUSTER_FILE', 'NAMESPACE', 'local_cluster', 'cluster_up', 'cluster_down', 'cluster_address', 'connect']
+__all__ = ['CLUSTER_FILE', 'NAMESPACE', 'LOOPBACK_FLAG', 'LOOPBACK_HOOK', 'loopback_only', 'is_loopback_ip', 'loopback_hook',
+           'local_cluster', 'cluster_up', 'cluster_down', 'cluster_address', 'connect']
 
 # %% ../nbs/03_cluster.ipynb #127cff2e
 CLUSTER_FILE = "cluster.json"
@@ -35,6 +37,91 @@ def _port_open(host:str, port:int, timeout:float=0.5) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout): return True
     except OSError: return False
+
+# %% ../nbs/03_cluster.ipynb #34e685cf
+LOOPBACK_FLAG = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's node address is 127.0.0.1
+LOOPBACK_HOOK = "ml_prod.cluster.loopback_hook"
+
+def loopback_only(s:ResolvedSettings) -> bool:
+    "True for the embedded profile (no ray_address, one machine): its Ray listens on 127.0.0.1 only."
+    return not s.ray_address and not s.is_multi_node
+
+def is_loopback_ip(ip:str) -> bool:
+    "True for 127.0.0.0/8, ::1 and IPv4-mapped loopback (`::ffff:127.0.0.1`, as gRPC's dual-stack sockets show it)."
+    import ipaddress
+    a = ipaddress.ip_address(ip.split("%")[0])
+    return a.is_loopback or bool(getattr(a, "ipv4_mapped", None) and a.ipv4_mapped.is_loopback)
+
+def _loopback_address(address:str) -> str:
+    "A listen address on all interfaces (`[::]:P`, `0.0.0.0:P`, `:P`) moved to `127.0.0.1:P`; others unchanged."
+    host, sep, port = address.rpartition(":")
+    return f"127.0.0.1:{port}" if sep and host in ("[::]", "0.0.0.0", "*", "") else address
+
+# %% ../nbs/03_cluster.ipynb #7110d0f3
+_HAPROXY_TEMPLATES = "ray.serve._private.haproxy_templates"
+_HAPROXY_BINDS = {"bind :{{ config.metrics_port }}": "bind 127.0.0.1:{{ config.metrics_port }}",
+                  "bind *:{{ config.stats_port }}": "bind 127.0.0.1:{{ config.stats_port }}"}
+
+def _loopback_haproxy(mod):
+    "Serve's HAProxy config template with its stats and Prometheus pages on 127.0.0.1."
+    for old, new in _HAPROXY_BINDS.items(): mod.HAPROXY_CONFIG_TEMPLATE = mod.HAPROXY_CONFIG_TEMPLATE.replace(old, new)
+    if h := sys.modules.get("ray.serve._private.haproxy"): h.HAPROXY_CONFIG_TEMPLATE = mod.HAPROXY_CONFIG_TEMPLATE
+
+class _AfterImport:
+    "A `sys.meta_path` finder that calls `patch(module)` once module `name` has run, so nothing is imported just to patch it."
+    def __init__(self, name:str, patch): self.name, self.patch = name, patch
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name: return None
+        sys.meta_path.remove(self)
+        from importlib.util import find_spec
+        spec = find_spec(fullname)
+        if spec is None or spec.loader is None: return spec
+        run = spec.loader.exec_module
+        def exec_module(module): run(module); self.patch(module)
+        spec.loader.exec_module = exec_module
+        return spec
+
+# %% ../nbs/03_cluster.ipynb #2109cd90
+def loopback_hook():
+    "Ray worker setup hook of the embedded profile: Serve's listeners that ignore the node address bind 127.0.0.1."
+    try:
+        import ray._common.tls_utils as tls
+        if getattr(tls.add_port_to_grpc_server, "ml_prod_loopback", False): return
+        add = tls.add_port_to_grpc_server
+        def add_port_to_grpc_server(server, address): return add(server, _loopback_address(address))
+        add_port_to_grpc_server.ml_prod_loopback = True
+        tls.add_port_to_grpc_server = add_port_to_grpc_server  # replica.py imports it by name when Serve loads
+        if r := sys.modules.get("ray.serve._private.replica"): r.add_port_to_grpc_server = add_port_to_grpc_server
+        if t := sys.modules.get(_HAPROXY_TEMPLATES): _loopback_haproxy(t)
+        else: sys.meta_path.insert(0, _AfterImport(_HAPROXY_TEMPLATES, _loopback_haproxy))
+    except Exception as e:  # a failing setup hook stops every worker from starting: warn, never raise
+        print(f"ml_prod.cluster.loopback_hook: could not keep Serve's listeners on 127.0.0.1: {e!r}", file=sys.stderr)
+
+# %% ../nbs/03_cluster.ipynb #f926c6e4
+@contextmanager
+def _loopback_node(on:bool=True):
+    "While Ray starts or joins a cluster, its node address is 127.0.0.1 (processes started meanwhile inherit the flag); restored after."
+    if not on: yield; return
+    from ray._private import ray_constants
+    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
+        import ray
+        raise MlProdError(f"Ray {ray.__version__} has no ray._private.ray_constants.ENABLE_RAY_CLUSTER, so ml_prod cannot keep the embedded profile's Ray on 127.0.0.1; install the Ray version ml_prod pins.")
+    env, value = os.environ.get(LOOPBACK_FLAG), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOOPBACK_FLAG], ray_constants.ENABLE_RAY_CLUSTER = "0", False  # the module value: `ray` may be imported already
+    try: yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = value
+        if env is None: os.environ.pop(LOOPBACK_FLAG, None)
+        else: os.environ[LOOPBACK_FLAG] = env
+
+def _check_loopback_node(s:ResolvedSettings):
+    "Disconnect and raise if the Ray this driver started or joined for an embedded profile has a non-loopback node address."
+    import ray
+    ip = ray._private.worker.global_worker.node.node_ip_address
+    if is_loopback_ip(ip): return
+    ray.shutdown()  # stops a Ray started here; only disconnects from a persistent one
+    raise MlProdError(f"Ray's node address is {ip}, not 127.0.0.1, so its servers would listen on the network (profile '{s.profile}' is embedded). "
+                      f"Is RAY_NODE_IP_ADDRESS or _node_ip_address set? Unset it, or set ray_address/multi_node in the profile for a networked cluster.")
 
 # %% ../nbs/03_cluster.ipynb #f8a8689c
 def local_cluster(s:ResolvedSettings) -> dict|None:
@@ -65,9 +152,10 @@ def cluster_up(s:ResolvedSettings|None=None, # settings of the project (default:
     cmd = [_ray_cli(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={_temp_dir(s)}"]
     if num_cpus or s.ray_num_cpus: cmd.append(f"--num-cpus={num_cpus or s.ray_num_cpus}")
     if resources: cmd.append(f"--resources={json.dumps(resources)}")
-    r = subprocess.run(cmd, env={**_auth_env(), **(env or {})}, capture_output=True, text=True)
+    loopback = loopback_only(s)  # not when other nodes may join: the flag makes `ray start --address` refuse
+    r = subprocess.run(cmd, env={**_auth_env(), **(env or {}), **({LOOPBACK_FLAG: "0"} if loopback else {})}, capture_output=True, text=True)
     if r.returncode != 0: raise MlProdError(f"`{' '.join(cmd)}` failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
-    info = dict(address=f"127.0.0.1:{port}", started=time.time(), num_cpus=num_cpus or s.ray_num_cpus, env=env or {})
+    info = dict(address=f"127.0.0.1:{port}", started=time.time(), num_cpus=num_cpus or s.ray_num_cpus, env=env or {}, loopback=loopback)
     Path(s.state_dir).mkdir(parents=True, exist_ok=True)
     _cluster_file(s).write_text(json.dumps(info))
     return info
@@ -120,15 +208,27 @@ def connect(s:ResolvedSettings|None=None, # settings of the project (default: th
            ):
     "Initialise Ray in this process for the profile `s`, once; returns Ray's context."
     s = s or load_settings()
-    address = cluster_address(s)
+    info = None if s.ray_address else local_cluster(s)
+    address = s.ray_address or (info and info["address"])
+    imported = "ray" in sys.modules  # by the user or a library, before ml_prod could set anything
     if address: os.environ["RAY_AUTH_MODE"] = "token"  # read by Ray when it is imported
     import ray
     if ray.is_initialized(): return ray.get_runtime_context()
+    if address and imported: ray._raylet.Config.initialize("")  # re-read RAY_AUTH_MODE, as Ray's own `_enable_token_auth` does
     kw = dict(namespace=NAMESPACE, log_to_driver=True, configure_logging=True, logging_level="warning")
-    if not address: return ray.init(num_cpus=s.ray_num_cpus, include_dashboard=False, **{**kw, **init_kwargs})
-    if s.is_multi_node or address.startswith("ray://"):
-        kw["runtime_env"] = {"py_modules": find_spec("ml_prod").submodule_search_locations[:1]}
-    try: return ray.init(address=address, **{**kw, **init_kwargs})
-    except (ConnectionError, RuntimeError) as e:
-        raise MlProdError(f"Cannot connect to the Ray cluster at {address} (profile '{s.profile}'): {str(e).splitlines()[0]}. "
-                          "Is it up (`ml_prod cluster status`), and does this machine have its token (~/.ray/auth_token)?") from None
+    loopback = loopback_only(s) and (info is None or info.get("loopback", False))  # a cluster from before: joined as it is
+    runtime_env = {"worker_process_setup_hook": LOOPBACK_HOOK} if loopback else {}
+    if s.is_multi_node or address and address.startswith("ray://"):
+        runtime_env["py_modules"] = find_spec("ml_prod").submodule_search_locations[:1]
+    kw = {**kw, **init_kwargs}
+    if env := {**runtime_env, **(init_kwargs.get("runtime_env") or {})}: kw["runtime_env"] = env
+    with _loopback_node(loopback):
+        if not address:
+            ctx = ray.init(num_cpus=s.ray_num_cpus, include_dashboard=False, **kw)
+        else:
+            try: ctx = ray.init(address=address, **kw)
+            except (ConnectionError, RuntimeError) as e:
+                raise MlProdError(f"Cannot connect to the Ray cluster at {address} (profile '{s.profile}'): {str(e).splitlines()[0]}. "
+                                  "Is it up (`ml_prod cluster status`), and does this machine have its token (~/.ray/auth_token)?") from None
+    if loopback: _check_loopback_node(s)
+    return ctx

@@ -425,6 +425,9 @@ def _start_detached(spec:JobSpec, opts:dict):
     opts = {k: v for k, v in opts.items() if k not in ("retry_exceptions", "max_retries", "name")}
     from ml_prod import jobs
     actor = ray.remote(jobs._DetachedJob).options(name=f"ml_prod-job-{spec.run_id}", lifetime="detached", max_restarts=0, **opts).remote()
+    # The `run` call is held by this process until the actor is up: a caller that exits at once (`ml_prod run --detach`)
+    # would take it along while the actor's worker still starts (slower with a runtime environment). Send it to a live actor.
+    ray.get(actor.__ray_ready__.remote())
     return actor.run.remote(spec)
 
 def submit_notebook(notebook:str|Path, # the .ipynb to run
