@@ -204,6 +204,7 @@ def cluster_address(s:ResolvedSettings) -> str|None:
     return info["address"] if info else None
 
 def connect(s:ResolvedSettings|None=None, # settings of the project (default: the active profile)
+            serving:bool=False, # this driver may create Ray Serve's controller: its workers get `loopback_hook` on the embedded profile
             **init_kwargs, # extra arguments for `ray.init`
            ):
     "Initialise Ray in this process for the profile `s`, once; returns Ray's context."
@@ -217,7 +218,7 @@ def connect(s:ResolvedSettings|None=None, # settings of the project (default: th
     if address and imported: ray._raylet.Config.initialize("")  # re-read RAY_AUTH_MODE, as Ray's own `_enable_token_auth` does
     kw = dict(namespace=NAMESPACE, log_to_driver=True, configure_logging=True, logging_level="warning")
     loopback = loopback_only(s) and (info is None or info.get("loopback", False))  # a cluster from before: joined as it is
-    runtime_env = {"worker_process_setup_hook": LOOPBACK_HOOK} if loopback else {}
+    runtime_env = {"worker_process_setup_hook": LOOPBACK_HOOK} if loopback and serving else {}
     if s.is_multi_node or address and address.startswith("ray://"):
         runtime_env["py_modules"] = find_spec("ml_prod").submodule_search_locations[:1]
     kw = {**kw, **init_kwargs}

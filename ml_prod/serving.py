@@ -629,7 +629,7 @@ def serve_client(s:ResolvedSettings, start:bool=True):
     if not (ray and ray.is_initialized()) and not s.ray_address and not local_cluster(s):
         if not start: raise ServingError(f"Nothing is served on profile '{s.profile}': its local cluster is not up (`ml_prod serve up SPEC` starts it).")
         cluster_up(s, env=SERVE_ENV)
-    connect(s)
+    connect(s, serving=True)
     from ray.serve.context import _connect
     try: return _connect(raise_if_no_controller_running=True)
     except Exception:

@@ -75,7 +75,7 @@ IN_PROCESS = textwrap.dedent("""
     from test_loopback import listeners
 
     temp_dir, http_port = sys.argv[1], int(sys.argv[2])
-    connect(load_settings(), _temp_dir=temp_dir, log_to_driver=False)
+    connect(load_settings(), serving=True, _temp_dir=temp_dir, log_to_driver=False)
     out = dict(flag_left=os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"), node_ip=ray.util.get_node_ip_address())
     try:
         @serve.deployment
