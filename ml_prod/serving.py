@@ -683,7 +683,7 @@ def status(s:ResolvedSettings|None=None) -> list[dict]:
     for name, a in sorted(details.get("applications", {}).items()):
         dep = a.get("deployments", {}).get(DEPLOYMENT, {})
         urls = _replica_urls(details, name)
-        replicas = [dict(id=r["replica_id"], state=r["state"], node=r.get("node_ip"), pid=r.get("pid"), url=urls.get(r["replica_id"]))
+        replicas = [dict(id=r["replica_id"], state=r["state"], node=r.get("node_ip"), node_id=r.get("node_id"), pid=r.get("pid"), url=urls.get(r["replica_id"]))
                     for r in dep.get("replicas", [])]
         cfg = (a.get("deployed_app_config") or {}).get("deployments", [{}])[0].get("user_config", {})
         refusals = [e for e in _events(s, name) if e["reason"] == "refused"]
