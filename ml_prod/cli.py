@@ -439,7 +439,7 @@ def serve_status(profile:Optional[str]=ProfileOpt, as_json:bool=typer.Option(Fal
         for r in a["replicas"]:
             st = next((x for x in a["serving"] if x["replica"] == r["id"]), None)
             served = ", ".join(f"{n}=v{x['version'] or x['uri']}" for n, x in (st or {}).get("arms", {}).items())
-            console.print(f"  replica {r['id']} {r['state']} pid {r['pid']}: {served}" + (f"  [red]{st['update_error']}[/red]" if st and st["update_error"] else ""))
+            console.print(f"  replica {r['id']} {r['state']} pid {r['pid']} {r.get('url') or ''}: {served}" + (f"  [red]{st['update_error']}[/red]" if st and st["update_error"] else ""))
         for x in a.get("steps", []):
             console.print(f"  step {x['deployment']} {x['status']}: " + ", ".join(f"replica {r['id']} {r['state']} pid {r['pid']}" for r in x["replicas"]))
         if a["last_refusal"]: console.print(f"  [red]last update refused at {a['last_refusal']['time']:.0f}[/red]")
@@ -477,7 +477,7 @@ def serve_logs(app_name:str=typer.Argument(..., metavar="APP", help="The applica
     from ml_prod import serving
     try: logs = serving.logs(app_name, _settings(profile), lines)
     except MlProdError as e: _fail(e)
-    for path, text in logs.items(): console.print(f"[bold]== {path}[/bold]"); typer.echo(text)
+    for path, text in logs.items(): console.print(f"[bold]== {path}[/bold]", soft_wrap=True); typer.echo(text)
 
 @audit_app.command("query")
 def audit_query(app_name:Optional[str]=typer.Option(None, "--app", help="One application (default: all)"),

@@ -44,6 +44,7 @@ class Autoscaling(_Strict):
     target_ongoing_requests: float = Field(16, gt=0, description="Requests in flight per replica that the autoscaler aims for")
     upscale_delay_s: float = Field(3, ge=0, description="Seconds of high load before adding a replica")
     downscale_delay_s: float = Field(60, ge=0, description="Seconds of low load before removing a replica")
+    look_back_period_s: float = Field(30, gt=0, description="Seconds of load the autoscaler averages over (shorter: reacts faster, flaps more)")
 
     @model_validator(mode="after")
     def _order(self):
@@ -219,7 +220,8 @@ def _scaling(a:Application|Step) -> dict:
     x = a.autoscaling
     return dict(autoscaling_config=dict(min_replicas=x.min_replicas, max_replicas=x.max_replicas, initial_replicas=max(x.min_replicas, 1),
                                         target_ongoing_requests=x.target_ongoing_requests,
-                                        upscale_delay_s=x.upscale_delay_s, downscale_delay_s=x.downscale_delay_s))
+                                        upscale_delay_s=x.upscale_delay_s, downscale_delay_s=x.downscale_delay_s,
+                                        look_back_period_s=x.look_back_period_s))
 
 def user_config(a:Application, resolve=lambda uri: uri, auth:dict|None=None) -> dict:
     "What the replicas of `a` may change without restarting: arms (pinned model URIs), traffic, decision, batching, API keys."

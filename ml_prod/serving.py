@@ -242,6 +242,9 @@ def _check_same_inputs(models:dict[str, LoadedModel]):
         if c != cols[first]: raise MlProdError(f"arm {a!r} ({models[a].uri}) takes inputs {c}, arm {first!r} takes {cols[first]}: every arm must take the same inputs")
 
 # %% ../nbs/12_serving.ipynb #0474260a
+import logging
+_log = logging.getLogger("ray.serve")  # in a replica, Ray Serve writes it to the replica's log file (`ml_prod serve logs`)
+
 class EndpointCore:
     "One replica's request path: admission, validation, arm, batched model call, decision, audit."
     def __init__(self, args:dict, # the application's static args (see `serve_spec.app_config`)
@@ -288,6 +291,7 @@ class EndpointCore:
         except Exception as e:
             if self.state is None: raise
             self.update_error = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: update refused, still serving the previous models: {e}"
+            _log.warning("%s: %s", self.app, self.update_error)
             self._write_state()
             return
         auth = config.get("auth", {})
@@ -297,6 +301,8 @@ class EndpointCore:
         self.update_error = None
         b = config.get("batching", {})
         self.batcher.max_size, self.batcher.wait_s = b.get("max_batch_size", 16), b.get("wait_ms", 1.0) / 1000
+        _log.info("%s: replica %s serves %s", self.app, self.replica,
+                  ", ".join(f"{a}={m.uri} (weight {config['arms'][a]['weight']:g}{', shadow' if a in self.state.shadows else ''})" for a, m in models.items()))
         self._write_state()
 
     def status(self) -> dict:
@@ -548,6 +554,16 @@ def _openapi(api, core:EndpointCore) -> dict:
             "oneOf": [ref, {"type": "array", "items": ref, "minItems": 1, "maxItems": core.limits["max_records"]}]}}}}
     return doc
 
+def _flush_logs_every(period_s:float=1.0):
+    "Write Ray Serve's buffered log lines to the replica's log file every `period_s` (throughput-optimized Serve holds up to 1000 in memory)."
+    import logging.handlers, threading
+    def run():
+        while True:
+            time.sleep(period_s)
+            for h in logging.getLogger("ray.serve").handlers:  # looked up each time: Ray may configure the logger again
+                if isinstance(h, logging.handlers.MemoryHandler): h.flush()
+    threading.Thread(target=run, daemon=True, name="ml_prod-log-flush").start()
+
 def endpoint_deployment():
     "The Ray Serve deployment class `Endpoint` (built on first use, so importing this module does not import Ray)."
     from fastapi import FastAPI
@@ -562,6 +578,7 @@ def endpoint_deployment():
         def __init__(self, args:dict, steps:dict|None=None):  # steps: deployment -> handle of each separate step
             # the model runs in a worker thread: hand the GIL back to the request loop within 0.5 ms, not Python's 5 ms
             sys.setswitchinterval(0.0005)
+            _flush_logs_every(1.0)  # `ml_prod serve logs` shows what happened a second ago, not after 1000 more lines
             self.core = EndpointCore(args, serve.get_replica_context().replica_id.unique_id, on_done=_metrics(args["name"]),
                                      steps={n: h.remote for n, h in (steps or {}).items()})
             live.update(core=self.core, max_body=args["limits"]["max_body_bytes"])
@@ -709,17 +726,22 @@ def deploy(spec:ServeSpec|str|Path, # the serving spec or its YAML file
     return {n: endpoints(client, n) for n in names}
 
 # %% ../nbs/12_serving.ipynb #d79c9ff7
+def _replica_urls(details:dict, app:str) -> dict[str, str]:
+    "Replica id -> its own (direct ingress) URL, from Ray's target groups (targets are named `SERVE_REPLICA::APP#DEPLOYMENT#ID`)."
+    a = details.get("applications", {}).get(app) or {}
+    prefix, http = a.get("route_prefix") or f"/{app}", details.get("http_options", {})
+    host = lambda ip: http.get("host") if is_loopback(http.get("host", "")) else ip  # replicas bind where http_options say
+    return {str(t.get("name") or t["port"]).rpartition("#")[2]: f"http://{host(t['ip'])}:{t['port']}{prefix}" for g in details.get("target_groups") or []
+            if g.get("protocol") == "HTTP" and g.get("app_name") == app for t in g.get("targets", [])}
+
 def endpoints(client, app:str) -> dict:
     "`{url: the stable address through Ray's proxy, replica_urls: the replicas' own (direct ingress) addresses}` of `app`."
     details = client.get_serve_details()
     a = details.get("applications", {}).get(app)
     if a is None: return dict(url=None, replica_urls=[])
-    prefix = a.get("route_prefix") or f"/{app}"
     http = details.get("http_options", {})
-    host = lambda ip: http.get("host") if is_loopback(http.get("host", "")) else ip  # replicas bind where http_options say
-    direct = [f"http://{host(t['ip'])}:{t['port']}{prefix}" for g in details.get("target_groups") or []
-              if g.get("protocol") == "HTTP" and g.get("app_name") == app for t in g.get("targets", [])]
-    return dict(url=f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}{prefix}", replica_urls=sorted(direct))
+    return dict(url=f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}{a.get('route_prefix') or f'/{app}'}",
+                replica_urls=sorted(_replica_urls(details, app).values()))
 
 def _app_config(client, app:str) -> dict:
     deployed = _deployed(client)
@@ -743,7 +765,9 @@ def status(s:ResolvedSettings|None=None) -> list[dict]:
     details, out = client.get_serve_details(), []
     for name, a in sorted(details.get("applications", {}).items()):
         dep = a.get("deployments", {}).get(DEPLOYMENT, {})
-        replicas = [dict(id=r["replica_id"], state=r["state"], node=r.get("node_ip"), pid=r.get("pid")) for r in dep.get("replicas", [])]
+        urls = _replica_urls(details, name)
+        replicas = [dict(id=r["replica_id"], state=r["state"], node=r.get("node_ip"), node_id=r.get("node_id"), pid=r.get("pid"), url=urls.get(r["replica_id"]))
+                    for r in dep.get("replicas", [])]
         cfg = (a.get("deployed_app_config") or {}).get("deployments", [{}])[0].get("user_config", {})
         refusals = [e for e in _events(s, name) if e["reason"] == "refused"]
         value = lambda x: getattr(x, "value", x)  # Ray's status enums as plain strings
@@ -757,15 +781,18 @@ def status(s:ResolvedSettings|None=None) -> list[dict]:
     return out
 
 def logs(app:str, s:ResolvedSettings|None=None, lines:int=50) -> dict[str, str]:
-    "The last `lines` lines of each replica log of `app` (on this machine's Ray session)."
+    "The last `lines` lines of the log of each running replica of `app` (else its latest replicas') on this machine's Ray session."
     s = s or load_settings()
-    serve_client(s, start=False)
+    client = serve_client(s, start=False)
+    _app_config(client, app)  # an unknown application: say which ones are deployed
     import ray
     node = ray._private.worker.global_worker.node  # the session this driver joined
     folder = Path(node.get_logs_dir_path())/"serve"
-    files = sorted(folder.glob(f"replica_{app}_*.log"), key=lambda p: p.stat().st_mtime)  # Endpoint's and separate steps' replicas
+    deps = client.get_serve_details()["applications"][app].get("deployments", {})  # Endpoint's and separate steps' replicas
+    files = [p for d, x in deps.items() for r in x.get("replicas", []) if (p := folder/f"replica_{app}_{d}_{r['replica_id']}.log").is_file()]
+    files = files or sorted(folder.glob(f"replica_{app}_*.log"), key=lambda p: p.stat().st_mtime)[-8:]  # e.g. replicas that failed to start
     if not files: raise ServingError(f"No replica logs of {app!r} in {folder} (logs of replicas on other machines are on those machines).")
-    return {str(p): "\n".join(p.read_text(errors="replace").splitlines()[-lines:]) for p in files[-8:]}
+    return {str(p): "\n".join(p.read_text(errors="replace").splitlines()[-lines:]) for p in files}
 
 def undeploy(app:str|None=None, s:ResolvedSettings|None=None) -> list[str]:
     "Stop application `app` (default: all); returns the names stopped."

@@ -135,6 +135,16 @@ def _format_validation_error(e:ValidationError, sources:dict, raw:dict) -> Confi
     return ConfigError("Invalid settings:\n  " + "\n  ".join(lines))
 
 # %% ../nbs/01_settings.ipynb #36cbc8ce
+def _check_audit_dir(s:ResolvedSettings):
+    "Refuse an audit_dir that is not a folder: replicas write the audit log as files (see `ml_prod.audit`), so a URI would be refused when serving starts, or read as a relative path on each node's own disk."
+    v = s.audit_dir
+    local = v[len("file://"):] if v.startswith("file://") else v
+    if Path(local).is_absolute() and "://" not in local: return
+    hint = ("a folder on storage every node mounts (e.g. audit_dir = /mnt/shared/audit) and storage_is_shared = true" if s.is_multi_node
+            else "a folder (e.g. audit_dir = {state_dir}/audit, the default)")
+    raise ConfigError(f"audit_dir = {v!r} ({s.sources.get('audit_dir')}): the audit log is files that each serving replica writes, "
+                      f"so it must be a folder, not a URI (object stores and mlflow-artifacts: are not supported). Set it to {hint}.")
+
 def _check_shared_storage(s:ResolvedSettings):
     "Refuse a multi-node profile whose stores live on one node's disk."
     if not s.is_multi_node or s.storage_is_shared: return
@@ -152,8 +162,8 @@ def _check_shared_storage(s:ResolvedSettings):
             f"Profile '{s.profile}' runs jobs on several machines (ray_address = {s.ray_address!r}, multi_node = {s.multi_node}), "
             "but these point at node-local storage that other nodes cannot see:\n  " + "\n  ".join(problems) +
             "\nUse a tracking server (e.g. tracking_uri = http://mlflow-host:5000 started with --serve-artifacts), "
-            "remote artifact/audit storage (s3://..., mlflow-artifacts:/...), or set storage_is_shared = true "
-            "if these paths are on a mount every node shares.")
+            "remote artifact storage (s3://..., mlflow-artifacts:/...), or set storage_is_shared = true "
+            "if these paths are on a mount every node shares (the audit_dir must be: the audit log is files).")
 
 # %% ../nbs/01_settings.ipynb #8b834d08
 def load_settings(profile:str|None=None, # profile name; default: $ML_PROD_PROFILE or 'default'
@@ -177,6 +187,7 @@ def load_settings(profile:str|None=None, # profile name; default: $ML_PROD_PROFI
     resolved = {k: (None if v == "" and Settings.model_fields[k].annotation != str else v) for k, v in resolved.items()}
     try: s = ResolvedSettings(**resolved, profile=profile, project_dir=project_dir, sources=sources)
     except ValidationError as e: raise _format_validation_error(e, sources, raw) from None
+    _check_audit_dir(s)
     _check_shared_storage(s)
     return s
 

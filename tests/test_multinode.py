@@ -39,6 +39,7 @@ import psutil
 import pytest
 
 from ml_prod.errors import ConfigError
+from ml_prod.serve_spec import SERVE_ENV
 from ml_prod.settings import load_settings
 
 pytestmark = pytest.mark.slow
@@ -204,7 +205,7 @@ ray.shutdown()
 
 # ---- the cluster ---------------------------------------------------------------------------------------
 
-def cluster_profile(ray_address: str, tracking_uri: str, tmp: Path, shared: bool = True) -> str:
+def cluster_profile(ray_address: str, tracking_uri: str, tmp: Path, shared: bool = True, serve_port: int | None = None) -> str:
     "settings.ini text with the multi-node `[cluster]` profile."
     text = textwrap.dedent(f"""\
         [DEFAULT]
@@ -217,6 +218,7 @@ def cluster_profile(ray_address: str, tracking_uri: str, tmp: Path, shared: bool
         audit_dir = {tmp}/audit
         state_dir = {tmp}/.ml_prod
         """)
+    if serve_port: text += f"serve_port = {serve_port}\n"
     if shared: text += textwrap.dedent("""\
         # Both nodes run on this one machine, so the local audit_dir, state_dir and outputs_dir
         # are on storage every node sees; a real multi-node cluster would need a shared mount.
@@ -307,7 +309,8 @@ def start_ray(started: Started, env: dict) -> str:
 def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multinode")
     started = Started()
-    env = clean_env(**{MARKER: started.marker, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"})
+    # Ray Serve's fast-ingress flags (what `ml_prod serve build` says to set) must be in every node's `ray start` environment
+    env = clean_env(**{MARKER: started.marker, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}, **SERVE_ENV)
     mlflow_log = open(tmp / "mlflow_server.log", "w")
     try:
         # 1. the tracking server, proxying artifacts into tmp/mlartifacts; it takes a while to create
@@ -336,7 +339,7 @@ def cluster(tmp_path_factory):
 
         # 3. the multi-node profile
         settings = tmp / "settings.ini"
-        settings.write_text(cluster_profile(gcs_address, tracking_uri, tmp))
+        settings.write_text(cluster_profile(gcs_address, tracking_uri, tmp, serve_port=free_ports(1)[0]))
         yield dict(tmp=tmp, settings=settings, tracking_uri=tracking_uri, artifacts=tmp / "mlartifacts", env=env)
     finally:
         # 5. stop only what we started (never `ray stop`: it stops every Ray on the machine)
@@ -392,6 +395,77 @@ def test_artifacts_go_through_the_proxy(cluster, job):
     executed = nbformat.read(stored / "on_worker.ipynb", as_version=4)
     assert any("kernel pid" in o.get("text", "") for cell in executed.cells for o in cell.get("outputs", []))
     assert (stored / "provenance" / "on_worker.ipynb").is_file()
+
+
+# Runs in its own Python process: logs the tiny serving model to the tracking server and registers it as tiny@champion.
+REGISTER = '''
+import sys, mlflow, pandas as pd
+from mlflow.models import infer_signature
+from ml_prod.registry import register
+from ml_prod.settings import load_settings
+settings_path, model_code = sys.argv[1:3]
+s = load_settings("cluster", path=settings_path, env={})
+mlflow.set_tracking_uri(s.tracking_uri)
+mlflow.set_experiment("serving")
+X = pd.DataFrame({"amount": [10.0, 250.0], "country": ["US", "FR"]})
+with mlflow.start_run() as run:
+    mlflow.pyfunc.log_model(name="model", python_model=model_code, signature=infer_signature(X, pd.DataFrame({"score": [0.1, 0.9]})), input_example=X)
+print("VERSION", register(s, run.info.run_id, "tiny", alias="champion"))
+'''
+
+
+def test_serving_on_two_nodes_audits_to_shared_storage(cluster):
+    "Two replicas, one on each node, answer over HTTP; every answer has its audit record in the profile's shared audit_dir."
+    import httpx
+    import yaml
+    from ml_prod.audit import compact, query
+    tmp = cluster["tmp"]
+    env = {k: v for k, v in cluster["env"].items() if k != "RAY_AUTH_MODE"}  # ml_prod sets it
+    def ml_prod(*args, check=True):
+        r = subprocess.run([str(BIN / "ml_prod"), *args, "--profile", "cluster"], cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+        assert not check or r.returncode == 0, f"ml_prod {' '.join(args)} exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        return r
+    (tmp / "register.py").write_text(REGISTER)
+    r = subprocess.run([sys.executable, str(tmp / "register.py"), str(cluster["settings"]), str(Path(__file__).parent / "tiny_model.py")],
+                       cwd=tmp, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0 and "VERSION 1" in r.stdout, r.stderr[-3000:]
+
+    # 1 CPU a replica on nodes of 1 CPU each: one replica lands on each node
+    spec = {"applications": [{"name": "mn", "arms": {"main": {"model": "models:/tiny@champion", "weight": 1}}, "replicas": 2, "num_cpus": 1}]}
+    (tmp / "spec.yaml").write_text(yaml.safe_dump(spec))
+    ml_prod("serve", "up", "spec.yaml")
+    try:
+        st = json.loads(ml_prod("serve", "status", "--json").stdout)[0]
+        reps = [x for x in st["replicas"] if x["state"] == "RUNNING"]
+        assert len(reps) == 2 and len({x["node_id"] for x in reps}) == 2, reps  # one on each node
+        assert all(x["url"] for x in reps), reps  # direct ingress: the nodes were started with SERVE_ENV
+
+        # requests straight to each replica, and through Ray's proxy
+        answered = []
+        for x in reps:
+            with httpx.Client(base_url=x["url"], timeout=30) as c:
+                assert c.get("/-/status").json()["replica"] == x["id"]
+                for k in range(15):
+                    r = c.post("/predict", json={"amount": 250.0, "country": "US"}, headers={"x-request-id": f"{x['id']}-{k}"})
+                    assert r.status_code == 200, r.text
+                    answered.append(r.json()["request_id"])
+        with httpx.Client(base_url=st["url"], timeout=30) as c:
+            proxied = [c.post("/predict", json={"amount": 1.0, "country": "FR"}, headers={"x-request-id": f"proxy-{k}"}) for k in range(10)]
+        assert [r.status_code for r in proxied] == [200] * 10, [(r.status_code, r.text[:200]) for r in proxied]
+        answered += [r.json()["request_id"] for r in proxied]
+
+        # the audit log is in the profile's audit_dir, on storage both nodes share: one record per answered request, from both replicas
+        audit_dir = load_settings("cluster", path=cluster["settings"], env={}).audit_dir
+        assert Path(audit_dir) == tmp / "audit"
+        compact(audit_dir, "mn")
+        df = query(audit_dir, "mn", include_shadow=False)
+        counts = df[df.status == 200].groupby("request_id").size()
+        missing = set(answered) - set(counts.index)
+        assert not missing, f"{len(missing)} answered requests have no audit record, e.g. {sorted(missing)[:5]}"
+        assert (counts[answered] == 1).all(), counts[counts > 1]
+        assert set(df[df.request_id.isin(answered)].replica) == {x["id"] for x in reps}
+    finally:
+        ml_prod("serve", "down", check=False)
 
 
 def problems(e: ConfigError) -> set[str]:
