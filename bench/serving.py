@@ -33,7 +33,7 @@ ms, the number of non-2xx/3xx answers and socket errors, and req/s as a fraction
 connection count. wrk shares the 2 cores with the server, the same for every target.
 
 All Ray targets keep every listening socket on 127.0.0.1: `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` before Ray is
-imported makes 127.0.0.1 the node address, and a worker setup hook (`loopback_hook`) moves the two listeners
+imported makes 127.0.0.1 the node address, and a worker setup hook (ml_prod's `ml_prod.cluster.loopback_hook`) moves the two listeners
 Ray hard-codes to all interfaces.
 
 Everything started is stopped at the end, also on Ctrl-C or SIGTERM: each target runs in its own process
@@ -145,16 +145,6 @@ def ray_haproxy_env(state_dir: Path) -> dict:
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
             "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port())}
 
-def loopback_hook():
-    """Ray worker setup hook: the two listeners Ray 2.60 hard-codes to all interfaces go to 127.0.0.1 instead
-    (each replica's inter-deployment gRPC server, HAProxy's stats and prometheus frontends). Bench hygiene only."""
-    import ray.serve._private.replica as r, ray.serve._private.haproxy as h
-    orig = r.add_port_to_grpc_server
-    r.add_port_to_grpc_server = lambda server, addr: orig(server, "127.0.0.1" + addr[4:] if addr.startswith("[::]:") else addr)
-    h.HAPROXY_CONFIG_TEMPLATE = (h.HAPROXY_CONFIG_TEMPLATE
-        .replace("bind :{{ config.metrics_port }}", "bind 127.0.0.1:{{ config.metrics_port }}")
-        .replace("bind *:{{ config.stats_port }}", "bind 127.0.0.1:{{ config.stats_port }}"))
-
 def _write_ready(path: str, info: dict):
     tmp = path + ".tmp"
     Path(tmp).write_text(json.dumps(info)); os.replace(tmp, path)
@@ -206,7 +196,7 @@ def _serve_ray(args, mode: str):
     from ray import serve
     try:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"worker_process_setup_hook": loopback_hook})
+                 runtime_env={"worker_process_setup_hook": "ml_prod.cluster.loopback_hook"})
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         serve.run(build_serve_app(), name="bench", route_prefix="/")
         url = f"http://127.0.0.1:{args.port}/predict"

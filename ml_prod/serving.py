@@ -769,7 +769,7 @@ def status(s:ResolvedSettings|None=None) -> list[dict]:
         replicas = [dict(id=r["replica_id"], state=r["state"], node=r.get("node_ip"), node_id=r.get("node_id"), pid=r.get("pid"), url=urls.get(r["replica_id"]))
                     for r in dep.get("replicas", [])]
         cfg = (a.get("deployed_app_config") or {}).get("deployments", [{}])[0].get("user_config", {})
-        refusals = [e for e in _events(s, name) if e["reason"] == "refused"]
+        last = (_events(s, name) or [None])[-1]  # the history is appended in time order
         value = lambda x: getattr(x, "value", x)  # Ray's status enums as plain strings
         steps = [dict(deployment=n, status=value(d.get("status")), replicas=[dict(id=r["replica_id"], state=value(r["state"]), node=r.get("node_ip"), pid=r.get("pid"))
                                                                             for r in d.get("replicas", [])])
@@ -777,7 +777,7 @@ def status(s:ResolvedSettings|None=None) -> list[dict]:
         replicas = [dict(r, state=value(r["state"])) for r in replicas]
         out.append(dict(app=name, status=value(a.get("status")), message=a.get("message", ""), deployment=value(dep.get("status")), **endpoints(client, name),
                         arms=cfg.get("arms", {}), replicas=replicas, serving=replica_states(s, name, [r["id"] for r in replicas]), steps=steps,
-                        last_refusal=refusals[-1] if refusals and refusals[-1]["time"] > max([e["time"] for e in _events(s, name) if e["reason"] != "refused"], default=0) else None))
+                        last_refusal=last if last and last["reason"] == "refused" else None))
     return out
 
 def logs(app:str, s:ResolvedSettings|None=None, lines:int=50) -> dict[str, str]:
