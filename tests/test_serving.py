@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -241,35 +242,33 @@ def test_killed_replica_loses_no_answered_record(project):
     assert df.request_id.is_unique
 
 
-@pytest.mark.slow
-def test_built_config_runs_under_rays_own_serve_deploy(tmp_path, monkeypatch):
-    "`ml_prod serve build` writes a Ray Serve config that Ray's own `serve deploy` runs, answering like `serve up`."
-    import math
-    import uuid
-    from ml_prod.serve_spec import SERVE_ENV
-    from test_multinode import MARKER, clean_env, free_ports, our_processes, run_cmd, stop_processes
+def raw_project(tmp_path, monkeypatch) -> tuple[Path, int, int]:
+    "A project in `tmp_path/p` whose `[raw]` profile joins a `ray start` cluster on free ports: (root, GCS port, dashboard port)."
+    from test_multinode import free_ports
     root = tmp_path / "p"
     root.mkdir()
     gcs, dashboard = free_ports(2)
     (root / "settings.ini").write_text(f"[DEFAULT]\n\n[raw]\nray_address = 127.0.0.1:{gcs}\nstorage_is_shared = true  # one machine\n")
     for k in [k for k in os.environ if k.startswith("ML_PROD_") and k != "ML_PROD_TEST_SESSION"]: monkeypatch.delenv(k)
     monkeypatch.chdir(root)
-    version = log_version("champion")
-    spec = root / "spec.yaml"
-    spec.write_text(yaml.safe_dump({"applications": [{"name": "built", "arms": {"main": {"model": "models:/tiny@champion", "weight": 1}}}]}))
-    r = cli("serve", "build", str(spec), "-o", "serve_config.yaml")
-    assert "RAY_SERVE_THROUGHPUT_OPTIMIZED=1" in r.stderr  # says what the cluster's processes need
-    built = yaml.safe_load((root / "serve_config.yaml").read_text())
-    assert built["applications"][0]["deployments"][0]["user_config"]["arms"]["main"]["pinned"] == f"models:/tiny/{version}"
+    return root, gcs, dashboard
 
-    marker, temp = uuid.uuid4().hex, f"/tmp/ray_sb_{uuid.uuid4().hex[:6]}"
+
+@contextmanager
+def ray_deployed(gcs: int, dashboard: int, num_cpus: int, config: str = "serve_config.yaml"):
+    """A `ray start` head with Serve's flags runs Ray's own `serve deploy CONFIG`; yields the first application's
+    `ml_prod serve status --profile raw` once RUNNING, and stops only what it started."""
+    import uuid
+    from ml_prod.serve_spec import SERVE_ENV
+    from test_multinode import MARKER, clean_env, our_processes, run_cmd, stop_processes
+    marker, temp = uuid.uuid4().hex, f"/tmp/ray_sd_{uuid.uuid4().hex[:6]}"
     env = clean_env(RAY_AUTH_MODE="token", **SERVE_ENV, **{MARKER: marker})
     try:
-        run_cmd([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+        run_cmd([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
                  "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
                  "--disable-usage-stats"], env)
-        run_cmd([str(Path(sys.executable).parent / "serve"), "deploy", "serve_config.yaml", "-a", f"http://127.0.0.1:{dashboard}"], env)
-        deadline, st = time.time() + 180, None
+        run_cmd([str(Path(sys.executable).parent / "serve"), "deploy", config, "-a", f"http://127.0.0.1:{dashboard}"], env)
+        deadline, st, r = time.time() + 180, None, None
         while time.time() < deadline:
             r = cli("serve", "status", "--profile", "raw", "--json", check=False, env={"RAY_AUTH_MODE": "token"})
             apps = json.loads(r.stdout) if r.returncode == 0 else []
@@ -278,10 +277,27 @@ def test_built_config_runs_under_rays_own_serve_deploy(tmp_path, monkeypatch):
             assert not apps or apps[0]["status"] not in ("DEPLOY_FAILED", "UNHEALTHY"), apps[0]["message"]
             time.sleep(2)
         assert st, f"not RUNNING under `serve deploy`: {r.stdout[-2000:]} {r.stderr[-2000:]}"
+        yield st
+    finally:
+        stop_processes(our_processes([temp], [f"127.0.0.1:{gcs}"], marker))
+
+
+@pytest.mark.slow
+def test_built_config_runs_under_rays_own_serve_deploy(tmp_path, monkeypatch):
+    "`ml_prod serve build` writes a Ray Serve config that Ray's own `serve deploy` runs, answering like `serve up`."
+    import math
+    root, gcs, dashboard = raw_project(tmp_path, monkeypatch)
+    version = log_version("champion")
+    spec = root / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"applications": [{"name": "built", "arms": {"main": {"model": "models:/tiny@champion", "weight": 1}}}]}))
+    r = cli("serve", "build", str(spec), "-o", "serve_config.yaml")
+    assert "RAY_SERVE_THROUGHPUT_OPTIMIZED=1" in r.stderr  # says what the cluster's processes need
+    built = yaml.safe_load((root / "serve_config.yaml").read_text())
+    assert built["applications"][0]["deployments"][0]["user_config"]["arms"]["main"]["pinned"] == f"models:/tiny/{version}"
+
+    with ray_deployed(gcs, dashboard, num_cpus=1) as st:
         url = st["replica_urls"][0]
         body = httpx.post(f"{url}/predict", json=RECORD, timeout=30).json()
         assert body["version"] == str(version) and body["decision"] == "positive"
         assert math.isclose(body["score"], 1 / (1 + math.exp(-1.5)), rel_tol=1e-6)
         assert httpx.post(f"{url}/predict", json={"amount": "x", "country": "US"}, timeout=30).status_code == 422
-    finally:
-        stop_processes(our_processes([temp], [f"127.0.0.1:{gcs}"], marker))

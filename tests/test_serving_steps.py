@@ -13,14 +13,13 @@ import signal
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-from test_serving import HERE, RECORD, cli, deploy, log_version, project, status  # noqa: F401 (project is a fixture)
+from test_serving import HERE, RECORD, cli, deploy, log_version, project, ray_deployed, raw_project, status  # noqa: F401 (project is a fixture)
 
 TIMEOUT_S = 2
 
@@ -56,14 +55,7 @@ def step_env(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_separate_step_runs_under_rays_own_serve_deploy(tmp_path, monkeypatch, step_env):
     "`ml_prod serve build` of a spec with separate steps: Ray's `serve deploy` runs the step deployments, and the answer is right."
-    from ml_prod.serve_spec import SERVE_ENV
-    from test_multinode import MARKER, clean_env, free_ports, our_processes, run_cmd, stop_processes
-    root = tmp_path / "p"
-    root.mkdir()
-    gcs, dashboard = free_ports(2)
-    (root / "settings.ini").write_text(f"[DEFAULT]\n\n[raw]\nray_address = 127.0.0.1:{gcs}\nstorage_is_shared = true  # one machine\n")
-    for k in [k for k in os.environ if k.startswith("ML_PROD_") and k != "ML_PROD_TEST_SESSION"]: monkeypatch.delenv(k)
-    monkeypatch.chdir(root)
+    root, gcs, dashboard = raw_project(tmp_path, monkeypatch)
     log_version("champion")
     spec = root / "spec.yaml"
     spec.write_text(yaml.safe_dump({"applications": [app_spec("built-steps")]}))
@@ -71,30 +63,13 @@ def test_separate_step_runs_under_rays_own_serve_deploy(tmp_path, monkeypatch, s
     built = yaml.safe_load((root / "serve_config.yaml").read_text())["applications"][0]
     assert [d["name"] for d in built["deployments"]] == ["Endpoint", "pre_enrich", "post_halve"]
 
-    marker, temp = uuid.uuid4().hex, f"/tmp/ray_ss_{uuid.uuid4().hex[:6]}"
-    env = clean_env(RAY_AUTH_MODE="token", **SERVE_ENV, **{MARKER: marker})
-    try:
-        run_cmd([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                 "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
-                 "--disable-usage-stats"], env)
-        run_cmd([str(Path(sys.executable).parent / "serve"), "deploy", "serve_config.yaml", "-a", f"http://127.0.0.1:{dashboard}"], env)
-        deadline, st, r = time.time() + 180, None, None
-        while time.time() < deadline:
-            r = cli("serve", "status", "--profile", "raw", "--json", check=False, env={"RAY_AUTH_MODE": "token"})
-            apps = json.loads(r.stdout) if r.returncode == 0 else []
-            if apps and apps[0]["status"] == "RUNNING": st = apps[0]; break
-            assert r.returncode == 0 or "Ray Serve is not running" in r.stderr, r.stderr[-2000:]
-            assert not apps or apps[0]["status"] not in ("DEPLOY_FAILED", "UNHEALTHY"), apps[0]["message"]
-            time.sleep(2)
-        assert st, f"not RUNNING under `serve deploy`: {r.stdout[-2000:]} {r.stderr[-2000:]}"
+    with ray_deployed(gcs, dashboard, num_cpus=2) as st:
         step_pids = {x["deployment"]: {r["pid"] for r in x["replicas"]} for x in st["steps"]}
         assert {n: len(p) for n, p in step_pids.items()} == {"pre_enrich": 1, "post_halve": 1}, st["steps"]
         body = httpx.post(f"{st['replica_urls'][0]}/predict", json=RECORD, timeout=30).json()
         assert math.isclose(body["score"], expected_score(RECORD["amount"]), rel_tol=1e-6), body
         assert pids(step_env, "enrich") == step_pids["pre_enrich"] and pids(step_env, "halve") == step_pids["post_halve"]
         assert st["replicas"][0]["pid"] not in step_pids["pre_enrich"]
-    finally:
-        stop_processes(our_processes([temp], [f"127.0.0.1:{gcs}"], marker))
 
 
 def test_separate_steps_run_in_their_own_replicas(project, step_env):
