@@ -497,14 +497,13 @@ class _FastRoutes:
     """ASGI middleware in front of FastAPI's router: `POST /predict` and `POST /feedback` go straight to the
     replica's `EndpointCore`, skipping FastAPI's routing, dependency and exception layers, which cost more CPU
     per request than ml_prod's own path; FastAPI keeps everything else (OpenAPI, docs, health, status)."""
-    def __init__(self, app, endpoint:dict): self.app, self.endpoint = app, endpoint  # endpoint: {core, max_body}, set by the replica
+    def __init__(self, app, endpoint:dict): self.app, self.endpoint = app, endpoint  # endpoint: {routes, max_body}, set by the replica
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["method"] == "POST" and self.endpoint:
             path, root = scope["path"], scope.get("root_path", "")
             if root and path.startswith(root): path = path[len(root):]
-            core = self.endpoint["core"]
-            if handler := {"/predict": core.predict, "/feedback": core.feedback}.get(path):
+            if handler := self.endpoint["routes"].get(path):
                 return await _answer(receive, send, {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]},
                                      self.endpoint["max_body"], handler)
         await self.app(scope, receive, send)
@@ -581,7 +580,7 @@ def endpoint_deployment():
             _flush_logs_every(1.0)  # `ml_prod serve logs` shows what happened a second ago, not after 1000 more lines
             self.core = EndpointCore(args, serve.get_replica_context().replica_id.unique_id, on_done=_metrics(args["name"]),
                                      steps={n: h.remote for n, h in (steps or {}).items()})
-            live.update(core=self.core, max_body=args["limits"]["max_body_bytes"])
+            live.update(routes={"/predict": self.core.predict, "/feedback": self.core.feedback}, max_body=args["limits"]["max_body_bytes"])
             api.openapi = lambda: _openapi(api, self.core)
 
         async def reconfigure(self, config:dict): await self.core.reconfigure(config)
@@ -734,9 +733,9 @@ def _replica_urls(details:dict, app:str) -> dict[str, str]:
     return {str(t.get("name") or t["port"]).rpartition("#")[2]: f"http://{host(t['ip'])}:{t['port']}{prefix}" for g in details.get("target_groups") or []
             if g.get("protocol") == "HTTP" and g.get("app_name") == app for t in g.get("targets", [])}
 
-def endpoints(client, app:str) -> dict:
+def endpoints(client, app:str, details:dict|None=None) -> dict:
     "`{url: the stable address through Ray's proxy, replica_urls: the replicas' own (direct ingress) addresses}` of `app`."
-    details = client.get_serve_details()
+    details = details or client.get_serve_details()
     a = details.get("applications", {}).get(app)
     if a is None: return dict(url=None, replica_urls=[])
     http = details.get("http_options", {})
@@ -758,6 +757,13 @@ def _events(s:ResolvedSettings, app:str) -> list[dict]:
     p = _history(s, app)
     return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
 
+_value = lambda x: getattr(x, "value", x)  # Ray's status enums as plain strings
+
+def _replicas(dep:dict, urls:dict) -> list[dict]:
+    "The replicas in Ray's details `dep` of one deployment, with their own URL where they have one."
+    return [dict(id=r["replica_id"], state=_value(r["state"]), node=r.get("node_ip"), node_id=r.get("node_id"), pid=r.get("pid"), url=urls.get(r["replica_id"]))
+            for r in dep.get("replicas", [])]
+
 def status(s:ResolvedSettings|None=None) -> list[dict]:
     "Applications, their state, replicas, the version and weight of each arm, separate steps' deployments, and the last refused update."
     s = s or load_settings()
@@ -766,16 +772,12 @@ def status(s:ResolvedSettings|None=None) -> list[dict]:
     for name, a in sorted(details.get("applications", {}).items()):
         dep = a.get("deployments", {}).get(DEPLOYMENT, {})
         urls = _replica_urls(details, name)
-        replicas = [dict(id=r["replica_id"], state=r["state"], node=r.get("node_ip"), node_id=r.get("node_id"), pid=r.get("pid"), url=urls.get(r["replica_id"]))
-                    for r in dep.get("replicas", [])]
+        replicas = _replicas(dep, urls)
         cfg = (a.get("deployed_app_config") or {}).get("deployments", [{}])[0].get("user_config", {})
         last = (_events(s, name) or [None])[-1]  # the history is appended in time order
-        value = lambda x: getattr(x, "value", x)  # Ray's status enums as plain strings
-        steps = [dict(deployment=n, status=value(d.get("status")), replicas=[dict(id=r["replica_id"], state=value(r["state"]), node=r.get("node_ip"), pid=r.get("pid"))
-                                                                            for r in d.get("replicas", [])])
+        steps = [dict(deployment=n, status=_value(d.get("status")), replicas=_replicas(d, urls))
                  for n, d in sorted(a.get("deployments", {}).items()) if n != DEPLOYMENT]
-        replicas = [dict(r, state=value(r["state"])) for r in replicas]
-        out.append(dict(app=name, status=value(a.get("status")), message=a.get("message", ""), deployment=value(dep.get("status")), **endpoints(client, name),
+        out.append(dict(app=name, status=_value(a.get("status")), message=a.get("message", ""), deployment=_value(dep.get("status")), **endpoints(client, name, details),
                         arms=cfg.get("arms", {}), replicas=replicas, serving=replica_states(s, name, [r["id"] for r in replicas]), steps=steps,
                         last_refusal=last if last and last["reason"] == "refused" else None))
     return out
