@@ -19,16 +19,17 @@ PYTEST_ARGS      :=
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help venv export clean readme check test demo docs bench
+.PHONY: help venv export normalize clean readme check test demo docs bench
 
 help:
 	@echo "make demo     set up .venv and run the fraud example as tracked jobs on a local Ray (ml_prod demo)"
 	@echo "make test     set up .venv and run all tests: nbdev-test on nbs/, then pytest tests (SKIP_SLOW=1: skip slow ones)"
 	@echo "make venv     create .venv and install ml_prod with its dev extras (re-runs only when pyproject.toml changes)"
 	@echo "make export   write ml_prod/ from the notebooks in nbs/"
-	@echo "make clean    nbdev-clean the notebooks in nbs/ and $(EXAMPLES)/"
+	@echo "make normalize  nbdev-clean the notebooks in nbs/ and $(EXAMPLES)/ (metadata, execution counts; outputs kept)"
+	@echo "make clean    remove build outputs (docs site, wheels, caches); sources and .ml_prod/ are left alone"
 	@echo "make readme   render README.md from nbs/index.ipynb"
-	@echo "make check    fail if export, clean or readme would change anything"
+	@echo "make check    fail if export, normalize or readme would change anything"
 	@echo "make docs     build the docs site into docs/site/ (offline)"
 	@echo "make bench    run every benchmark script bench/*.py"
 
@@ -47,14 +48,18 @@ $(VENV)/.docs-installed: $(VENV)/.installed
 export: venv
 	$(BIN)/nbdev-export
 
-clean: venv
+normalize: venv
 	$(BIN)/nbdev-clean --fname nbs
 	$(BIN)/nbdev-clean --fname $(EXAMPLES)
+
+clean:
+	rm -rf docs/site docs/_build _docs _proc build dist *.egg-info .pytest_cache
+	find . -name __pycache__ -not -path './.venv/*' -prune -exec rm -rf {} +
 
 readme: venv
 	$(PY) .ci/readme.py
 
-# runs export and clean on a throwaway copy and compares: never writes to the working tree
+# runs export and normalize on a throwaway copy and compares: never writes to the working tree
 check: venv
 	.ci/check
 

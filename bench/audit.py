@@ -36,7 +36,9 @@ def main():
     ap.add_argument("--n", type=int, default=100_000, help="records for the compaction benchmark")
     ap.add_argument("--dir", help="folder to write in (default: a temporary folder)")
     a = ap.parse_args()
-    from ml_prod.audit import AuditWriter, Privacy, compact, query, SALT_ENV
+    from ml_prod.audit.writer import AuditWriter, Privacy, SALT_ENV
+    from ml_prod.audit.store import compact
+    from ml_prod.audit.query import query
     root = Path(tempfile.mkdtemp(dir=a.dir, prefix="bench-audit-"))
     try:
         features = {f"f{i}": i * 0.37 for i in range(20)}

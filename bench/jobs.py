@@ -113,7 +113,7 @@ def _patch_kernel_and_papermill(tl:Timeline):
 def _profiled_supervise(spec):
     "Runs in the Ray worker in place of `supervise`: the same call, with its phases timed."
     t_start = time.time()
-    import ml_prod.jobs as J, ml_prod.tracking as T, ml_prod.params as P
+    import ml_prod.jobs.supervisor as J, ml_prod.tracking.store as T, ml_prod.params as P
     from mlflow.tracking import MlflowClient
     tl = Timeline()
     tl.mark("worker: task starts", t_start)
@@ -163,7 +163,7 @@ def papermill_one(nb:Path, out_dir:Path, i:int) -> float:
 
 def ml_prod_one(nb:Path, s, cwd:Path, i:int) -> dict:
     import ray
-    from ml_prod.jobs import submit_notebook
+    from ml_prod.jobs.submit import submit_notebook
     t0 = time.perf_counter()
     h = submit_notebook(nb, {"x": i}, settings=s, cwd=cwd, cpus=1)
     t1 = time.perf_counter()
@@ -177,7 +177,7 @@ def ml_prod_one(nb:Path, s, cwd:Path, i:int) -> dict:
 def ml_prod_concurrent(nb:Path, s, cwd:Path, n:int, width:int=2) -> float:
     "Run `n` jobs keeping `width` submitted handles in flight; returns the wall time."
     import ray
-    from ml_prod.jobs import submit_notebook
+    from ml_prod.jobs.submit import submit_notebook
     t0 = time.perf_counter()
     todo, inflight, results = list(range(n)), [], []
     while todo or inflight:
@@ -201,7 +201,7 @@ def main():
     reps = max(args.reps, 1)
 
     import ray
-    import ml_prod.jobs as J
+    import ml_prod.jobs.submit as J  # submit_notebook, _load_notebook, _remote_supervise and job_result are looked up here
     from ml_prod.settings import load_settings
 
     tmp_ctx = tempfile.TemporaryDirectory(prefix="ml_prod-bench-")
@@ -253,7 +253,7 @@ def main():
             tl.mark("papermill (total)", t0, time.time(), -1)
             print_timeline("PROFILE papermill in-process", tl.events, t0)
 
-            import ml_prod.params as P, ml_prod.tracking as T, ml_prod.cluster as C
+            import ml_prod.params as P, ml_prod.tracking.store as T, ml_prod.runtime.cluster as C  # store holds the provenance functions it calls
             from mlflow.tracking import MlflowClient
             tl = Timeline()
             for mod, name in ((J, "_load_notebook"), (P, "notebook_schema"), (P.ParamSchema, "validate"),

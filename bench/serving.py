@@ -33,7 +33,7 @@ ms, the number of non-2xx/3xx answers and socket errors, and req/s as a fraction
 connection count. wrk shares the 2 cores with the server, the same for every target.
 
 All Ray targets keep every listening socket on 127.0.0.1: `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` before Ray is
-imported makes 127.0.0.1 the node address, and a worker setup hook (ml_prod's `ml_prod.cluster.loopback_hook`) moves the two listeners
+imported makes 127.0.0.1 the node address, and a worker setup hook (ml_prod's `ml_prod.runtime.cluster.loopback_hook`) moves the two listeners
 Ray hard-codes to all interfaces.
 
 Everything started is stopped at the end, also on Ctrl-C or SIGTERM: each target runs in its own process
@@ -196,7 +196,7 @@ def _serve_ray(args, mode: str):
     from ray import serve
     try:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"worker_process_setup_hook": "ml_prod.cluster.loopback_hook"})
+                 runtime_env={"worker_process_setup_hook": "ml_prod.runtime.cluster.loopback_hook"})
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         serve.run(build_serve_app(), name="bench", route_prefix="/")
         url = f"http://127.0.0.1:{args.port}/predict"
@@ -229,9 +229,9 @@ def _serve_ml_prod(args, batching: bool = True, steps: list | None = None):
     """ml_prod's full request path (API key, validation against the signature, arm pick, audit record, batching on
     or off) on the embedded profile: `ml_prod.deploy` starts the project's persistent local Ray with the Serve flags
     it needs and serves the model folder; requests go to the replica's own (direct ingress) port."""
-    from ml_prod.cluster import cluster_down
-    from ml_prod.serve_spec import spec_from_dict
-    from ml_prod.serving import deploy, undeploy
+    from ml_prod.runtime.cluster import cluster_down
+    from ml_prod.serving.spec import spec_from_dict
+    from ml_prod.serving.control import deploy, undeploy
     from ml_prod.settings import load_settings
     s = load_settings()
     spec = spec_from_dict({"applications": [{"name": "bench", "arms": {"main": {"model": str(args.model_dir), "weight": 1}},

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark: per-trial overhead of a notebook trial (`ml_prod.tune.tune_notebook`) vs. its Ray Tune function twin.
+"""Benchmark: per-trial overhead of a notebook trial (`ml_prod.flows.tune.tune_notebook`) vs. its Ray Tune function twin.
 
     .venv/bin/python bench/tune.py [--trials N] [--reports R] [--sleep S] [--rounds K] [--no-profile]
 
@@ -59,7 +59,7 @@ def function_sweep(trials: int, reports: int, sleep: float, storage: str, reuse:
 
 
 def notebook_sweep(nbp: Path, trials: int, s, cwd: Path, reuse: bool = True, progress=False) -> tuple[float, object]:
-    from ml_prod.tune import tune_notebook
+    from ml_prod.flows.tune import tune_notebook
     kw = {"reuse_actors": reuse} if "reuse_actors" in inspect.signature(tune_notebook).parameters else {}
     t0 = time.perf_counter()
     r = tune_notebook(nbp, {"x": {"grid": list(range(trials))}}, metric="score", scheduler="fifo", max_concurrent=1,
@@ -73,20 +73,22 @@ def notebook_sweep(nbp: Path, trials: int, s, cwd: Path, reuse: bool = True, pro
 # What the worker-side profiler wraps: module -> [(attribute path, label)]. Missing attributes are skipped,
 # so the benchmark runs against older and newer versions of ml_prod alike.
 WORKER_PATCHES = {
-    "ml_prod.tune": [("_run_trial", "tune._run_trial (one trial, Tune's thread)"),
+    "ml_prod.flows.tune": [("_run_trial", "tune._run_trial (one trial, Tune's thread)"),
                      ("_trial_run", "tune._trial_run (create the child run)"),
                      ("_Bridge.supervise", "tune._Bridge.supervise (supervisor thread)"),
                      ("_Bridge.__call__", "tune._Bridge: queue a report for Tune"),
                      ("_wait_for_trials", "tune._wait_for_trials (stop/cleanup)"),
                      ("_end_trials", "tune._end_trials (reset/stop: end this actor's trial)")],
     "ray.tune": [("report", "ray.tune.report (waits for the driver)")],
-    "ml_prod.jobs": [("supervise", "jobs.supervise"), ("_start_attempt", "jobs._start_attempt (MLflow get_run + tags)"),
+    # a function is patched where its caller looks it up: the supervisor imports the kernel's functions by name
+    "ml_prod.jobs.supervisor": [("supervise", "jobs.supervise"), ("_start_attempt", "jobs._start_attempt (MLflow get_run + tags)"),
                      ("acquire_kernel", "jobs.acquire_kernel (spare kernel, or boot one)"),
                      ("Kernel.start", "Kernel.start (boot a kernel)"), ("Kernel.prepare", "Kernel.prepare (env + cwd of a spare)"),
                      ("Kernel.__exit__", "Kernel.__exit__ (shutdown + kill group)"),
                      ("_execute", "jobs._execute (papermill thread)"), ("_watch", "jobs._watch (supervisor loop)"),
-                     ("_finish", "jobs._finish (banner, artifacts, status)"), ("_boot_spare", "jobs._boot_spare (start a thread)")],
-    "ml_prod.tracking": [("create_job_run", "tracking.create_job_run"), ("git_state", "tracking.git_state (git x3)"),
+                     ("_finish", "jobs._finish (banner, artifacts, status)")],
+    "ml_prod.jobs.kernel": [("_boot_spare", "jobs._boot_spare (start a thread)")],
+    "ml_prod.tracking.store": [("create_job_run", "tracking.create_job_run"), ("git_state", "tracking.git_state (git x3)"),
                          ("package_versions", "tracking.package_versions"), ("environment_freeze", "tracking.environment_freeze"),
                          ("_log_provenance", "tracking._log_provenance (artifacts)"), ("client", "tracking.client")],
     "mlflow.tracking.client": [(f"MlflowClient.{m}", f"MlflowClient.{m}") for m in
@@ -96,7 +98,7 @@ WORKER_PATCHES = {
     "ray.tune.trainable.trainable": [("Trainable.__init__", "Trainable.__init__ (setup)"), ("Trainable.reset", "Trainable.reset (reuse)"),
                                      ("Trainable.stop", "Trainable.stop (cleanup)")],
 }
-TIMED_IMPORTS = ("ray.tune", "ml_prod.tune", "ml_prod.jobs", "ml_prod.params", "mlflow", "papermill", "nbformat", "jupyter_client")
+TIMED_IMPORTS = ("ray.tune", "ml_prod.flows.tune", "ml_prod.jobs.supervisor", "ml_prod.params", "mlflow", "papermill", "nbformat", "jupyter_client")
 
 
 def _install_profiler(out_dir: str):
@@ -182,7 +184,7 @@ class DriverTimeline:
 
 
 def _recording_progress(tl: DriverTimeline):
-    "A stand-in for ml_prod.tune.ProgressTable that records when Tune starts and completes trials (driver clock)."
+    "A stand-in for ml_prod.flows.tune.ProgressTable that records when Tune starts and completes trials (driver clock)."
     from ray.tune import Callback
     class Recorder(Callback):
         def __init__(self, *a, **kw): pass
@@ -203,7 +205,7 @@ def _read_worker_events(out_dir: Path) -> list:
 def profile(args, tmp: Path, nbp: Path, s) -> None:
     "Restart Ray with the worker profiler, run one notebook sweep and one twin sweep, print where the time goes."
     import ray
-    import ml_prod.tune as mt
+    import ml_prod.flows.tune as mt
     from ray.tune.execution.tune_controller import TuneController
     prof = tmp / "profile"; prof.mkdir()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level="error",
@@ -214,7 +216,7 @@ def profile(args, tmp: Path, nbp: Path, s) -> None:
         for p in prof.glob("*.jsonl"): p.write_text("")
         tl = DriverTimeline()
         tl.patch(mt, "ProgressTable", "ProgressTable"); mt.ProgressTable = _recording_progress(tl)
-        import ml_prod.tracking as T, ml_prod.cluster as C
+        import ml_prod.tracking.store as T, ml_prod.runtime.cluster as C
         from ray import tune
         for name, label in (("_open_sweep", "driver: _open_sweep (parent run, provenance)"), ("_trial_results", "driver: _trial_results"),
                             ("_close_sweep", "driver: _close_sweep"), ("make_trainable", "driver: make_trainable"),

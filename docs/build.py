@@ -147,12 +147,13 @@ def prepare(nb: dict, renames: dict[str, str]) -> dict:
 # ---- API reference -----------------------------------------------------------------------------
 
 def modules() -> list[str]:
-    "Public modules of ml_prod (not `_modidx` or other private ones)."
-    return sorted(p.stem for p in LIB.glob("*.py") if not p.stem.startswith("_"))
+    "Public modules of ml_prod, dotted below the package (`jobs.submit`); not `_modidx` or other private ones."
+    names = (p.relative_to(LIB).with_suffix("") for p in LIB.rglob("*.py") if "examples" not in p.parts)
+    return sorted(".".join(n.parts) for n in names if not any(part.startswith("_") for part in n.parts))
 
 
 def summary(module: str) -> str:
-    doc = ast.get_docstring(ast.parse((LIB / f"{module}.py").read_text(encoding="utf-8"))) or ""
+    doc = ast.get_docstring(ast.parse((LIB / f"{module.replace('.', '/')}.py").read_text(encoding="utf-8"))) or ""
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 

@@ -14,9 +14,10 @@ import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
 from ml_prod.errors import JobFailed, ParameterError
-from ml_prod.jobs import cancel_job, job_log, list_jobs, run_notebook, run_notebooks, submit_notebook
+from ml_prod.jobs.query import cancel_job, job_log, list_jobs
+from ml_prod.jobs.submit import run_notebook, run_notebooks, submit_notebook
 from ml_prod.settings import load_settings
-from ml_prod import tracking
+from ml_prod.tracking import provenance, store
 
 ML_PROD = str(Path(sys.executable).parent / "ml_prod")
 
@@ -35,7 +36,7 @@ def env(ray_local, project_dir):
 
 
 def client(s):
-    return tracking.client(s)
+    return store.client(s)
 
 
 def wait_for(pred, timeout=60, every=0.2):
@@ -63,7 +64,7 @@ def test_job_tracks_params_metrics_provenance_and_hides_secrets(env):
     (d / "data.csv").write_text("a\n1\n")
     nb = make_nb(d / "ok.ipynb",
                  "import mlflow, os\nmlflow.log_metric('double', 2 * x)\nmlflow.log_param('inside', 'yes')\n"
-                 "import hashlib\nassert hashlib.sha256(token.encode()).hexdigest() == '" + tracking.sha256_bytes(b"hunter2") + "'\nprint('token length', len(token), 'data', open(data).read().strip())",
+                 "import hashlib\nassert hashlib.sha256(token.encode()).hexdigest() == '" + provenance.sha256_bytes(b"hunter2") + "'\nprint('token length', len(token), 'data', open(data).read().strip())",
                  params='x: int = 1  # a number\ntoken: str = ""  # api token {secret: true}\ndata: str = "data.csv"  # input file')
     r = run_notebook(nb, {"x": 21, "token": "hunter2"}, settings=s, cwd=d)
     assert r.ok and r.metrics["double"] == 42.0
@@ -71,9 +72,9 @@ def test_job_tracks_params_metrics_provenance_and_hides_secrets(env):
     assert run.data.params["x"] == "21" and run.data.params["inside"] == "yes"
     assert "token" not in run.data.params and run.data.tags["ml_prod.secret_params"] == "token"
     t = run.data.tags
-    assert t["ml_prod.notebook_sha256"] == tracking.sha256_bytes(nb.read_bytes())
+    assert t["ml_prod.notebook_sha256"] == provenance.sha256_bytes(nb.read_bytes())
     assert json.loads(t["ml_prod.versions"])["papermill"]
-    assert t["ml_prod.input.data.sha256"] == tracking.sha256_bytes(b"a\n1\n")
+    assert t["ml_prod.input.data.sha256"] == provenance.sha256_bytes(b"a\n1\n")
     arts = {a.path for a in client(s).list_artifacts(r.run_id)}
     assert {"ok.ipynb", "job.log", "provenance"} <= arts
     saved = Path(client(s).download_artifacts(r.run_id, "ok.ipynb")).read_text()
@@ -208,7 +209,7 @@ def test_caller_killed_is_reaped(env):
     pgid = int(running_tag(s, run_id, "ml_prod.kernel_pgid"))
     p.kill(); p.wait()
     s1 = load_settings(env={**os.environ, "ML_PROD_JOB_HEARTBEAT_S": "1"})
-    wait_for(lambda: run_id in tracking.reap_stale_jobs(s1), timeout=60, every=1)
+    wait_for(lambda: run_id in store.reap_stale_jobs(s1), timeout=60, every=1)
     run = client(s).get_run(run_id)
     assert run.info.status == "FAILED" and "reaped" in run.data.tags["ml_prod.error"]
     wait_for(lambda: gone(pgid), timeout=30)
@@ -257,7 +258,7 @@ def test_runtime_env_reaches_the_kernel(env):
 # ---- detached jobs on a persistent local cluster ------------------------------------------------------
 
 def test_detached_job_outlives_its_caller(project_dir):
-    from ml_prod.cluster import cluster_down, cluster_up
+    from ml_prod.runtime.cluster import cluster_down, cluster_up
     import socket
     with socket.socket() as so: so.bind(("127.0.0.1", 0)); port = so.getsockname()[1]
     s = load_settings()

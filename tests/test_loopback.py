@@ -27,8 +27,8 @@ import httpx
 import psutil
 import pytest
 
-from ml_prod.cluster import _cluster_processes, _stop, _temp_dir, is_loopback_ip
-from ml_prod.serve_spec import SERVE_ENV
+from ml_prod.runtime.cluster import _cluster_processes, _stop, _temp_dir, is_loopback_ip
+from ml_prod.serving.spec import SERVE_ENV
 from test_multinode import free_ports
 from test_serving import RECORD, deploy, log_version, project, status  # noqa: F401  (project: the module's serving project)
 
@@ -70,7 +70,7 @@ IN_PROCESS = textwrap.dedent("""
     import ray                                          # before ml_prod, on purpose
     import psutil
     from ray import serve
-    from ml_prod.cluster import connect, _cluster_processes
+    from ml_prod.runtime.cluster import connect, _cluster_processes
     from ml_prod.settings import load_settings
     from test_loopback import listeners
 
@@ -134,7 +134,7 @@ def test_in_process_ray_of_connect(tmp_path):
 JOIN = textwrap.dedent("""
     import json, ray                                    # before ml_prod, on purpose
     import psutil
-    from ml_prod.cluster import connect
+    from ml_prod.runtime.cluster import connect
     from ml_prod.settings import load_settings
     from test_loopback import listeners
     connect(load_settings(), log_to_driver=False)

@@ -39,7 +39,7 @@ import psutil
 import pytest
 
 from ml_prod.errors import ConfigError
-from ml_prod.serve_spec import SERVE_ENV
+from ml_prod.serving.spec import SERVE_ENV
 from ml_prod.settings import load_settings
 
 pytestmark = pytest.mark.slow
@@ -185,7 +185,7 @@ def make_notebook(path: Path) -> Path:
 DRIVER = '''
 import json, sys, time
 from ml_prod.settings import load_settings
-from ml_prod.jobs import run_notebook
+from ml_prod.jobs.submit import run_notebook
 
 settings_path, notebook, cwd = sys.argv[1:4]
 s = load_settings("cluster", path=settings_path, env={})
@@ -401,7 +401,7 @@ def test_artifacts_go_through_the_proxy(cluster, job):
 REGISTER = '''
 import sys, mlflow, pandas as pd
 from mlflow.models import infer_signature
-from ml_prod.registry import register
+from ml_prod.models.registry import register
 from ml_prod.settings import load_settings
 settings_path, model_code = sys.argv[1:3]
 s = load_settings("cluster", path=settings_path, env={})
@@ -418,7 +418,8 @@ def test_serving_on_two_nodes_audits_to_shared_storage(cluster):
     "Two replicas, one on each node, answer over HTTP; every answer has its audit record in the profile's shared audit_dir."
     import httpx
     import yaml
-    from ml_prod.audit import compact, query
+    from ml_prod.audit.store import compact
+    from ml_prod.audit.query import query
     tmp = cluster["tmp"]
     env = {k: v for k, v in cluster["env"].items() if k != "RAY_AUTH_MODE"}  # ml_prod sets it
     def ml_prod(*args, check=True):

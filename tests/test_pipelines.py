@@ -14,10 +14,9 @@ import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
 import ml_prod
-from ml_prod import tracking
+from ml_prod.tracking import store
 from ml_prod.errors import MlProdError
-from ml_prod.pipelines import (PipelineError, check_pipeline, load_pipeline, pipeline_errors, run_pipeline,
-                               show_pipeline)
+from ml_prod.flows.pipelines import PipelineError, check_pipeline, load_pipeline, pipeline_errors, run_pipeline, show_pipeline
 from ml_prod.settings import load_settings
 
 FRAUD = Path(ml_prod.__file__).parent / "examples" / "fraud" / "pipeline.yaml"
@@ -41,7 +40,7 @@ def env(ray_local, project_dir):
 
 
 def child_runs(s, experiment="ml_prod"):
-    c = tracking.client(s)
+    c = store.client(s)
     exp = c.get_experiment_by_name(experiment)
     return c.search_runs([exp.experiment_id], "tags.`ml_prod.pipeline_step` != ''", max_results=1000)
 
@@ -108,7 +107,7 @@ def test_fraud_pipeline_runs_then_is_fully_cached(env):
     s, d = env
     res = run_pipeline(FRAUD, s, cwd=d)
     assert statuses(res) == {"data": "FINISHED", "train": "FINISHED", "evaluate": "FINISHED", "register": "FINISHED"}, res.summary()
-    c = tracking.client(s)
+    c = store.client(s)
     train, ev = c.get_run(res.steps["train"].run_id), c.get_run(res.steps["evaluate"].run_id)
     assert ev.data.tags["evaluated_model_uri"] == train.data.tags["model_uri"]
     assert ev.data.params["data_path"] == "fraud_data/transactions.parquet" and (d / "fraud_evaluation" / "evaluation.json").is_file()
@@ -116,7 +115,7 @@ def test_fraud_pipeline_runs_then_is_fully_cached(env):
     assert c.get_run(res.run_id).data.tags["ml_prod.pipeline"] == "fraud-training"
     n_children = len(child_runs(s, "fraud-pipeline"))
     assert n_children == 4
-    from ml_prod.registry import alias_history
+    from ml_prod.models.registry import alias_history
     (event,) = alias_history(s, "fraud-detector", "challenger")
     assert event.to_version == 1 and event.evaluation_run == res.steps["evaluate"].run_id
 
@@ -147,7 +146,7 @@ def test_cache_force_only_and_from(env):
     yml = write(d / "chain.yaml", CHAIN.format(a=1, b=1))
     first = run_pipeline(yml, s, cwd=d)
     assert statuses(first) == dict(a="FINISHED", b="FINISHED", c="FINISHED"), first.summary()
-    assert tracking.client(s).get_run(first.steps["c"].run_id).data.metrics["doubled"] == 2 * (0 + 2 * (1 + 2))
+    assert store.client(s).get_run(first.steps["c"].run_id).data.metrics["doubled"] == 2 * (0 + 2 * (1 + 2))
 
     write(yml, CHAIN.format(a=1, b=5))  # a parameter of b changed: b and c re-run, a is reused
     changed = run_pipeline(yml, s, cwd=d)
@@ -189,7 +188,7 @@ steps:
     assert "boom.ipynb: cell 3: ValueError: bad x=3" in res.steps["boom"].error
     summary = res.summary()
     assert "pipeline failing: FAILED" in summary and f"saved notebook: {res.steps['boom'].output_notebook}" in summary
-    c = tracking.client(s)
+    c = store.client(s)
     assert c.get_run(res.run_id).info.status == "FAILED"
     boom, side = c.get_run(res.steps["boom"].run_id).info, c.get_run(res.steps["side"].run_id).info
     assert boom.start_time < side.end_time and side.start_time < boom.end_time  # ran at the same time

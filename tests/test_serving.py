@@ -53,7 +53,7 @@ def log_version(alias: str, **model_config) -> int:
     import mlflow
     import pandas as pd
     from mlflow.models import infer_signature
-    from ml_prod.registry import register
+    from ml_prod.models.registry import register
     from ml_prod.settings import load_settings
     s = load_settings()
     mlflow.set_tracking_uri(s.tracking_uri)
@@ -67,7 +67,7 @@ def log_version(alias: str, **model_config) -> int:
 
 
 def set_alias(alias: str, version: int):
-    from ml_prod.registry import set_alias as move
+    from ml_prod.models.registry import set_alias as move
     from ml_prod.settings import load_settings
     move(load_settings(), "tiny", alias, version, reason="test")
 
@@ -179,7 +179,7 @@ def test_request_path_update_and_audit(project):
     assert ok.status_code == 200
     assert c.post("/feedback", json={"request_id": "labelled", "label": 1}, headers={"x-api-key": "k-123"}).json() == {"stored": 1}
     cli("audit", "compact")
-    from ml_prod.audit import query, read_feedback
+    from ml_prod.audit.query import query, read_feedback
     from ml_prod.settings import load_settings
     s = load_settings()
     df = query(s.audit_dir, "fraud", include_shadow=False)
@@ -233,7 +233,7 @@ def test_killed_replica_loses_no_answered_record(project):
     for t in threads: t.join()
     assert len(answered) > 20
     cli("audit", "compact")
-    from ml_prod.audit import query
+    from ml_prod.audit.query import query
     from ml_prod.settings import load_settings
     df = query(load_settings().audit_dir, "steady", include_shadow=False)
     ok = df[df.status == 200]
@@ -259,7 +259,7 @@ def ray_deployed(gcs: int, dashboard: int, num_cpus: int, config: str = "serve_c
     """A `ray start` head with Serve's flags runs Ray's own `serve deploy CONFIG`; yields the first application's
     `ml_prod serve status --profile raw` once RUNNING, and stops only what it started."""
     import uuid
-    from ml_prod.serve_spec import SERVE_ENV
+    from ml_prod.serving.spec import SERVE_ENV
     from test_multinode import MARKER, clean_env, our_processes, run_cmd, stop_processes
     marker, temp = uuid.uuid4().hex, f"/tmp/ray_sd_{uuid.uuid4().hex[:6]}"
     env = clean_env(RAY_AUTH_MODE="token", **SERVE_ENV, **{MARKER: marker})

@@ -112,7 +112,7 @@ def test_autoscaling_up_under_load_and_back_down(project):
     assert set(codes) <= {200, 503}, codes  # only answers, or Ray's defined backpressure
     # Ray's proxy sent part of the load to the new replica: the audit log has load answers from both
     cli("audit", "compact")
-    from ml_prod.audit import query
+    from ml_prod.audit.query import query
     from ml_prod.settings import load_settings
     df = query(load_settings().audit_dir, "auto", include_shadow=False)
     load_ok = df[(df.status == 200) & df.request_id.str.startswith("load-")]

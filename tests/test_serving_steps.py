@@ -134,7 +134,7 @@ def test_separate_steps_run_in_their_own_replicas(project, step_env):
 
     # every attempt has its audit record, with the outcome of its answer
     cli("audit", "compact")
-    from ml_prod.audit import query
+    from ml_prod.audit.query import query
     from ml_prod.settings import load_settings
     df = query(load_settings().audit_dir, "stepped", include_shadow=False).set_index("request_id")
     assert (df.loc["step-ok", "status"], df.loc["step-broken", "outcome"], df.loc["step-slow", "outcome"]) == (200, "error", "timeout")

@@ -18,10 +18,10 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from ml_prod import tracking
+from ml_prod.tracking import store
 from ml_prod.errors import ParameterError
 from ml_prod.settings import load_settings
-from ml_prod.tune import tune_notebook
+from ml_prod.flows.tune import tune_notebook
 
 EPOCHS = 6
 
@@ -52,7 +52,7 @@ def test_bad_space_refused_before_anything_runs(project_dir):
     with pytest.raises(ParameterError, match="seed: randint draws integers"):
         tune_notebook(nbp, project_dir / "space.yaml", settings=s)
     assert not (Path(s.state_dir) / "tune").exists()
-    c = tracking.client(s)
+    c = store.client(s)
     assert not c.search_runs([e.experiment_id for e in c.search_experiments()])
 
 
@@ -73,10 +73,10 @@ def test_asha_stops_bad_trials(ray_local, project_dir):
     print(r.summary())
     assert r.best_params == {"lr": 0.1} and r.best_metric == pytest.approx(EPOCHS)
     assert len(r.trials) == 3
-    c = tracking.client(s)
+    c = store.client(s)
     sweep = c.get_run(r.sweep_run_id)
     assert sweep.info.status == "FINISHED" and sweep.data.tags["ml_prod.best_run_id"] == r.best_run_id
-    children = tracking.client(s).search_runs([sweep.info.experiment_id], f"tags.`mlflow.parentRunId` = '{r.sweep_run_id}'")
+    children = store.client(s).search_runs([sweep.info.experiment_id], f"tags.`mlflow.parentRunId` = '{r.sweep_run_id}'")
     assert sorted(ch.info.run_id for ch in children) == sorted(t.run_id for t in r.trials)
     best = c.get_run(r.best_run_id)
     assert best.info.status == "FINISHED" and best.data.params["seed"] == "3"
@@ -126,7 +126,7 @@ def test_reused_actor_starts_each_trial_clean(ray_local, project_dir):
     r = tune_notebook(project_dir / "clean.ipynb", {"seed": {"grid": [1, 2, 3]}}, metric="score", scheduler="fifo", max_concurrent=1,
                       settings=s, progress=False)
     assert [t.status for t in r.trials] == ["FINISHED"] * 3, r.summary()
-    c = tracking.client(s)
+    c = store.client(s)
     runs = {t.params["seed"]: c.get_run(t.run_id) for t in r.trials}
     assert len({run.data.tags["ml_prod.supervisor_pid"] for run in runs.values()}) == 1  # one actor ran all three
     seen = [json.loads(line) for line in (project_dir / "seen.jsonl").read_text().splitlines()]
@@ -184,7 +184,7 @@ def test_interrupted_sweep_resumes(project_dir):
     # is still far from done, so Ctrl-C always finds a trial to interrupt (with equal trials it could finish first)
     make_notebook(project_dir / "train.ipynb", sleep="(0.4 if seed == 0 else 1.5)", log="executions.log")
     (project_dir / "space.yaml").write_text("seed: {grid: [0, 1, 2, 3]}\n")
-    c = tracking.client(s)
+    c = store.client(s)
     p = _tune_cli(project_dir, project_dir / "first.log")
     try:
         def sweep():
