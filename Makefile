@@ -65,7 +65,8 @@ check: venv
 
 test: venv
 	$(BIN)/nbdev-test $(NBDEV_TEST_FLAGS)
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	@$(PY) .ci/cells.py $(NBDEV_TEST_FLAGS)
+	$(PY) -m pytest tests $(PYTEST_ARGS) --durations=20
 
 demo: venv
 	$(BIN)/ml_prod demo

@@ -36,24 +36,11 @@ NBS, LIB, DOCS = ROOT / "nbs", ROOT / "ml_prod", ROOT / "docs"
 SITE = DOCS / "site"
 ASSETS = {".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp", ".css", ".js"}
 
-_DIRECTIVE = re.compile(r"^\s*#\s*\|\s*(.*?)\s*$")
-_KEY_VALUE = re.compile(r"([\w-]+)\s*:?\s*(.*)")
 _NUMBER = re.compile(r"^\d+[a-z]?_")
 
-
-def text(v) -> str: return "".join(v) if isinstance(v, list) else (v or "")
-
-
-def directives(source: str) -> dict[str, str]:
-    "nbdev directives of a cell: `#| hide` -> {'hide': ''}, `#| default_exp params` -> {'default_exp': 'params'}."
-    out = {}
-    for line in source.splitlines():
-        if (m := _DIRECTIVE.match(line)) and (kv := _KEY_VALUE.match(m.group(1))): out[kv.group(1)] = kv.group(2).strip()
-    return out
-
-
-def strip_directives(source: str) -> str:
-    return "\n".join(l for l in source.splitlines() if not _DIRECTIVE.match(l)).strip("\n")
+# nbdev's cell directives are parsed in one place, the README renderer (standard library only)
+sys.path.insert(0, str(ROOT / ".ci"))
+from readme import directives, strip_directives, text  # noqa: E402
 
 
 def page_name(nb: Path) -> str:

@@ -130,6 +130,32 @@ def test_fraud_pipeline_runs_then_is_fully_cached(env):
     assert "1. data [CACHED]" in shown and "3. evaluate [CACHED]  <- train, data" in shown, shown
 
 
+
+RAW = """
+name: raw
+steps:
+  count: {notebook: count.ipynb, parameters: {path: raw.csv}}
+"""
+
+
+def test_changed_input_file_reruns_the_step(env):
+    "A step is reused while the file its parameter names holds the same bytes; once the raw data changes, it runs again."
+    s, d = env
+    make_nb(d / "count.ipynb", "import ml_prod; ml_prod.report(lines=len(open(path).read().splitlines()))", params='path: str = ""  # input')
+    (d / "raw.csv").write_text("a\n1\n")
+    yml = write(d / "raw.yaml", RAW)
+    runs = [run_pipeline(yml, s, cwd=d)]
+    runs.append(run_pipeline(yml, s, cwd=d))            # the same file: reused
+    (d / "raw.csv").write_text("a\n1\n2\n")
+    runs.append(run_pipeline(yml, s, cwd=d))            # new content: runs again
+    runs.append(run_pipeline(yml, s, cwd=d))            # unchanged since: reused
+    assert [statuses(r)["count"] for r in runs] == ["FINISHED", "CACHED", "FINISHED", "CACHED"], [r.summary() for r in runs]
+    ids = [r.steps["count"].run_id for r in runs]
+    assert ids[1] == ids[0] and ids[2] != ids[0] and ids[3] == ids[2]
+    c = store.client(s)  # what each job itself computed from the file it read
+    assert [c.get_run(i).data.metrics["lines"] for i in (ids[0], ids[2])] == [2.0, 3.0]
+    assert len(child_runs(s, "ml_prod")) == 2
+
 CHAIN = """
 name: chain
 steps:

@@ -4,7 +4,6 @@ Validation uses Ray's own cluster-launcher code, in the order `ray up` runs it: 
 `ray/autoscaler/ray-schema.json`, then `prepare_config` (the local provider's node type, the
 defaults) and `validate_config` on the result.
 """
-import copy
 import json
 import re
 from pathlib import Path
@@ -13,8 +12,8 @@ import jsonschema
 import pytest
 import ray.autoscaler
 import yaml
-from ray.autoscaler._private.util import prepare_config, validate_config
 
+from ml_prod.runtime._compat import prepare_cluster_config
 from ml_prod.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,8 +32,7 @@ def test_valid_for_ray_up(config):
     # the file as written: no unknown or mistyped field. Only `min_workers` is outside the schema: the
     # local provider's prepare step (below, as in `ray up`) moves it into the node type.
     jsonschema.validate({k: v for k, v in config.items() if k != "min_workers"}, ray_schema())
-    prepared = prepare_config(copy.deepcopy(config))
-    validate_config(prepared)
+    prepared = prepare_cluster_config(config)
     node_type = prepared["available_node_types"][prepared["head_node_type"]]
     assert node_type["min_workers"] == node_type["max_workers"] == len(config["provider"]["worker_ips"])
 

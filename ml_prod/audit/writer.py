@@ -115,7 +115,7 @@ class Privacy:
         if isinstance(x, (list, tuple)): return [self.apply(v) for v in x]
         return x
 
-# %% ../../nbs/api/15_audit_writer.ipynb #17a3f39b
+# %% ../../nbs/api/15_audit_writer.ipynb #debc0fc6
 def _json_default(o):
     "JSON for values `json` does not know: numpy scalars and arrays, datetimes, anything else as text."
     if hasattr(o, "tolist"): return o.tolist()
@@ -128,6 +128,7 @@ def _write_all(fd:int, b:bytes):
     n = os.write(fd, b)
     while n < len(b): n += os.write(fd, b[n:])  # a short write (rare on a regular file): write the rest
 
+# %% ../../nbs/api/15_audit_writer.ipynb #f4016b23
 class _SegmentWriter:
     "Appends JSON lines to this replica's own segment files, rotating them by size."
     folder = "segments"

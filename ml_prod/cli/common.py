@@ -16,7 +16,7 @@ from ..errors import MlProdError, ParameterError
 from ..settings import load_settings, settings_table
 
 # %% auto #0
-__all__ = ['app', 'console', 'err', 'ProfileOpt', 'parse_size', 'gather_parameters', 'normalize_params', 'main']
+__all__ = ['app', 'console', 'err', 'ProfileOpt', 'parse_size', 'gather_parameters', 'normalize_params']
 
 # %% ../../nbs/api/90_cli_common.ipynb #2fb775bf
 app = typer.Typer(help="ml_prod: notebooks to production ML on Ray and MLflow.", no_args_is_help=True, add_completion=False)
@@ -68,11 +68,3 @@ def normalize_params(argv:list[str]) -> list[str]:
             out += [a, f"{argv[i + 1]}={argv[i + 2]}"]; i += 3
         else: out.append(a); i += 1
     return out
-
-def main():
-    "Entry point of the `ml_prod` console script."
-    import signal
-    # Ctrl-C cancels a job or sweep, even when the parent started us with SIGINT ignored (a shell's `cmd &`
-    # does that, and Python then installs no KeyboardInterrupt handler)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    app(args=normalize_params(sys.argv[1:]), prog_name="ml_prod")

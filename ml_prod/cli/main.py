@@ -13,24 +13,14 @@ import typer
 from rich.table import Table
 from ..errors import MlProdError, ParameterError
 from ..settings import load_settings, settings_table
-from .common import ProfileOpt, app, err
+from .common import ProfileOpt, app, err, normalize_params
 from .common import _fail, _settings
-from . import jobs, models, flows, serve# each registers its commands on `app`
+from . import jobs, models, flows, serve  # each registers its commands on `app`
 
 # %% auto #0
-__all__ = ['normalize_params', 'main', 'run_demo', 'serve_demo', 'demo']
+__all__ = ['main', 'tutorial_notebook', 'run_tutorial', 'demo']
 
 # %% ../../nbs/api/95_cli_main.ipynb #fe2348fc
-def normalize_params(argv:list[str]) -> list[str]:
-    "Rewrite `-p NAME VALUE` as `-p NAME=VALUE`, the form the option parser takes."
-    out, i = [], 0
-    while i < len(argv):
-        a = argv[i]
-        if a in ("-p", "--param", "-s", "--secret") and i + 2 < len(argv) and "=" not in argv[i + 1]:
-            out += [a, f"{argv[i + 1]}={argv[i + 2]}"]; i += 3
-        else: out.append(a); i += 1
-    return out
-
 def main():
     "Entry point of the `ml_prod` console script."
     import signal
@@ -40,58 +30,33 @@ def main():
     app(args=normalize_params(sys.argv[1:]), prog_name="ml_prod")
 
 # %% ../../nbs/api/95_cli_main.ipynb #8cc4e38f
-def _demo_data(s) -> Path: return Path(s.state_dir)/"demo"/"fraud_data"/"transactions.parquet"
+def tutorial_notebook() -> Path:
+    "The fraud end-to-end tutorial the package ships (its executed copy is the docs' tutorial page)."
+    from importlib.resources import files
+    return Path(str(files("ml_prod")/"examples"/"fraud"/"tutorial.ipynb"))
 
-def run_demo(s, rows:int=20_000, epochs:int=5) -> list:
-    "Generate the fraud data, then train the model, each as a tracked notebook job; returns the results."
-    import ml_prod
-    from ml_prod.jobs.submit import run_notebook
-    nbs, out = Path(ml_prod.__file__).parent/"examples"/"fraud", Path(s.state_dir)/"demo"
-    data = run_notebook(nbs/"data.ipynb", {"rows": rows, "output_path": str(_demo_data(s))}, settings=s, cwd=s.project_dir, experiment="fraud-demo")
-    train = run_notebook(nbs/"train.ipynb", {"data_path": str(_demo_data(s)), "epochs": epochs, "output_dir": str(out/"fraud_model")},
-                         settings=s, cwd=s.project_dir, experiment="fraud-demo")
-    return [data, train]
-
-def serve_demo(s, train_run:str, n:int=300) -> dict:
-    "Register the trained model as fraud-detector@champion, serve it, send `n` transactions over HTTP with their labels as feedback, and read the audit log."
-    import httpx, ml_prod, pandas as pd
-    from ml_prod.audit import query, store
-    from ml_prod.models import registry
-    from ml_prod.serving import control
-    version = registry.register(s, train_run, "fraud-detector", alias="champion", reason="ml_prod demo")
-    e = control.deploy(Path(ml_prod.__file__).parent/"examples"/"fraud"/"serve.yaml", s)["fraud"]
-    sample = pd.read_parquet(_demo_data(s)).sample(n, random_state=0)
-    labels, answers = sample.pop("is_fraud").tolist(), []
-    with httpx.Client(base_url=e["url"], timeout=30) as c:
-        for record in sample.to_dict(orient="records"):
-            r = c.post("/predict", json=record)
-            r.raise_for_status()
-            answers.append(r.json())
-        c.post("/feedback", json=[{"request_id": a["request_id"], "label": int(y)} for a, y in zip(answers, labels)]).raise_for_status()
-        bad = c.post("/predict", json={**sample.iloc[0].to_dict(), "amount": "a lot"})
-    store.compact(s.audit_dir, "fraud")
-    joined = query.join_feedback(s.audit_dir, "fraud", include_shadow=False)
-    return dict(url=e["url"], version=version, answers=answers, labels=labels, rejected=(bad.status_code, bad.json()), audited=len(joined))
+def run_tutorial(s, out:Path, **parameters) -> Path:
+    "Execute the tutorial with papermill in the project's folder, output streamed; the executed copy goes to `out`."
+    import papermill as pm
+    from ml_prod.params import notebook_schema
+    parameters = notebook_schema(tutorial_notebook()).validate(parameters)  # bad values: refused before anything runs
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try: pm.execute_notebook(str(tutorial_notebook()), str(out), parameters={**parameters, "profile": s.profile},
+                             kernel_name="python3", cwd=str(s.project_dir), log_output=True, progress_bar=False)
+    except pm.PapermillExecutionError as e:
+        raise MlProdError(f"The tutorial failed at cell {e.exec_count}: {e.ename}: {e.evalue}. The executed copy shows where: {out}") from None
+    return out
 
 @app.command()
-def demo(profile:Optional[str]=ProfileOpt, rows:int=typer.Option(20_000, help="Transactions to generate"),
-         epochs:int=typer.Option(5, help="Training epochs")):
-    "Run the fraud example end to end: synthetic data and training as tracked jobs, then the model served and queried over HTTP."
+def demo(profile:Optional[str]=ProfileOpt,
+         rows:int=typer.Option(20_000, help="Transactions to generate"),
+         epochs:int=typer.Option(5, help="Training epochs"),
+         requests:int=typer.Option(300, help="Transactions sent to the endpoint")):
+    "Run the fraud tutorial end to end: synthetic data and training as tracked jobs, then the model served and queried over HTTP."
     s = _settings(profile)
-    from ml_prod.serving.spec import SERVE_ENV
-    os.environ.update(SERVE_ENV)  # the local Ray this command starts serves with direct ingress
-    try:
-        results = run_demo(s, rows, epochs)
-        for r in results: typer.echo(r.summary())
-        typer.echo("\nServing the model (fraud-detector@champion) on Ray Serve ...")
-        d = serve_demo(s, results[1].run_id)
+    out = Path(s.state_dir)/"demo"/"fraud_end_to_end.ipynb"
+    try: run_tutorial(s, out, rows=rows, epochs=epochs, requests=requests)
     except MlProdError as e: _fail(e)
-    except KeyboardInterrupt: err.print("interrupted: the job was cancelled"); raise typer.Exit(130)
-    flagged = sum(a["decision"] == "fraud" for a in d["answers"])
-    caught = sum(a["decision"] == "fraud" and y for a, y in zip(d["answers"], d["labels"]))
-    typer.echo(f"POST {d['url']}/predict: {len(d['answers'])} transactions scored by version {d['version']}; "
-               f"{flagged} flagged as fraud, {caught} of the {sum(d['labels'])} frauds among them caught")
-    typer.echo(f"a bad record is refused with {d['rejected'][0]}: {d['rejected'][1]['errors'][0]}")
-    typer.echo(f"audit log: {d['audited']} answered requests with their ground-truth labels ({s.audit_dir}); `ml_prod audit query` shows them")
-    typer.echo("the endpoint stops with this command; `ml_prod serve up ml_prod/examples/fraud/serve.yaml` serves it until `ml_prod serve down`")
-    typer.echo(f"\nBrowse the runs: mlflow ui --backend-store-uri {s.tracking_uri}")
+    except KeyboardInterrupt: err.print("interrupted: the tutorial's jobs were cancelled"); raise typer.Exit(130)
+    typer.echo(f"\nThe executed tutorial: {out}")
+    typer.echo(f"Browse the runs: mlflow ui --backend-store-uri {s.tracking_uri}")

@@ -20,7 +20,7 @@ from .common import _fail, _settings
 __all__ = ['serve_app', 'audit_app', 'SpecArg', 'serve_up', 'serve_build', 'serve_status', 'serve_update', 'serve_rollback',
            'serve_down', 'serve_logs', 'audit_query', 'audit_compact']
 
-# %% ../../nbs/api/94_cli_serve.ipynb #bb8c4137
+# %% ../../nbs/api/94_cli_serve.ipynb #20472c3c
 serve_app = typer.Typer(help="Serving: registered models behind HTTP endpoints on Ray Serve.", no_args_is_help=True)
 audit_app = typer.Typer(help="The prediction audit log: query and compact.", no_args_is_help=True)
 app.add_typer(serve_app, name="serve"); app.add_typer(audit_app, name="audit")
@@ -61,6 +61,7 @@ def serve_build(spec:Path=SpecArg, output:Path=typer.Option(Path("serve_config.y
     console.print(f"wrote {output}")
     err.print("Set on every node before `ray start` (Ray reads them when its processes start): " + " ".join(f"{k}={v}" for k, v in SERVE_ENV.items()))
 
+# %% ../../nbs/api/94_cli_serve.ipynb #8944c89c
 @serve_app.command("status")
 def serve_status(profile:Optional[str]=ProfileOpt, as_json:bool=typer.Option(False, "--json", help="Print JSON")):
     "Applications, replicas, the model version and weight of each arm, separate steps, and refused updates."
@@ -100,6 +101,7 @@ def serve_rollback(app_name:str=typer.Argument(..., metavar="APP", help="The app
     except MlProdError as e: _fail(e)
     console.print(f"{app_name} rolled back: " + ", ".join(f"{n} {x['pinned']}" for n, x in r["arms"].items()))
 
+# %% ../../nbs/api/94_cli_serve.ipynb #3b6eaeb4
 @serve_app.command("down")
 def serve_down(app_name:Optional[str]=typer.Argument(None, metavar="[APP]", help="The application (default: all)"), profile:Optional[str]=ProfileOpt):
     "Stop an application (default: all of them)."
@@ -137,6 +139,7 @@ def audit_query(app_name:Optional[str]=typer.Option(None, "--app", help="One app
     for row in df.tail(limit)[cols].itertuples(index=False): t.add_row(*map(str, row))
     console.print(t); console.print(f"{len(df)} records")
 
+# %% ../../nbs/api/94_cli_serve.ipynb #a3138b1c
 @audit_app.command("compact")
 def audit_compact(app_name:Optional[str]=typer.Option(None, "--app", help="One application (default: all)"),
                   retention_days:Optional[float]=typer.Option(None, "--retention-days", help="Delete audit data older than this"),

@@ -14,12 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from ..errors import MlProdError, ParameterError, field_errors
 from ..settings import ResolvedSettings, load_settings
 from ..tracking import provenance, store
+from ..tracking.provenance import input_changes
+from ..tracking import tags as keys
 
 # %% auto #0
-__all__ = ['CACHE_TAG', 'PipelineError', 'StepResources', 'Step', 'Pipeline', 'pipeline_from_dict', 'load_pipeline', 'Ref',
-           'parse_ref', 'references', 'dependencies', 'find_cycle', 'topological_order', 'downstream', 'upstream',
-           'pipeline_errors', 'check_pipeline', 'StepOutput', 'resolve', 'notebook_hash', 'cache_key', 'cached_run',
-           'StepResult', 'PipelineResult', 'run_pipeline', 'render_pipeline', 'latest_pipeline_run', 'show_pipeline']
+__all__ = ['PipelineError', 'StepResources', 'Step', 'Pipeline', 'pipeline_from_dict', 'load_pipeline', 'Ref', 'parse_ref',
+           'references', 'dependencies', 'find_cycle', 'topological_order', 'downstream', 'upstream', 'pipeline_errors',
+           'check_pipeline', 'StepOutput', 'resolve', 'notebook_hash', 'cache_key', 'cached_run', 'StepResult',
+           'PipelineResult', 'run_pipeline', 'render_pipeline', 'latest_pipeline_run', 'show_pipeline']
 
 # %% ../../nbs/api/40_flows_pipelines.ipynb #e211b136
 class PipelineError(MlProdError):
@@ -284,8 +286,6 @@ def resolve(v, outputs:dict):
     return _REF.sub(lambda m: str(_lookup(parse_ref(m.group(0)), outputs)), v)
 
 # %% ../../nbs/api/40_flows_pipelines.ipynb #0b518881
-CACHE_TAG = "ml_prod.cache_key"
-
 def notebook_hash(path:str|Path) -> str:
     "sha256 of a notebook's cell types and sources (outputs and metadata do not count)."
     nb = json.loads(Path(path).read_text())
@@ -297,11 +297,12 @@ def cache_key(nb_hash:str, values:dict, upstream_runs:dict, cwd:str) -> str:
     doc = {"notebook": nb_hash, "parameters": values, "upstream": upstream_runs, "cwd": str(cwd)}
     return provenance.sha256_bytes(json.dumps(doc, sort_keys=True, default=str).encode())
 
-def cached_run(s:ResolvedSettings, experiment_id:str, key:str):
-    "The latest FINISHED run tagged with cache key `key`, or None."
-    runs = store.client(s).search_runs([experiment_id], f"tags.`{CACHE_TAG}` = '{key}' and attributes.status = 'FINISHED'",
+def cached_run(s:ResolvedSettings, experiment_id:str, key:str, values:dict|None=None, cwd:str|Path="."):
+    "The latest FINISHED run tagged with cache key `key` whose recorded input files (among `values`, relative to `cwd`) are unchanged; or None."
+    runs = store.client(s).search_runs([experiment_id], f"tags.`{keys.CACHE_KEY}` = '{key}' and attributes.status = 'FINISHED'",
                                           max_results=1, order_by=["attributes.start_time DESC"])
-    return runs[0] if runs else None
+    if not runs or input_changes(values or {}, runs[0].data.tags, cwd): return None
+    return runs[0]
 
 # %% ../../nbs/api/40_flows_pipelines.ipynb #fd30e572
 def _line(r:StepResult) -> str:
@@ -362,7 +363,7 @@ class _Run:
 
     def reuse(self, step:str, key:str, values:dict) -> bool:
         "Take the cached run of `step` as its output, if there is one."
-        run = cached_run(self.s, self.exp, key)
+        run = cached_run(self.s, self.exp, key, values, self.cwd)
         if run is None: return False
         self.outputs[step] = StepOutput(run.info.run_id, values, run)
         return True
@@ -401,25 +402,25 @@ def _reuse_upstream(r:_Run, needed:list[str], flag:str):
 # %% ../../nbs/api/40_flows_pipelines.ipynb #295a7bb9
 def _open_parent(r:_Run, source:str, options:dict):
     "The pipeline's parent MLflow run."
-    tags = {"ml_prod.pipeline": r.p.name, "ml_prod.pipeline_file": source, "ml_prod.pipeline_options": json.dumps(options),
-            "ml_prod.profile": r.s.profile, "ml_prod.cwd": r.cwd}
+    tags = {keys.PIPELINE: r.p.name, keys.PIPELINE_FILE: source, keys.PIPELINE_OPTIONS: json.dumps(options),
+            keys.PROFILE: r.s.profile, keys.CWD: r.cwd}
     r.parent = r.c.create_run(r.exp, tags=tags, run_name=f"pipeline:{r.p.name}").info.run_id
     r.c.log_text(r.parent, json.dumps(r.p.model_dump(), indent=2, default=str), "pipeline.json")
 
 def _record(r:_Run, res:StepResult):
     "Keep `res` and write it onto the parent run, as it happens."
     r.results[res.name] = res
-    tags = {"status": res.status, "run_id": res.run_id or "", "error": (res.error or "")[:4000]}
+    tags = {"status": res.status, "run_id": res.run_id or "", "error": keys.clip(res.error or "", keys.STEP_ERROR_MAX)}
     if res.status == "CACHED": tags["cached_run"] = res.run_id
     from mlflow.entities import RunTag
-    r.c.log_batch(r.parent, tags=[RunTag(f"ml_prod.step.{res.name}.{k}", v) for k, v in tags.items()])
+    r.c.log_batch(r.parent, tags=[RunTag(keys.step_key(res.name, k), v) for k, v in tags.items()])
 
 # %% ../../nbs/api/40_flows_pipelines.ipynb #fff150d5
 def _submit(r:_Run, step:str, values:dict, key:str):
     "Start `step` as a child job of the parent run."
     from ml_prod.jobs.submit import submit_notebook
     st = r.p.steps[step]
-    tags = {"mlflow.parentRunId": r.parent, "ml_prod.pipeline_step": step, CACHE_TAG: key, "ml_prod.pipeline_run": r.parent}
+    tags = {"mlflow.parentRunId": r.parent, keys.PIPELINE_STEP: step, keys.CACHE_KEY: key, keys.PIPELINE_RUN: r.parent}
     return submit_notebook(r.p.notebook_path(step), values, settings=r.s, experiment=r.p.experiment, cwd=r.cwd,
                            cpus=st.resources.cpus, gpus=st.resources.gpus, memory=st.resources.memory,
                            resources=st.resources.custom or None, timeout=st.timeout, run_name=step, tags=tags)
@@ -513,7 +514,7 @@ def latest_pipeline_run(s:ResolvedSettings, p:Pipeline):
     c = store.client(s)
     exp = c.get_experiment_by_name(p.experiment or s.experiment)
     if exp is None: return None
-    runs = c.search_runs([exp.experiment_id], f"tags.`ml_prod.pipeline` = '{p.name}'", max_results=1, order_by=["attributes.start_time DESC"])
+    runs = c.search_runs([exp.experiment_id], f"tags.`{keys.PIPELINE}` = '{p.name}'", max_results=1, order_by=["attributes.start_time DESC"])
     return runs[0] if runs else None
 
 def show_pipeline(pipeline:Pipeline|str|Path, # the pipeline, or its YAML file
@@ -526,6 +527,6 @@ def show_pipeline(pipeline:Pipeline|str|Path, # the pipeline, or its YAML file
     run = latest_pipeline_run(s, p)
     if run is None: return render_pipeline(p, header=f"pipeline {p.name}: never run")
     tags, pending = run.data.tags, "RUNNING" if run.info.status == "RUNNING" else "not run"
-    status = {n: tags.get(f"ml_prod.step.{n}.status", "PENDING" if pending == "RUNNING" else "not run") for n in p.steps}
+    status = {n: tags.get(keys.step_key(n, "status"), "PENDING" if pending == "RUNNING" else "not run") for n in p.steps}
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.info.start_time / 1000))
     return render_pipeline(p, status, f"pipeline {p.name}: latest run {run.info.run_id} {run.info.status} (started {when})")

@@ -12,9 +12,11 @@ from pathlib import Path
 from ..errors import MlProdError
 from ..settings import ResolvedSettings
 from ..tracking import provenance, store
+from ..tracking.provenance import input_changes
+from ..tracking import tags as keys
 
 # %% auto #0
-__all__ = ['ReproduceRefused', 'recorded_values', 'input_changes', 'Reproduction', 'compare_metrics', 'reproduce']
+__all__ = ['ReproduceRefused', 'recorded_values', 'Reproduction', 'compare_metrics', 'reproduce']
 
 # %% ../../nbs/api/42_flows_reproduce.ipynb #e451e602
 class ReproduceRefused(MlProdError):
@@ -29,18 +31,6 @@ def recorded_values(schema, params:dict) -> dict:
         if p.name not in params: continue
         raw = params[p.name]
         out[p.name] = raw if p.type == "str" else json.loads(raw)
-    return out
-
-# %% ../../nbs/api/42_flows_reproduce.ipynb #95225e37
-def input_changes(values:dict, tags:dict, cwd:str|Path) -> list[str]:
-    "Descriptions of the recorded inputs that changed or vanished since the run."
-    out = []
-    for name, value in values.items():
-        old = tags.get(f"ml_prod.input.{name}.sha256")
-        if old is None: continue
-        p = Path(cwd, value)
-        if not p.exists(): out.append(f"{name} = {value!r}: the file is gone")
-        elif provenance.fingerprint_path(p) != old: out.append(f"{name} = {value!r}: the content changed since the run")
     return out
 
 # %% ../../nbs/api/42_flows_reproduce.ipynb #ebe7156a
@@ -61,21 +51,21 @@ class Reproduction:
 
 def compare_metrics(a:dict, b:dict) -> dict:
     "name -> (a, b, b - a) over the metrics of both runs (heartbeats left out)."
-    names = (set(a) | set(b)) - {store.HEARTBEAT_METRIC}
+    names = (set(a) | set(b)) - {keys.HEARTBEAT}
     return {k: (a.get(k), b.get(k), b[k] - a[k] if k in a and k in b else None) for k in names}
 
 # %% ../../nbs/api/42_flows_reproduce.ipynb #32b27ef6
 def _notes(tags:dict) -> list[str]:
     "Differences between the recorded environment and this one."
     notes = []
-    old = json.loads(tags.get("ml_prod.versions", "{}"))
+    old = json.loads(tags.get(keys.VERSIONS, "{}"))
     now = provenance.package_versions(tuple(k for k in old if k != "python"))
     for k, v in old.items():
         if now.get(k) != v: notes.append(f"{k} was {v}, is {now.get(k, 'not installed')}")
     commit = tags.get("mlflow.source.git.commit")
-    here = provenance.git_state(tags.get("ml_prod.notebook", ".")) if commit else {}
+    here = provenance.git_state(tags.get(keys.NOTEBOOK, ".")) if commit else {}
     if commit and here.get("commit") != commit: notes.append(f"git commit was {commit[:12]}, is {here.get('commit', 'none')[:12]}")
-    if tags.get("ml_prod.git_dirty") == "true": notes.append("the original ran with uncommitted changes (provenance/git_diff.patch)")
+    if tags.get(keys.GIT_DIRTY) == "true": notes.append("the original ran with uncommitted changes (provenance/git_diff.patch)")
     return notes
 
 # %% ../../nbs/api/42_flows_reproduce.ipynb #f1ee89c2
@@ -89,8 +79,8 @@ def reproduce(s:ResolvedSettings, # settings of the project
     from ml_prod.jobs.submit import run_notebook
     c = store.client(s)
     run = c.get_run(run_id)
-    tags, nb_name = run.data.tags, Path(run.data.tags.get("ml_prod.notebook", "")).name
-    if tags.get(store.JOB_TAG) != "true": raise ReproduceRefused(f"run {run_id} is not an ml_prod job")
+    tags, nb_name = run.data.tags, Path(run.data.tags.get(keys.NOTEBOOK, "")).name
+    if tags.get(keys.JOB) != "true": raise ReproduceRefused(f"run {run_id} is not an ml_prod job")
     with tempfile.TemporaryDirectory() as d:
         try: nb = Path(c.download_artifacts(run_id, f"provenance/{nb_name}", d))
         except Exception: raise ReproduceRefused(f"run {run_id} has no recorded notebook (provenance/{nb_name})") from None
@@ -98,10 +88,10 @@ def reproduce(s:ResolvedSettings, # settings of the project
         values = recorded_values(schema, run.data.params)
         missing = [n for n in schema.secret_names if n not in (secrets or {})]
         if missing: raise ReproduceRefused(f"run {run_id} had secret parameters, which are never recorded; pass them again: {', '.join(missing)}")
-        cwd = tags.get("ml_prod.cwd") or str(s.project_dir)
+        cwd = tags.get(keys.CWD) or str(s.project_dir)
         if changes := input_changes(values, tags, cwd):
             raise ReproduceRefused(f"cannot reproduce run {run_id}: its inputs changed:\n  " + "\n  ".join(changes))
         result = run_notebook(nb, {**values, **(secrets or {})}, settings=s, cwd=cwd, check=False,
                               experiment=c.get_experiment(run.info.experiment_id).name,
-                              tags={"ml_prod.reproduces": run_id}, **kwargs)
+                              tags={keys.REPRODUCES: run_id}, **kwargs)
     return Reproduction(run_id, result, compare_metrics(run.data.metrics, result.metrics), _notes(tags))

@@ -12,10 +12,12 @@ from pathlib import Path
 from ..errors import MlProdError, ParameterError
 from ..settings import ResolvedSettings, load_settings
 from ..tracking import provenance, store
+from ..tracking import tags as keys
+from ..runtime import _compat
 
 # %% auto #0
-__all__ = ['DISTRIBUTIONS', 'RUN_ID_KEY', 'ATTEMPT_START_TAG', 'FINISH_WAIT_S', 'SWEEP_FILE', 'to_tune', 'check_search_space',
-           'load_space', 'make_trainable', 'ProgressTable', 'TrialResult', 'TuneResult', 'tune_notebook']
+__all__ = ['DISTRIBUTIONS', 'RUN_ID_KEY', 'FINISH_WAIT_S', 'SWEEP_FILE', 'to_tune', 'check_search_space', 'load_space',
+           'make_trainable', 'ProgressTable', 'TrialResult', 'TuneResult', 'tune_notebook']
 
 # %% ../../nbs/api/41_flows_tune.ipynb #1853a62e
 DISTRIBUTIONS = {  # name -> kind of value it draws; args as for the `ray.tune` function of that name
@@ -134,23 +136,21 @@ _trials = {}  # this actor's trials not yet ended: trial id -> _Bridge
 
 # %% ../../nbs/api/41_flows_tune.ipynb #eb552552
 def _trial_tags(s:ResolvedSettings, path:Path, nb_bytes:bytes, git:dict, sweep_run_id:str) -> dict:
-    "The tags every child run of sweep `sweep_run_id` shares (what `tracking.create_job_run` computes per job)."
-    t = {store.JOB_TAG: "true", "mlflow.source.name": str(path), "mlflow.source.type": "NOTEBOOK", "ml_prod.notebook": str(path),
-         "ml_prod.notebook_sha256": provenance.sha256_bytes(nb_bytes), "ml_prod.submitted_from": socket.gethostname(),
-         "ml_prod.profile": s.profile, "mlflow.parentRunId": sweep_run_id, "ml_prod.sweep_run_id": sweep_run_id,
-         "ml_prod.environment": f"runs:/{sweep_run_id}/provenance/requirements.txt"}
-    if git: t.update({"mlflow.source.git.commit": git["commit"], "ml_prod.git_dirty": str(git["dirty"]).lower()})
-    if git.get("dirty"): t["ml_prod.git_diff"] = f"runs:/{sweep_run_id}/provenance/git_diff.patch"
+    "The tags every child run of sweep `sweep_run_id` shares (what `store.create_job_run` computes per job)."
+    t = {keys.JOB: "true", "mlflow.source.name": str(path), "mlflow.source.type": "NOTEBOOK", keys.NOTEBOOK: str(path),
+         keys.NOTEBOOK_SHA256: provenance.sha256_bytes(nb_bytes), keys.SUBMITTED_FROM: socket.gethostname(),
+         keys.PROFILE: s.profile, "mlflow.parentRunId": sweep_run_id, keys.SWEEP_RUN_ID: sweep_run_id,
+         keys.ENVIRONMENT: f"runs:/{sweep_run_id}/provenance/requirements.txt"}
+    if git: t.update({"mlflow.source.git.commit": git["commit"], keys.GIT_DIRTY: keys.flag(git["dirty"])})
+    if git.get("dirty"): t[keys.GIT_DIFF] = f"runs:/{sweep_run_id}/provenance/git_diff.patch"
     return t
-
-ATTEMPT_START_TAG = "ml_prod.tune.attempt_start"  # unix ms when a resumed trial's latest attempt started
 
 def _recorded_reports(c, run, metric:str) -> list[dict]:
     "The reports of `run`'s latest attempt that carried `metric`, read back from its metric histories."
-    since = int(run.data.tags.get(ATTEMPT_START_TAG, 0))
+    since = int(run.data.tags.get(keys.TUNE_ATTEMPT_START, 0))
     by = {}
     for k in run.data.metrics:
-        if k == store.HEARTBEAT_METRIC: continue
+        if k == keys.HEARTBEAT: continue
         for m in c.get_metric_history(run.info.run_id, k):
             if m.timestamp >= since: by.setdefault((m.timestamp, m.step), {})[k] = m.value  # one report: one timestamp
     return [v for _, v in sorted(by.items()) if metric in v]
@@ -163,15 +163,15 @@ def _trial_run(sw:_Sweep, public:dict, trial_id:str) -> tuple[str, list|None]:
         r = old[0]
         if r.info.status == "FINISHED": return r.info.run_id, _recorded_reports(c, r, sw.metric)
         c.update_run(r.info.run_id, "RUNNING")
-        for k in ("ml_prod.error", "ml_prod.cancel_requested"):  # the last attempt's outcome, not this one's
+        for k in (keys.ERROR, keys.CANCEL_REQUESTED):  # the last attempt's outcome, not this one's
             if k in r.data.tags: c.delete_tag(r.info.run_id, k)
-        c.set_tag(r.info.run_id, ATTEMPT_START_TAG, str(int(time.time() * 1000)))
+        c.set_tag(r.info.run_id, keys.TUNE_ATTEMPT_START, keys.millis(time.time()))
         return r.info.run_id, None
     path = Path(sw.notebook)
-    tags = {**sw.run_tags, "ml_prod.tune.trial_id": trial_id, "ml_prod.versions": json.dumps(provenance.package_versions()),
-            **{f"ml_prod.input.{k}.sha256": v for k, v in provenance.input_fingerprints(public, sw.cwd).items()}}
+    tags = {**sw.run_tags, keys.TUNE_TRIAL_ID: trial_id, keys.VERSIONS: json.dumps(provenance.package_versions()),
+            **{keys.input_key(k): v for k, v in provenance.input_fingerprints(public, sw.cwd).items()}}
     run_id = c.create_run(sw.experiment_id, tags=tags, run_name=f"{path.stem}-{trial_id}").info.run_id
-    ps = [Param(k, v if isinstance(v, str) else json.dumps(v)) for k, v in public.items()]
+    ps = [Param(k, keys.param_value(v)) for k, v in public.items()]
     for i in range(0, len(ps), 100): c.log_batch(run_id, params=ps[i:i + 100])
     with tempfile.TemporaryDirectory() as d:
         (Path(d)/path.name).write_bytes(sw.nb_bytes)
@@ -251,10 +251,9 @@ def _end_trials() -> bool:
 def make_trainable(sw:_Sweep, cpus:float=1):
     "The Ray Tune trainable of the sweep `sw`, `cpus` per trial."
     from ray import tune
-    from ray.tune.trainable.function_trainable import wrap_function
     from ml_prod.flows import tune as mt  # by reference, so trial actors import the installed module (also when called from this notebook)
     def notebook_trial(config): return mt._run_trial(config, sw)
-    class NotebookTrial(wrap_function(notebook_trial)):
+    class NotebookTrial(_compat.function_trainable(notebook_trial)):
         def reset_config(self, new_config):
             ok = super().reset_config(new_config)  # releases the report Tune holds; waits up to 2 s for Tune's thread
             ended = mt._end_trials()
@@ -336,30 +335,30 @@ class TuneResult:
 # %% ../../nbs/api/41_flows_tune.ipynb #276a20cf
 def _children(c, exp:str, sweep_run_id:str, trial_id:str|None=None) -> list:
     "The child runs of the sweep (of its trial `trial_id` only, when given)."
-    flt = f"tags.`mlflow.parentRunId` = '{sweep_run_id}'" + (f" and tags.`ml_prod.tune.trial_id` = '{trial_id}'" if trial_id else "")
+    flt = f"tags.`mlflow.parentRunId` = '{sweep_run_id}'" + (f" and tags.`{keys.TUNE_TRIAL_ID}` = '{trial_id}'" if trial_id else "")
     return c.search_runs([exp], flt, max_results=10000)
 
 def _close_orphan(c, r):
     "End a child run whose trial actor vanished: kill its kernel group (this host), log its partial notebook."
     tags = r.data.tags
-    if (pgid := tags.get("ml_prod.kernel_pgid")) and tags.get("ml_prod.host") == socket.gethostname():
+    if (pgid := tags.get(keys.KERNEL_PGID)) and tags.get(keys.HOST) == socket.gethostname():
         try: os.killpg(int(pgid), signal.SIGKILL)
         except (ProcessLookupError, PermissionError, ValueError): pass
-    out = Path(tags.get("ml_prod.output_dir", ""), Path(tags.get("ml_prod.notebook", "x")).name)
-    if tags.get("ml_prod.output_dir") and out.is_file(): c.log_artifact(r.info.run_id, str(out))
+    out = Path(tags.get(keys.OUTPUT_DIR, ""), Path(tags.get(keys.NOTEBOOK, "x")).name)
+    if tags.get(keys.OUTPUT_DIR) and out.is_file(): c.log_artifact(r.info.run_id, str(out))
     store.fail_run(c, r.info.run_id, "the trial's Ray actor ended before its supervisor recorded the outcome; its kernel was killed")
 
 def _trial_results(c, exp:str, sweep_run_id:str, grid, metric:str) -> list[TrialResult]:
     runs = {}
     for r in _children(c, exp, sweep_run_id):
         if r.info.status == "RUNNING": _close_orphan(c, r); r = c.get_run(r.info.run_id)
-        runs[r.data.tags.get("ml_prod.tune.trial_id")] = r
+        runs[r.data.tags.get(keys.TUNE_TRIAL_ID)] = r
     out = []
     for res in grid:
         m = res.metrics or {}
         tid = m.get("trial_id") or _trial_id_from_path(res.path)
         r = runs.get(tid)
-        err = (r.data.tags.get("ml_prod.error") if r else None) or (str(res.error).splitlines()[0][:300] if res.error else None)
+        err = (r.data.tags.get(keys.ERROR) if r else None) or (str(res.error).splitlines()[0][:300] if res.error else None)
         out.append(TrialResult(tid, dict(res.config or {}), r.info.status if r else ("FAILED" if res.error else "RUNNING"),
                                int(m.get("training_iteration", 0) or 0), m.get(metric), r.info.run_id if r else m.get(RUN_ID_KEY), err))
     return out
@@ -421,10 +420,10 @@ def _open_sweep(s, exp, path:Path, nb_bytes:bytes, d:Path, record:dict, resume:b
         _check_resume(old, record, d, path.name)
         run = c.get_run(old["sweep_run_id"])
         c.update_run(old["sweep_run_id"], "RUNNING")
-        c.set_tag(old["sweep_run_id"], "ml_prod.tune.resumes", str(int(run.data.tags.get("ml_prod.tune.resumes", "0")) + 1))
+        c.set_tag(old["sweep_run_id"], keys.TUNE_RESUMES, str(int(run.data.tags.get(keys.TUNE_RESUMES, "0")) + 1))
         return old["sweep_run_id"]
-    tags = {"ml_prod.sweep": "true", "ml_prod.notebook": str(path), "mlflow.source.name": str(path),
-            "ml_prod.notebook_sha256": record["notebook_sha256"], "ml_prod.tune.path": str(d), "ml_prod.profile": s.profile}
+    tags = {keys.SWEEP: "true", keys.NOTEBOOK: str(path), "mlflow.source.name": str(path),
+            keys.NOTEBOOK_SHA256: record["notebook_sha256"], keys.TUNE_PATH: str(d), keys.PROFILE: s.profile}
     run = c.create_run(exp, tags=tags, run_name=f"tune-{path.stem}")
     c.log_dict(run.info.run_id, {k: record[k] for k in ("space", "fixed", "metric", "mode", "samples", "scheduler")}, "sweep.json")
     for k in ("metric", "mode", "samples", "scheduler"): c.log_param(run.info.run_id, k, record[k])
@@ -436,8 +435,8 @@ def _open_sweep(s, exp, path:Path, nb_bytes:bytes, d:Path, record:dict, resume:b
 def _close_sweep(s, sweep_run_id:str, best:TrialResult|None, metric:str, interrupted:bool):
     c = store.client(s)
     if best:
-        c.set_tag(sweep_run_id, "ml_prod.best_run_id", best.run_id or "")
-        c.set_tag(sweep_run_id, "ml_prod.best_params", json.dumps(best.params, default=str))
+        c.set_tag(sweep_run_id, keys.BEST_RUN_ID, best.run_id or "")
+        c.set_tag(sweep_run_id, keys.BEST_PARAMS, json.dumps(best.params, default=str))
         c.log_metric(sweep_run_id, f"best_{metric}", best.metric)
     c.set_terminated(sweep_run_id, "KILLED" if interrupted else ("FINISHED" if best else "FAILED"))
 
@@ -447,6 +446,29 @@ def _abort_sweep(s, exp:str, sweep_run_id:str, status:str):
     for r in _children(c, exp, sweep_run_id):
         if r.info.status == "RUNNING": _close_orphan(c, r)
     c.set_terminated(sweep_run_id, status)
+
+# %% ../../nbs/api/41_flows_tune.ipynb #ad443b47
+def _sweep_inputs(notebook, space, fixed_parameters:dict|None) -> tuple:
+    "The notebook's path and bytes, its schema, the search space as given and as Tune's objects, and the validated fixed values."
+    import nbformat
+    from ml_prod.jobs.submit import _load_notebook
+    from ml_prod.params import notebook_schema
+    path, nb_bytes = _load_notebook(notebook)
+    nb = nbformat.reads(nb_bytes.decode(), as_version=4)
+    schema = notebook_schema(nb, path.name)
+    raw = load_space(space, nb)
+    param_space = check_search_space(schema, raw)
+    if both := sorted(set(raw) & set(fixed_parameters or {})): raise ParameterError(f"{', '.join(both)}: both in the search space and fixed")
+    fixed = schema.validate(fixed_parameters or {})
+    for n in raw: fixed.pop(n, None)
+    return path, nb_bytes, schema, raw, param_space, fixed
+
+def _tuner(trainable, d:Path, resume:bool, param_space:dict, callbacks:list, tune_config):
+    "Tune's `Tuner` for the sweep in folder `d`: restored from it when resuming an unfinished sweep, else a new one."
+    from ray import tune
+    if resume and tune.Tuner.can_restore(str(d)): return tune.Tuner.restore(str(d), trainable, resume_unfinished=True)
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
+                      run_config=tune.RunConfig(name=d.name, storage_path=str(d.parent), verbose=0, callbacks=callbacks))
 
 # %% ../../nbs/api/41_flows_tune.ipynb #62375409
 def tune_notebook(notebook:str|Path, # the job notebook to tune
@@ -474,21 +496,11 @@ def tune_notebook(notebook:str|Path, # the job notebook to tune
                   reuse_actors:bool=True, # run the next trial in a finished trial's actor (False: a fresh actor per trial)
                  ) -> TuneResult:
     "Tune a notebook's parameters with Ray Tune; every trial is a notebook job and a child run of the sweep's run."
-    import nbformat
     from ray import tune
-    from ml_prod.jobs.submit import _load_notebook
-    from ml_prod.params import notebook_schema
     from ml_prod.runtime.cluster import connect
     if mode not in ("max", "min"): raise MlProdError(f"mode must be 'max' or 'min', got {mode!r}")
     s = settings or load_settings(profile)
-    path, nb_bytes = _load_notebook(notebook)
-    nb = nbformat.reads(nb_bytes.decode(), as_version=4)
-    schema = notebook_schema(nb, path.name)
-    raw = load_space(space, nb)
-    param_space = check_search_space(schema, raw)
-    if both := sorted(set(raw) & set(fixed_parameters or {})): raise ParameterError(f"{', '.join(both)}: both in the search space and fixed")
-    fixed = schema.validate(fixed_parameters or {})
-    for n in raw: fixed.pop(n, None)
+    path, nb_bytes, schema, raw, param_space, fixed = _sweep_inputs(notebook, space, fixed_parameters)
     sched = _scheduler(scheduler, grace_period, max_t, reduction_factor)
     exp = store.ensure_experiment(s, experiment)
     d = _sweep_dir(s, path.stem, name, resume)
@@ -502,13 +514,9 @@ def tune_notebook(notebook:str|Path, # the job notebook to tune
     trainable = make_trainable(sw, cpus)
     connect(s)
     callbacks = [ProgressTable(metric, mode, progress if not isinstance(progress, bool) else 5.0)] if progress else []
-    if resume and tune.Tuner.can_restore(str(d)):
-        tuner = tune.Tuner.restore(str(d), trainable, resume_unfinished=True)
-    else:
-        tuner = tune.Tuner(trainable, param_space=param_space,
-                           tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=samples, scheduler=sched,
-                                                       max_concurrent_trials=max_concurrent, reuse_actors=reuse_actors),
-                           run_config=tune.RunConfig(name=d.name, storage_path=str(d.parent), verbose=0, callbacks=callbacks))
+    tuner = _tuner(trainable, d, resume, param_space, callbacks,
+                   tune.TuneConfig(metric=metric, mode=mode, num_samples=samples, scheduler=sched,
+                                   max_concurrent_trials=max_concurrent, reuse_actors=reuse_actors))
     try: grid = tuner.fit()
     except BaseException as e:  # a second Ctrl-C, or Tune itself failed
         _abort_sweep(s, exp, sweep_run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"); raise

@@ -12,6 +12,7 @@ from pathlib import Path
 from ..errors import JobFailed, MlProdError
 from ..settings import ResolvedSettings, load_settings
 from ..tracking import store
+from ..tracking import tags as keys
 import os, signal, socket
 
 # %% auto #0
@@ -43,11 +44,11 @@ class JobResult:
 def job_result(s:ResolvedSettings, run_id:str) -> JobResult:
     "The result of job `run_id`, read back from MLflow."
     r = store.client(s).get_run(run_id)
-    nb = r.data.tags.get("ml_prod.notebook", "")
+    nb = r.data.tags.get(keys.NOTEBOOK, "")
     end = r.info.end_time or time.time() * 1000
-    return JobResult(run_id, Path(nb).name, r.info.status, r.data.tags.get("ml_prod.error"),
+    return JobResult(run_id, Path(nb).name, r.info.status, r.data.tags.get(keys.ERROR),
                      f"{r.info.artifact_uri}/{Path(nb).name}",
-                     {k: v for k, v in r.data.metrics.items() if k != store.HEARTBEAT_METRIC},
+                     {k: v for k, v in r.data.metrics.items() if k != keys.HEARTBEAT},
                      (end - r.info.start_time) / 1000)
 
 # %% ../../nbs/api/22_jobs_query.ipynb #a2745c2d
@@ -56,7 +57,7 @@ def list_jobs(s:ResolvedSettings, limit:int=20, status:str|None=None) -> list[Jo
     store.reap_stale_jobs(s)
     c = store.client(s)
     exps = [e.experiment_id for e in c.search_experiments()]
-    flt = f"tags.`{store.JOB_TAG}` = 'true'" + (f" and attributes.status = '{status.upper()}'" if status else "")
+    flt = f"tags.`{keys.JOB}` = 'true'" + (f" and attributes.status = '{status.upper()}'" if status else "")
     runs = c.search_runs(exps, flt, max_results=limit, order_by=["attributes.start_time DESC"]) if exps else []
     return [job_result(s, r.info.run_id) for r in runs]
 
@@ -64,7 +65,7 @@ def job_log(s:ResolvedSettings, run_id:str) -> str:
     "The job's captured cell output: from the run's artifacts, or live from this node while it runs."
     c = store.client(s)
     r = c.get_run(run_id)
-    local = Path(r.data.tags.get("ml_prod.output_dir", ""), "job.log")
+    local = Path(r.data.tags.get(keys.OUTPUT_DIR, ""), "job.log")
     if r.info.status == "RUNNING" and local.is_file(): return local.read_text()
     import mlflow.artifacts
     try: return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="job.log", tracking_uri=s.tracking_uri)).read_text()
@@ -75,9 +76,9 @@ def cancel_job(s:ResolvedSettings, run_id:str) -> bool:
     c = store.client(s)
     r = c.get_run(run_id)
     if r.info.status != "RUNNING": return False
-    c.set_tag(run_id, "ml_prod.cancel_requested", "true")
-    pgid = r.data.tags.get("ml_prod.kernel_pgid")
-    if pgid and r.data.tags.get("ml_prod.host") == socket.gethostname():
+    c.set_tag(run_id, keys.CANCEL_REQUESTED, "true")
+    pgid = r.data.tags.get(keys.KERNEL_PGID)
+    if pgid and r.data.tags.get(keys.HOST) == socket.gethostname():
         try: os.killpg(int(pgid), signal.SIGKILL)
         except (ProcessLookupError, PermissionError): pass
     return True

@@ -11,9 +11,11 @@ from pathlib import Path
 from ..errors import JobFailed, MlProdError
 from ..settings import ResolvedSettings, load_settings
 from ..tracking import store
+from ..tracking import tags as keys
 from .supervisor import JobSpec, supervise
 from .query import JobResult, job_result
 from dataclasses import dataclass, field
+from ..runtime import _compat
 
 # %% auto #0
 __all__ = ['JobHandle', 'submit_notebook', 'run_notebook', 'run_notebooks']
@@ -45,7 +47,7 @@ class JobHandle:
     def cancel(self):
         "Stop the job: its kernel's process group is killed and the run ends KILLED."
         import ray
-        store.client(self.settings).set_tag(self.run_id, "ml_prod.cancel_requested", "true")
+        store.client(self.settings).set_tag(self.run_id, keys.CANCEL_REQUESTED, "true")
         ray.cancel(self.ref)
 
 def _close_if_running(s, run_id, reason, status="FAILED"):
@@ -68,7 +70,7 @@ def _task_options(s, cpus, gpus, memory, resources, runtime_env, max_retries, na
     if runtime_env: opts["runtime_env"] = dict(runtime_env)
     return opts
 
-# %% ../../nbs/api/23_jobs_submit.ipynb #296ed953
+# %% ../../nbs/api/23_jobs_submit.ipynb #f14fa7d3
 _remote = None
 
 def _remote_supervise():
@@ -93,9 +95,10 @@ def _start_detached(spec:JobSpec, opts:dict):
     actor = ray.remote(submit._DetachedJob).options(name=f"ml_prod-job-{spec.run_id}", lifetime="detached", max_restarts=0, **opts).remote()
     # The `run` call is held by this process until the actor is up: a caller that exits at once (`ml_prod run --detach`)
     # would take it along while the actor's worker still starts (slower with a runtime environment). Send it to a live actor.
-    ray.get(actor.__ray_ready__.remote())
+    _compat.wait_actor_ready(actor)
     return actor.run.remote(spec)
 
+# %% ../../nbs/api/23_jobs_submit.ipynb #a3359836
 def submit_notebook(notebook:str|Path, # the .ipynb to run
                     parameters:dict|None=None, # parameter values, checked against the notebook's schema
                     *,
@@ -127,9 +130,9 @@ def submit_notebook(notebook:str|Path, # the .ipynb to run
     values = schema.validate(parameters or {})
     cwd = str(Path(cwd or Path.cwd()).resolve())
     exp = store.ensure_experiment(s, experiment)
-    job_tags = {"ml_prod.resources": json.dumps(dict(cpus=cpus, gpus=gpus, memory=memory, custom=resources or {})),
-                "ml_prod.runtime_env": json.dumps(runtime_env or {}), "ml_prod.detached": str(detach).lower(), "ml_prod.cwd": cwd}
-    if schema.secret_names: job_tags["ml_prod.secret_params"] = ",".join(schema.secret_names)
+    job_tags = {keys.RESOURCES: json.dumps(dict(cpus=cpus, gpus=gpus, memory=memory, custom=resources or {})),
+                keys.RUNTIME_ENV: json.dumps(runtime_env or {}), keys.DETACHED: keys.flag(detach), keys.CWD: cwd}
+    if schema.secret_names: job_tags[keys.SECRET_PARAMS] = ",".join(schema.secret_names)
     run_id = store.create_job_run(s, exp, path, nb_bytes, schema.public(values), {**job_tags, **(tags or {})}, cwd, run_name)
     spec = JobSpec(run_id, str(path), nb_bytes.decode(), values, s.tracking_uri, s.registry_uri, exp, str(s.outputs_dir),
                    cwd, timeout, cell_timeout, s.job_heartbeat_s)

@@ -12,6 +12,7 @@ from pathlib import Path
 from ..errors import JobFailed, MlProdError
 from ..settings import ResolvedSettings, load_settings
 from ..tracking import store
+from ..tracking import tags as keys
 from ..report import REPORT_FILE_ENV, ReportReader
 from .kernel import Kernel, _base_env, _boot_spare, acquire_kernel, describe_failure
 from .kernel import _execute, _add_banner, _failed_cell
@@ -57,14 +58,14 @@ def _cwd(spec:JobSpec) -> str:
 def _start_attempt(c, spec:JobSpec, attempt_dir:Path) -> int:
     "Record a new attempt of the job on this node; returns its number."
     from mlflow.entities import RunTag
-    attempt = int(c.get_run(spec.run_id).data.tags.get("ml_prod.attempts", "0")) + 1
+    attempt = int(c.get_run(spec.run_id).data.tags.get(keys.ATTEMPTS, "0")) + 1
     node = os.environ.get("RAY_NODE_ID", "")
     try:
         import ray
         if ray.is_initialized(): node = ray.get_runtime_context().get_node_id()
     except Exception: pass
-    tags = {"ml_prod.attempts": attempt, "ml_prod.host": socket.gethostname(), "ml_prod.ray_node": node,
-            "ml_prod.supervisor_pid": os.getpid(), "ml_prod.output_dir": str(attempt_dir)}
+    tags = {keys.ATTEMPTS: attempt, keys.HOST: socket.gethostname(), keys.RAY_NODE: node,
+            keys.SUPERVISOR_PID: os.getpid(), keys.OUTPUT_DIR: str(attempt_dir)}
     c.log_batch(spec.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
     return attempt
 
@@ -93,13 +94,13 @@ def _watch(c, spec:JobSpec, kernel:Kernel, thread:threading.Thread, reports:Repo
             if now >= next_beat:
                 store.beat(c, spec.run_id)
                 next_beat = now + spec.heartbeat_s
-                if c.get_run(spec.run_id).data.tags.get("ml_prod.cancel_requested"):
+                if c.get_run(spec.run_id).data.tags.get(keys.CANCEL_REQUESTED):
                     kernel.kill(); thread.join(30); return "cancelled"
             if deadline and now > deadline:
                 kernel.kill(); thread.join(30); return f"timed out after {spec.timeout:g} s (job timeout)"
     except KeyboardInterrupt:  # ray.cancel, or Ctrl-C when supervising in-process
         kernel.kill(); thread.join(30); return "cancelled"
-    if kernel.exit_code is not None and c.get_run(spec.run_id).data.tags.get("ml_prod.cancel_requested"):
+    if kernel.exit_code is not None and c.get_run(spec.run_id).data.tags.get(keys.CANCEL_REQUESTED):
         return "cancelled"  # `jobs cancel` killed the kernel directly
     return None
 
@@ -122,7 +123,7 @@ def supervise(spec:JobSpec,
     reports = ReportReader(out_dir/"reports.jsonl")
     reports.path.unlink(missing_ok=True)  # an earlier attempt's reports (same run, same folder) are not this one's
     with open(log_path, "w") as log, acquire_kernel(_kernel_env(spec, secret_env, reports.path), _cwd(spec)) as kernel:
-        c.set_tag(spec.run_id, "ml_prod.kernel_pgid", str(kernel.pid))
+        c.set_tag(spec.run_id, keys.KERNEL_PGID, str(kernel.pid))
         if boot_spare == "ahead": _boot_spare()  # the next job's kernel boots while this one runs
         t = threading.Thread(target=_execute, args=(nb, out_path, kernel, spec.cell_timeout, log, outcome), daemon=True)
         t.start()
@@ -152,6 +153,6 @@ def _finish(c, spec:JobSpec, error, reason:str|None, out_path:Path, log_path:Pat
     if reason: _add_banner(out_path, f"this job {status}: {msg}")
     for p in (out_path, log_path):
         if p.exists(): c.log_artifact(spec.run_id, str(p))
-    if msg: c.set_tag(spec.run_id, "ml_prod.error", msg[:5000])
+    if msg: c.set_tag(spec.run_id, keys.ERROR, keys.clip(msg))
     c.set_terminated(spec.run_id, status)
     return dict(status=status, error=msg, attempt=attempt, output_path=str(out_path))

@@ -11,6 +11,7 @@ from importlib.resources import files
 from ..errors import MlProdError, ParameterError
 from ..settings import ResolvedSettings
 from ..tracking import store
+from ..tracking import tags as keys
 from .registry import AliasEvent, PromotionRefused, REFUSED, RegistryError, _alias_lock, _alias_version, _move, _now, _q, default_actor, record_event
 import uuid
 
@@ -31,7 +32,7 @@ def evaluate_versions(s, name:str, versions:dict[str, int], data_path:str, noteb
     "Run the evaluation notebook on each alias's version concurrently; `{alias: JobResult}`."
     from ml_prod.jobs.submit import submit_notebook
     hs = {a: submit_notebook(notebook, _evaluation_params(notebook, s, name, v, data_path, parameters), settings=s,
-                             tags={"ml_prod.model": name, "ml_prod.version": str(v), "ml_prod.alias": a, "ml_prod.purpose": "promotion_guard"})
+                             tags={keys.MODEL: name, keys.VERSION: str(v), keys.ALIAS: a, keys.PURPOSE: "promotion_guard"})
           for a, v in versions.items()}
     return {a: _checked(h.wait()) for a, h in hs.items()}
 

@@ -16,11 +16,12 @@ from pathlib import Path
 from ..errors import MlProdError, ParameterError
 from ..settings import ResolvedSettings
 from ..tracking import store
+from ..tracking import tags as keys
 
 # %% auto #0
-__all__ = ['retries', 'EVENTS_EXPERIMENT', 'REG_TAG', 'MOVE', 'REFUSED', 'RegistryError', 'PromotionRefused', 'default_actor',
-           'model_source', 'AliasEvent', 'record_event', 'alias_history', 'set_alias', 'register', 'version_at',
-           'rollback', 'list_models', 'show_model']
+__all__ = ['retries', 'MOVE', 'REFUSED', 'RegistryError', 'PromotionRefused', 'default_actor', 'model_source', 'AliasEvent',
+           'record_event', 'alias_history', 'set_alias', 'register', 'version_at', 'rollback', 'list_models',
+           'show_model']
 
 # %% ../../nbs/api/30_models_registry.ipynb #42595beb
 class RegistryError(MlProdError):
@@ -48,9 +49,6 @@ def _retry(fn, *args, attempts:int=10, base:float=0.05, **kwargs):
             time.sleep(min(base * 2**i, 5) * (0.5 + random.random()))
 
 # %% ../../nbs/api/30_models_registry.ipynb #c127732d
-EVENTS_EXPERIMENT = "ml_prod.registry_events" # the experiment holding alias events, one run each
-REG_TAG = "ml_prod.registration"             # unique key of one `register` call, on its version
-
 def default_actor() -> str:
     "Who is acting: `user@host`."
     return f"{getpass.getuser()}@{socket.gethostname()}"
@@ -88,7 +86,7 @@ def _q(v:str) -> str: return v.replace("'", "\\'")
 def _find_registration(c, name:str, run_id:str, key:str):
     "The version an earlier attempt of this `register` call created, if any."
     vs = c.search_model_versions(f"name = '{_q(name)}' and run_id = '{run_id}'")
-    return next((v for v in vs if v.tags.get(REG_TAG) == key), None)
+    return next((v for v in vs if v.tags.get(keys.REGISTRATION) == key), None)
 
 # %% ../../nbs/api/30_models_registry.ipynb #894a91ac
 def _create_version(c, name:str, source:str, run_id:str, model_id:str|None, tags:dict):
@@ -96,7 +94,7 @@ def _create_version(c, name:str, source:str, run_id:str, model_id:str|None, tags
     key = uuid.uuid4().hex
     def attempt():
         if (v := _find_registration(c, name, run_id, key)) is not None: return v
-        return c.create_model_version(name, source, run_id=run_id, tags={**tags, REG_TAG: key},
+        return c.create_model_version(name, source, run_id=run_id, tags={**tags, keys.REGISTRATION: key},
                                       await_creation_for=0, model_id=model_id)
     return _retry(attempt)
 
@@ -132,12 +130,12 @@ class AliasEvent:
 # %% ../../nbs/api/30_models_registry.ipynb #20d15d3b
 def _tags(e:AliasEvent) -> dict[str, str]:
     t = dict(event=e.kind, model=e.model, alias=e.alias, from_version="" if e.from_version is None else str(e.from_version),
-             to_version=str(e.to_version), time=f"{e.time:.6f}", actor=e.actor, reason=e.reason[:5000], action=e.action,
+             to_version=str(e.to_version), time=keys.seconds(e.time), actor=e.actor, reason=keys.clip(e.reason), action=e.action,
              evaluation_run=e.evaluation_run or "", **{k: str(v) for k, v in e.details.items()})
-    return {f"ml_prod.{k}": v for k, v in t.items()}
+    return keys.prefixed(t)
 
 def _event(run) -> AliasEvent:
-    t = {k[len("ml_prod."):]: v for k, v in run.data.tags.items() if k.startswith("ml_prod.")}
+    t = keys.unprefixed(run.data.tags)
     return AliasEvent(t["model"], t["alias"], int(t["from_version"]) if t["from_version"] else None, int(t["to_version"]),
                       float(t["time"]), t["actor"], t.get("reason", ""), t.get("action", "set"), t.get("evaluation_run") or None,
                       {k: t[k] for k in _DETAILS if k in t}, t["event"], run.info.run_id)
@@ -145,7 +143,7 @@ def _event(run) -> AliasEvent:
 # %% ../../nbs/api/30_models_registry.ipynb #c524aa86
 def record_event(s:ResolvedSettings, e:AliasEvent) -> AliasEvent:
     "Append `e` to the event log (one new MLflow run); returns it with its `event_id`."
-    c, exp = store.client(s), _retry(store.ensure_experiment, s, EVENTS_EXPERIMENT)
+    c, exp = store.client(s), _retry(store.ensure_experiment, s, keys.REGISTRY_EVENTS_EXPERIMENT)
     name = f"{e.model}@{e.alias} {e.from_version or '-'}->{e.to_version}"
     run = _retry(c.create_run, exp, start_time=int(e.time * 1000), tags={**_tags(e), "mlflow.runName": name})
     _retry(c.set_terminated, run.info.run_id, "FINISHED", end_time=int(e.time * 1000))
@@ -162,9 +160,9 @@ def _search_all(c, exp:str, flt:str) -> list:
 def alias_history(s:ResolvedSettings, name:str, alias:str|None=None, refusals:bool=False) -> list[AliasEvent]:
     "The alias events of model `name` (one alias, or all), oldest first; refused promotions only if `refusals`."
     c = store.client(s)
-    exp = c.get_experiment_by_name(EVENTS_EXPERIMENT)
+    exp = c.get_experiment_by_name(keys.REGISTRY_EVENTS_EXPERIMENT)
     if exp is None: return []
-    flt = f"tags.`ml_prod.model` = '{_q(name)}'" + (f" and tags.`ml_prod.alias` = '{_q(alias)}'" if alias else "")
+    flt = f"tags.`{keys.MODEL}` = '{_q(name)}'" + (f" and tags.`{keys.ALIAS}` = '{_q(alias)}'" if alias else "")
     evs = [_event(r) for r in _search_all(c, exp.experiment_id, flt)]
     return sorted((e for e in evs if refusals or e.kind == MOVE), key=lambda e: (e.time, e.event_id))
 
@@ -193,7 +191,7 @@ def _check_version(c, name:str, version:int):
     except MlflowException: raise RegistryError(f"model {name!r} has no version {version}") from None
 
 # %% ../../nbs/api/30_models_registry.ipynb #ac8c59da
-def _now() -> float: return round(time.time(), 6)  # what the `ml_prod.time` tag keeps, exactly
+def _now() -> float: return round(time.time(), 6)  # what the TIME tag keeps, exactly (`keys.seconds`)
 
 def _move(s, c, name:str, alias:str, version:int, reason:str, actor:str|None, evaluation_run:str|None=None,
           action:str="set", details:dict|None=None, expect_from=...) -> AliasEvent:
@@ -231,7 +229,7 @@ def register(s:ResolvedSettings,
     source, model_id = model_source(c, _get_run(c, run_id))
     _ensure_registered_model(c, name)
     actor = actor or default_actor()
-    v = int(_create_version(c, name, source, run_id, model_id, {"ml_prod.registered_by": actor, "ml_prod.reason": reason[:5000]}).version)
+    v = int(_create_version(c, name, source, run_id, model_id, {keys.REGISTERED_BY: actor, keys.REASON: keys.clip(reason)}).version)
     if alias:
         with _alias_lock(s, name): _move(s, c, name, alias, v, reason, actor, action="register")
     return v
@@ -283,7 +281,7 @@ def list_models(s:ResolvedSettings) -> list[dict]:
 # %% ../../nbs/api/30_models_registry.ipynb #80fef900
 def _metrics(c, run_id:str|None) -> dict:
     if not run_id: return {}
-    try: return {k: v for k, v in c.get_run(run_id).data.metrics.items() if not k.startswith("ml_prod.")}
+    try: return {k: v for k, v in c.get_run(run_id).data.metrics.items() if not k.startswith(keys.PREFIX)}
     except Exception: return {}
 
 def show_model(s:ResolvedSettings, name:str) -> dict:

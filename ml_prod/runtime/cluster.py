@@ -12,6 +12,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from ..errors import MlProdError
 from ..settings import ResolvedSettings, load_settings
+from . import _compat  # Ray's private parts; loads no Ray until a hook runs
 
 # %% auto #0
 __all__ = ['CLUSTER_FILE', 'NAMESPACE', 'LOOPBACK_FLAG', 'LOOPBACK_HOOK', 'loopback_only', 'is_loopback_ip', 'loopback_hook',
@@ -57,43 +58,11 @@ def _loopback_address(address:str) -> str:
     host, sep, port = address.rpartition(":")
     return f"127.0.0.1:{port}" if sep and host in ("[::]", "0.0.0.0", "*", "") else address
 
-# %% ../../nbs/api/11_runtime_cluster.ipynb #7110d0f3
-_HAPROXY_TEMPLATES = "ray.serve._private.haproxy_templates"
-_HAPROXY_BINDS = {"bind :{{ config.metrics_port }}": "bind 127.0.0.1:{{ config.metrics_port }}",
-                  "bind *:{{ config.stats_port }}": "bind 127.0.0.1:{{ config.stats_port }}"}
-
-def _loopback_haproxy(mod):
-    "Serve's HAProxy config template with its stats and Prometheus pages on 127.0.0.1."
-    for old, new in _HAPROXY_BINDS.items(): mod.HAPROXY_CONFIG_TEMPLATE = mod.HAPROXY_CONFIG_TEMPLATE.replace(old, new)
-    if h := sys.modules.get("ray.serve._private.haproxy"): h.HAPROXY_CONFIG_TEMPLATE = mod.HAPROXY_CONFIG_TEMPLATE
-
-class _AfterImport:
-    "A `sys.meta_path` finder that calls `patch(module)` once module `name` has run, so nothing is imported just to patch it."
-    def __init__(self, name:str, patch): self.name, self.patch = name, patch
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname != self.name: return None
-        sys.meta_path.remove(self)
-        from importlib.util import find_spec
-        spec = find_spec(fullname)
-        if spec is None or spec.loader is None: return spec
-        run = spec.loader.exec_module
-        def exec_module(module): run(module); self.patch(module)
-        spec.loader.exec_module = exec_module
-        return spec
-
 # %% ../../nbs/api/11_runtime_cluster.ipynb #2109cd90
 def loopback_hook():
     "Ray worker setup hook of the embedded profile: Serve's listeners that ignore the node address bind 127.0.0.1."
     try:
-        import ray._common.tls_utils as tls
-        if getattr(tls.add_port_to_grpc_server, "ml_prod_loopback", False): return
-        add = tls.add_port_to_grpc_server
-        def add_port_to_grpc_server(server, address): return add(server, _loopback_address(address))
-        add_port_to_grpc_server.ml_prod_loopback = True
-        tls.add_port_to_grpc_server = add_port_to_grpc_server  # replica.py imports it by name when Serve loads
-        if r := sys.modules.get("ray.serve._private.replica"): r.add_port_to_grpc_server = add_port_to_grpc_server
-        if t := sys.modules.get(_HAPROXY_TEMPLATES): _loopback_haproxy(t)
-        else: sys.meta_path.insert(0, _AfterImport(_HAPROXY_TEMPLATES, _loopback_haproxy))
+        _compat.loopback_serve_listeners(_loopback_address)
     except Exception as e:  # a failing setup hook stops every worker from starting: warn, never raise
         print(f"ml_prod.runtime.cluster.loopback_hook: could not keep Serve's listeners on 127.0.0.1: {e!r}", file=sys.stderr)
 
@@ -102,22 +71,18 @@ def loopback_hook():
 def _loopback_node(on:bool=True):
     "While Ray starts or joins a cluster, its node address is 127.0.0.1 (processes started meanwhile inherit the flag); restored after."
     if not on: yield; return
-    from ray._private import ray_constants
-    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
-        import ray
-        raise MlProdError(f"Ray {ray.__version__} has no ray._private.ray_constants.ENABLE_RAY_CLUSTER, so ml_prod cannot keep the embedded profile's Ray on 127.0.0.1; install the Ray version ml_prod pins.")
-    env, value = os.environ.get(LOOPBACK_FLAG), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[LOOPBACK_FLAG], ray_constants.ENABLE_RAY_CLUSTER = "0", False  # the module value: `ray` may be imported already
-    try: yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = value
-        if env is None: os.environ.pop(LOOPBACK_FLAG, None)
-        else: os.environ[LOOPBACK_FLAG] = env
+    with _compat.ray_cluster_disabled():  # the module value: `ray` may be imported already
+        env = os.environ.get(LOOPBACK_FLAG)
+        os.environ[LOOPBACK_FLAG] = "0"
+        try: yield
+        finally:
+            if env is None: os.environ.pop(LOOPBACK_FLAG, None)
+            else: os.environ[LOOPBACK_FLAG] = env
 
 def _check_loopback_node(s:ResolvedSettings):
     "Disconnect and raise if the Ray this driver started or joined for an embedded profile has a non-loopback node address."
     import ray
-    ip = ray._private.worker.global_worker.node.node_ip_address
+    ip = _compat.node_ip_address()
     if is_loopback_ip(ip): return
     ray.shutdown()  # stops a Ray started here; only disconnects from a persistent one
     raise MlProdError(f"Ray's node address is {ip}, not 127.0.0.1, so its servers would listen on the network (profile '{s.profile}' is embedded). "
@@ -215,7 +180,8 @@ def connect(s:ResolvedSettings|None=None, # settings of the project (default: th
     if address: os.environ["RAY_AUTH_MODE"] = "token"  # read by Ray when it is imported
     import ray
     if ray.is_initialized(): return ray.get_runtime_context()
-    if address and imported: ray._raylet.Config.initialize("")  # re-read RAY_AUTH_MODE, as Ray's own `_enable_token_auth` does
+    if address and imported:
+        _compat.reinit_auth_config()  # re-read RAY_AUTH_MODE, as Ray's own `_enable_token_auth` does
     kw = dict(namespace=NAMESPACE, log_to_driver=True, configure_logging=True, logging_level="warning")
     loopback = loopback_only(s) and (info is None or info.get("loopback", False))  # a cluster from before: joined as it is
     runtime_env = {"worker_process_setup_hook": LOOPBACK_HOOK} if loopback and serving else {}

@@ -18,7 +18,7 @@ from .replica import _State
 # %% auto #0
 __all__ = ['endpoint_deployment', 'step_deployment', 'app_builder']
 
-# %% ../../nbs/api/54_serving_app.ipynb #235e23ef
+# %% ../../nbs/api/54_serving_app.ipynb #a30b8b9b
 from fastapi import Request  # evaluated annotations (no `from __future__ import annotations` here): FastAPI reads them in the replica
 from .spec import DEPLOYMENT
 
@@ -58,6 +58,7 @@ async def _answer(receive, send, headers:dict, max_body:int, handler):
                             *((k.encode("latin-1"), str(v).encode("latin-1")) for k, v in extra.items())]})
     await send({"type": "http.response.body", "body": data})
 
+# %% ../../nbs/api/54_serving_app.ipynb #5284d64b
 def _metrics(app:str):
     "The `on_done` hook that records Prometheus metrics through Ray."
     from ray.serve.metrics import Counter, Histogram
@@ -92,6 +93,7 @@ def _flush_logs_every(period_s:float=1.0):
                 if isinstance(h, logging.handlers.MemoryHandler): h.flush()
     threading.Thread(target=run, daemon=True, name="ml_prod-log-flush").start()
 
+# %% ../../nbs/api/54_serving_app.ipynb #1529e34f
 def endpoint_deployment():
     "The Ray Serve deployment class `Endpoint` (built on first use, so importing this module does not import Ray)."
     from fastapi import FastAPI
@@ -137,6 +139,7 @@ def step_deployment():
     from ray import serve
     return serve.deployment(name="Step")(StepRunner)
 
+# %% ../../nbs/api/54_serving_app.ipynb #e3bb91d3
 def app_builder(args:dict):
     "Ray Serve application builder (`import_path: ml_prod.serving.app:app_builder`): the application for `args`."
     separate = [x for x in [*args.get("preprocess", []), *args.get("postprocess", [])] if isinstance(x, dict)]

@@ -15,6 +15,7 @@ from ..errors import ConfigError, MlProdError
 from .spec import DEPLOYMENT
 from .model import load_model
 from .replica import SALT_ENV, is_loopback, key_digest, read_api_keys
+from ..runtime import _compat  # Ray's private parts; loads no Ray until a hook runs
 
 # %% auto #0
 __all__ = ['ServingError', 'resolver', 'auth_config', 'replica_settings', 'build', 'serve_client', 'wait_running', 'deploy',
@@ -78,21 +79,20 @@ def serve_client(s:ResolvedSettings, start:bool=True):
         if not start: raise ServingError(f"Nothing is served on profile '{s.profile}': its local cluster is not up (`ml_prod serve up SPEC` starts it).")
         cluster_up(s, env=SERVE_ENV)
     connect(s, serving=True)
-    from ray.serve.context import _connect
-    try: return _connect(raise_if_no_controller_running=True)
+    try: return _compat.serve_client(raise_if_no_controller_running=True)
     except Exception:
         if not start: raise ServingError(f"Ray Serve is not running on profile '{s.profile}'s cluster: deploy something with `ml_prod serve up SPEC`.") from None
     from ray import serve
     serve.start(http_options=dict(host=s.serve_host, port=s.serve_port))
-    return _connect()
+    return _compat.serve_client()
 
 def _deployed(client) -> dict[str, dict]:
     "Name -> config of the applications Ray Serve runs from a config."
-    return {n: a["deployed_app_config"] for n, a in client.get_serve_details().get("applications", {}).items() if a.get("deployed_app_config")}
+    return {n: a["deployed_app_config"] for n, a in _compat.serve_details(client).get("applications", {}).items() if a.get("deployed_app_config")}
 
 def _apply(client, apps:dict[str, dict], http_options:dict):
     from ray.serve.schema import ServeDeploySchema
-    client.deploy_apps(ServeDeploySchema.model_validate(dict(http_options=http_options, applications=list(apps.values()))))
+    _compat.deploy_apps(client, ServeDeploySchema.model_validate(dict(http_options=http_options, applications=list(apps.values()))))
 
 def _history(s:ResolvedSettings, app:str) -> Path: return Path(s.state_dir)/"serving"/f"{app}.jsonl"
 
@@ -105,7 +105,7 @@ def wait_running(client, names:list[str], timeout_s:float=180) -> None:
     "Block until every application in `names` is RUNNING; raise `ServingError` with Ray's message if one fails."
     deadline = time.time() + timeout_s
     while True:
-        apps = client.get_serve_details().get("applications", {})
+        apps = _compat.serve_details(client).get("applications", {})
         states = {n: apps.get(n, {}).get("status") for n in names}
         if failed := {n: apps[n].get("message", "") for n, st in states.items() if st in ("DEPLOY_FAILED", "UNHEALTHY")}:
             raise ServingError("Deployment failed:\n" + "\n".join(f"  - {n}: {m.strip()[-1500:]}" for n, m in failed.items()))
@@ -129,7 +129,7 @@ def deploy(spec:ServeSpec|str|Path, # the serving spec or its YAML file
     for a in cfg["applications"]: _remember(s, a, "deploy")
     return {n: endpoints(client, n) for n in names}
 
-# %% ../../nbs/api/55_serving_control.ipynb #d79c9ff7
+# %% ../../nbs/api/55_serving_control.ipynb #067e2151
 def _replica_urls(details:dict, app:str) -> dict[str, str]:
     "Replica id -> its own (direct ingress) URL, from Ray's target groups (targets are named `SERVE_REPLICA::APP#DEPLOYMENT#ID`)."
     a = details.get("applications", {}).get(app) or {}
@@ -140,7 +140,7 @@ def _replica_urls(details:dict, app:str) -> dict[str, str]:
 
 def endpoints(client, app:str, details:dict|None=None) -> dict:
     "`{url: the stable address through Ray's proxy, replica_urls: the replicas' own (direct ingress) addresses}` of `app`."
-    details = details or client.get_serve_details()
+    details = details or _compat.serve_details(client)
     a = details.get("applications", {}).get(app)
     if a is None: return dict(url=None, replica_urls=[])
     http = details.get("http_options", {})
@@ -169,11 +169,12 @@ def _replicas(dep:dict, urls:dict) -> list[dict]:
     return [dict(id=r["replica_id"], state=_value(r["state"]), node=r.get("node_ip"), node_id=r.get("node_id"), pid=r.get("pid"), url=urls.get(r["replica_id"]))
             for r in dep.get("replicas", [])]
 
+# %% ../../nbs/api/55_serving_control.ipynb #292ffbb0
 def status(s:ResolvedSettings|None=None) -> list[dict]:
     "Applications, their state, replicas, the version and weight of each arm, separate steps' deployments, and the last refused update."
     s = s or load_settings()
     client = serve_client(s, start=False)
-    details, out = client.get_serve_details(), []
+    details, out = _compat.serve_details(client), []
     for name, a in sorted(details.get("applications", {}).items()):
         dep = a.get("deployments", {}).get(DEPLOYMENT, {})
         urls = _replica_urls(details, name)
@@ -192,10 +193,8 @@ def logs(app:str, s:ResolvedSettings|None=None, lines:int=50) -> dict[str, str]:
     s = s or load_settings()
     client = serve_client(s, start=False)
     _app_config(client, app)  # an unknown application: say which ones are deployed
-    import ray
-    node = ray._private.worker.global_worker.node  # the session this driver joined
-    folder = Path(node.get_logs_dir_path())/"serve"
-    deps = client.get_serve_details()["applications"][app].get("deployments", {})  # Endpoint's and separate steps' replicas
+    folder = _compat.logs_dir()/"serve"  # of the session this driver joined
+    deps = _compat.serve_details(client)["applications"][app].get("deployments", {})  # Endpoint's and separate steps' replicas
     files = [p for d, x in deps.items() for r in x.get("replicas", []) if (p := folder/f"replica_{app}_{d}_{r['replica_id']}.log").is_file()]
     files = files or sorted(folder.glob(f"replica_{app}_*.log"), key=lambda p: p.stat().st_mtime)[-8:]  # e.g. replicas that failed to start
     if not files: raise ServingError(f"No replica logs of {app!r} in {folder} (logs of replicas on other machines are on those machines).")
@@ -207,10 +206,10 @@ def undeploy(app:str|None=None, s:ResolvedSettings|None=None) -> list[str]:
     client = serve_client(s, start=False)
     names = [app] if app else sorted(_deployed(client))
     if app: _app_config(client, app)
-    client.delete_apps(names, blocking=True)
+    _compat.delete_apps(client, names, blocking=True)
     return names
 
-# %% ../../nbs/api/55_serving_control.ipynb #2a2fe2af
+# %% ../../nbs/api/55_serving_control.ipynb #e60612e0
 def _check_traffic(arms:dict):
     if not any(a["weight"] > 0 and not a["shadow"] for a in arms.values()):
         raise ServingError("no arm would take traffic: give at least one non-shadow arm a weight > 0")
@@ -219,7 +218,7 @@ def _wait_replicas_serve(client, s, app:str, uris:set[str], timeout_s:float) -> 
     "Wait until every replica of `app` reports serving `uris` (or reports why it refused)."
     deadline = time.time() + timeout_s
     while True:
-        ids = [r["replica_id"] for r in client.get_serve_details()["applications"][app]["deployments"][DEPLOYMENT]["replicas"] if r["state"] == "RUNNING"]
+        ids = [r["replica_id"] for r in _compat.serve_details(client)["applications"][app]["deployments"][DEPLOYMENT]["replicas"] if r["state"] == "RUNNING"]
         states = replica_states(s, app, ids)
         done = len(states) == len(ids) and all({a["uri"] for a in x["arms"].values()} == uris or x["update_error"] for x in states)
         if done or time.time() > deadline: return states
@@ -227,7 +226,7 @@ def _wait_replicas_serve(client, s, app:str, uris:set[str], timeout_s:float) -> 
 
 def _apply_update(s, client, app:str, cfg:dict, reason:str, timeout_s:float) -> dict:
     apps = _deployed(client) | {app: cfg}
-    _apply(client, apps, client.get_serve_details().get("http_options", {}))
+    _apply(client, apps, _compat.serve_details(client).get("http_options", {}))
     wait_running(client, [app], timeout_s)
     arms = cfg["deployments"][0]["user_config"]["arms"]
     states = _wait_replicas_serve(client, s, app, {a["pinned"] for a in arms.values()}, timeout_s)
@@ -236,6 +235,7 @@ def _apply_update(s, client, app:str, cfg:dict, reason:str, timeout_s:float) -> 
         raise ServingError(f"{app}: {len(errors)} replica(s) refused the update and keep serving the previous models: {errors[0]}")
     return dict(app=app, arms=arms, replicas=len(states))
 
+# %% ../../nbs/api/55_serving_control.ipynb #bdd7f975
 def update(app:str, # the application
            s:ResolvedSettings|None=None, # settings (default: the active profile)
            weights:dict[str, float]|None=None, # new traffic weights by arm (others unchanged)
@@ -274,6 +274,7 @@ def follow_alias(name:str, # registered model name
     apps = [n for n, c in _deployed(client).items() if any(a["model"] == uri for a in c["deployments"][0]["user_config"]["arms"].values())]
     return [update(n, s) for n in sorted(apps)]
 
+# %% ../../nbs/api/55_serving_control.ipynb #cde82779
 def rollback(app:str, s:ResolvedSettings|None=None, timeout_s:float=180) -> dict:
     "Go back to the configuration `app` had before its current one."
     s = s or load_settings()

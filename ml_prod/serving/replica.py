@@ -126,11 +126,167 @@ def _check_same_inputs(models:dict[str, LoadedModel]):
     for a, c in cols.items():
         if c != cols[first]: raise MlProdError(f"arm {a!r} ({models[a].uri}) takes inputs {c}, arm {first!r} takes {cols[first]}: every arm must take the same inputs")
 
-# %% ../../nbs/api/53_serving_replica.ipynb #0474260a
+# %% ../../nbs/api/53_serving_replica.ipynb #31919f82
 import logging
 _log = logging.getLogger("ray.serve")  # in a replica, Ray Serve writes it to the replica's log file (`ml_prod serve logs`)
 
-class EndpointCore:
+class _Scoring:
+    "The model calls of `EndpointCore`: the records of concurrent requests batched into one call on the model thread."
+    def _score_sync(self, groups:list[tuple[LoadedModel, list[dict]]]) -> list[list[float]]:
+        "Score each (model, records) group; groups of one model are scored in one call."
+        by_model: dict[int, list[int]] = {}
+        for i, (m, _) in enumerate(groups): by_model.setdefault(id(m), []).append(i)
+        out: list = [None] * len(groups)
+        for idx in by_model.values():
+            m = groups[idx[0]][0]
+            records = [r for i in idx for r in groups[i][1]]
+            self.model_calls += 1
+            try: scores = m.scores(records)
+            except Exception as e:
+                for i in idx: out[i] = e
+                continue
+            k = 0
+            for i in idx:
+                n = len(groups[i][1])
+                out[i], k = scores[k:k+n], k + n
+        return out
+
+    async def _score_batch(self, items:list[tuple[LoadedModel, list[dict]]]) -> list:
+        return await asyncio.get_running_loop().run_in_executor(self.model_thread, self._score_sync, items)
+
+    async def score(self, model:LoadedModel, records:list[dict]) -> list[float]:
+        "Scores of `records` by `model`, batched with concurrent requests when batching is on."
+        if self.state.config.get("batching", {}).get("enabled", True): out = await self.batcher((model, records), len(records))
+        else: out = (await self._score_batch([(model, records)]))[0]
+        if isinstance(out, Exception): raise out
+        return out
+
+# %% ../../nbs/api/53_serving_replica.ipynb #bab437ac
+class _Steps:
+    "The separate steps and shadow arms of `EndpointCore`: calls through a handle with their failures named, and audited background copies."
+    async def _run_steps(self, steps:list[tuple], *args):
+        "The last of `args` (records, or scores) after `steps`: fused ones as plain calls, separate ones through their deployment."
+        for path, fn, deployment in steps:
+            out = fn(*args) if deployment is None else await self._call_step(path, fn, deployment, args)
+            args = (*args[:-1], out)
+        return args[-1]
+
+    async def _call_step(self, path:str, fn, deployment:str, args:tuple):
+        "A separate step's answer; its failure, slowness or absence becomes a `StepFailed` (502, 504, 503), never a crash."
+        t = self.limits["timeout_s"]
+        try:
+            async with asyncio.timeout(t): return await fn(*args)
+        except TimeoutError: raise StepFailed(504, f"step {path} (deployment {deployment}) did not answer within this endpoint's timeout of {t} s") from None
+        except Exception as e:
+            if {c.__name__ for c in type(e).__mro__} & _UNAVAILABLE:
+                raise StepFailed(503, f"step {path} (deployment {deployment}) is unavailable ({type(e).__name__}): retry shortly",
+                                 headers={"retry-after": str(self.limits.get("retry_after_s", 1))}) from None
+            cause = getattr(e, "cause", None) or e  # Ray wraps the step's exception; report the step's own
+            raise StepFailed(502, f"step {path} (deployment {deployment}) failed: {type(cause).__name__}: {str(cause)[:500]}") from None
+
+    def _shadow(self, s:_State, arm:str, records:list[dict], rid:str, attempt:int):
+        "Score a copy of the request with shadow arm `arm` in the background; its answer is only audited."
+        if len(self.shadow_tasks) >= 1000: return  # shadow traffic never queues up behind a slow candidate
+        t = asyncio.get_running_loop().create_task(self._run_shadow(s, arm, records, rid, attempt))
+        self.shadow_tasks.add(t)
+        t.add_done_callback(self.shadow_tasks.discard)
+
+    async def _run_shadow(self, s:_State, arm:str, records:list[dict], rid:str, attempt:int):
+        t0, model = time.perf_counter(), s.models[arm]
+        status, outcome, error, outputs = 200, "ok", None, None
+        work = asyncio.get_running_loop().run_in_executor(self.shadow_thread, model.scores, records)  # never delays the live arms
+        try: outputs = dict(scores=await asyncio.wait_for(work, self.limits["timeout_s"]))
+        except asyncio.TimeoutError: status, outcome, error = 408, "timeout", "shadow arm timed out"
+        except Exception as e: status, outcome, error = 500, "error", f"{type(e).__name__}: {str(e)[:500]}"
+        self.audit.write(dict(request_id=rid, attempt=attempt, arm=arm, model_name=model.name, model_version=model.version,
+                              inputs=records, outputs=outputs, shadow=True, ts=time.time(),
+                              latency_ms=round((time.perf_counter() - t0) * 1000, 3), status=status, outcome=outcome, error=error))
+
+# %% ../../nbs/api/53_serving_replica.ipynb #2089e37d
+class _Requests:
+    "The request path of `EndpointCore`: admission, validation, arm, model, decision and the audit record, written before the answer."
+    def _admit(self, s:_State, body:bytes, headers):
+        if s.auth_required and not authorized(headers, s.digests):
+            raise RequestRejected(401, "missing or invalid API key: send it in the x-api-key header", headers={"www-authenticate": "ApiKey"})
+        if self.inflight > self.max_inflight: raise RequestRejected(503, "overloaded: retry shortly", headers={"retry-after": str(self.limits.get("retry_after_s", 1))})
+        if len(body) > self.limits["max_body_bytes"]:
+            raise RequestRejected(413, f"body of {len(body)} bytes is over this endpoint's limit of {self.limits['max_body_bytes']}; split the batch")
+
+    max_inflight = 1024  # a last guard: Ray answers 503 first, beyond max_ongoing_requests + max_queued_requests
+
+    async def predict(self, body:bytes, # the raw request body
+                      headers, # request headers (a mapping with lower-case keys)
+                     ) -> tuple[int, dict, dict]:
+        "(HTTP status, JSON body, response headers) for one prediction request; its audit record is written first."
+        t0, s = time.perf_counter(), self.state
+        rid, attempt = headers.get("x-request-id") or uuid.uuid4().hex, _attempt(headers)
+        rec = dict(request_id=rid, attempt=attempt, arm=None, model_name=None, model_version=None, inputs=None, outputs=None)
+        self.inflight += 1
+        try:
+            self._admit(s, body, headers)
+            records, many = s.parser(body)
+            rec["inputs"] = records
+            if self.pre: records = await self._run_steps(self.pre, records)
+            arm = pick_arm(s.weights, _sticky_key(records, headers, s.config.get("sticky_key")))
+            model = s.models[arm]
+            rec.update(arm=arm, model_name=model.name, model_version=model.version)
+            async with asyncio.timeout(self.limits["timeout_s"]): scores = await self.score(model, records)  # no task per request, unlike wait_for
+            if self.post: scores = await self._run_steps(self.post, records, scores)
+            d = s.config["decision"]
+            decisions = [d["positive"] if x >= d["threshold"] else d["negative"] for x in scores]
+            rec["outputs"] = dict(scores=scores, decisions=decisions)
+            out = dict(request_id=rid, model=model.name, version=model.version, arm=arm,
+                       **(dict(scores=scores, decisions=decisions) if many else dict(score=scores[0], decision=decisions[0])))
+            status, outcome, error, extra = 200, "ok", None, {"x-model-version": model.version, "x-arm": arm}
+            for shadow in s.shadows: self._shadow(s, shadow, records, rid, attempt)
+        except RequestRejected as e: status, out, outcome, error, extra = e.status, e.body(), _OUTCOMES.get(e.status, "invalid"), e.reason, e.headers
+        except asyncio.TimeoutError:
+            status, outcome, extra = 408, "timeout", {}
+            error = f"the model took longer than this endpoint's timeout of {self.limits['timeout_s']} s"
+            out = {"error": error}
+        except Exception as e:
+            status, outcome, extra, error = 500, "error", {}, f"{type(e).__name__}: {str(e)[:500]}"
+            out = {"error": error}
+        finally: self.inflight -= 1
+        latency = time.perf_counter() - t0
+        try: self.audit.write(dict(rec, ts=time.time(), latency_ms=round(latency * 1000, 3), status=status, outcome=outcome, error=error))
+        except Exception as e:  # no record, no answer: a 2xx must always have its audit record
+            status, out = 503, {"error": f"audit log unavailable ({type(e).__name__}: {e}); the request was not answered"}
+            extra = {"retry-after": "1"}
+        self.served += 1
+        self.on_done(status, rec["arm"], rec["model_version"], latency)
+        return status, out, {"x-request-id": rid, **extra}
+
+    async def feedback(self, body:bytes, headers) -> tuple[int, dict, dict]:
+        "Store ground-truth labels: `{request_id, label}` or a list of them."
+        try:
+            self._admit(self.state, body, headers)
+            items, _ = _FEEDBACK(body)
+            for x in items: self.feedback_log.write(**x)
+            return 200, {"stored": len(items)}, {}
+        except RequestRejected as e: return e.status, e.body(), e.headers
+
+# %% ../../nbs/api/53_serving_replica.ipynb #678f9859
+class _Status:
+    "What a replica of `EndpointCore` serves: its status, and the file beside the audit log that `serve status` reads."
+    def status(self) -> dict:
+        "What this replica serves, for `serve status`."
+        s = self.state
+        arms = {a: dict(model=s.config["arms"][a]["model"], uri=m.uri, version=m.version, weight=s.config["arms"][a]["weight"],
+                        shadow=s.config["arms"][a]["shadow"]) for a, m in s.models.items()} if s else {}
+        return dict(app=self.app, replica=self.replica, pid=os.getpid(), arms=arms, update_error=self.update_error,
+                    served=self.served, model_calls=self.model_calls, inflight=self.inflight, started=self.started, updated=time.time())
+
+    def _write_state(self):
+        "This replica's status as a file beside the audit log, which `serve status` reads."
+        d = self.audit_dir/self.app/"replicas"
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d/f".{self.replica}.json.tmp"
+        tmp.write_text(json.dumps(self.status()))
+        tmp.replace(d/f"{self.replica}.json")
+
+# %% ../../nbs/api/53_serving_replica.ipynb #83f9ccfd
+class EndpointCore(_Status, _Scoring, _Steps, _Requests):
     "One replica's request path: admission, validation, arm, batched model call, decision, audit."
     def __init__(self, args:dict, # the application's static args (see `serve_spec.app_config`)
                  replica:str, # this replica's id (names its audit segment)
@@ -190,152 +346,7 @@ class EndpointCore:
                   ", ".join(f"{a}={m.uri} (weight {config['arms'][a]['weight']:g}{', shadow' if a in self.state.shadows else ''})" for a, m in models.items()))
         self._write_state()
 
-    def status(self) -> dict:
-        "What this replica serves, for `serve status`."
-        s = self.state
-        arms = {a: dict(model=s.config["arms"][a]["model"], uri=m.uri, version=m.version, weight=s.config["arms"][a]["weight"],
-                        shadow=s.config["arms"][a]["shadow"]) for a, m in s.models.items()} if s else {}
-        return dict(app=self.app, replica=self.replica, pid=os.getpid(), arms=arms, update_error=self.update_error,
-                    served=self.served, model_calls=self.model_calls, inflight=self.inflight, started=self.started, updated=time.time())
-
-    def _write_state(self):
-        "This replica's status as a file beside the audit log, which `serve status` reads."
-        d = self.audit_dir/self.app/"replicas"
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d/f".{self.replica}.json.tmp"
-        tmp.write_text(json.dumps(self.status()))
-        tmp.replace(d/f"{self.replica}.json")
-
-    # ---- scoring ---------------------------------------------------------------------------------
-    def _score_sync(self, groups:list[tuple[LoadedModel, list[dict]]]) -> list[list[float]]:
-        "Score each (model, records) group; groups of one model are scored in one call."
-        by_model: dict[int, list[int]] = {}
-        for i, (m, _) in enumerate(groups): by_model.setdefault(id(m), []).append(i)
-        out: list = [None] * len(groups)
-        for idx in by_model.values():
-            m = groups[idx[0]][0]
-            records = [r for i in idx for r in groups[i][1]]
-            self.model_calls += 1
-            try: scores = m.scores(records)
-            except Exception as e:
-                for i in idx: out[i] = e
-                continue
-            k = 0
-            for i in idx:
-                n = len(groups[i][1])
-                out[i], k = scores[k:k+n], k + n
-        return out
-
-    async def _score_batch(self, items:list[tuple[LoadedModel, list[dict]]]) -> list:
-        return await asyncio.get_running_loop().run_in_executor(self.model_thread, self._score_sync, items)
-
-    async def score(self, model:LoadedModel, records:list[dict]) -> list[float]:
-        "Scores of `records` by `model`, batched with concurrent requests when batching is on."
-        if self.state.config.get("batching", {}).get("enabled", True): out = await self.batcher((model, records), len(records))
-        else: out = (await self._score_batch([(model, records)]))[0]
-        if isinstance(out, Exception): raise out
-        return out
-
-    # ---- requests --------------------------------------------------------------------------------
-    def _admit(self, s:_State, body:bytes, headers):
-        if s.auth_required and not authorized(headers, s.digests):
-            raise RequestRejected(401, "missing or invalid API key: send it in the x-api-key header", headers={"www-authenticate": "ApiKey"})
-        if self.inflight > self.max_inflight: raise RequestRejected(503, "overloaded: retry shortly", headers={"retry-after": str(self.limits.get("retry_after_s", 1))})
-        if len(body) > self.limits["max_body_bytes"]:
-            raise RequestRejected(413, f"body of {len(body)} bytes is over this endpoint's limit of {self.limits['max_body_bytes']}; split the batch")
-
-    max_inflight = 1024  # a last guard: Ray answers 503 first, beyond max_ongoing_requests + max_queued_requests
-
-    async def predict(self, body:bytes, # the raw request body
-                      headers, # request headers (a mapping with lower-case keys)
-                     ) -> tuple[int, dict, dict]:
-        "(HTTP status, JSON body, response headers) for one prediction request; its audit record is written first."
-        t0, s = time.perf_counter(), self.state
-        rid, attempt = headers.get("x-request-id") or uuid.uuid4().hex, _attempt(headers)
-        rec = dict(request_id=rid, attempt=attempt, arm=None, model_name=None, model_version=None, inputs=None, outputs=None)
-        self.inflight += 1
-        try:
-            self._admit(s, body, headers)
-            records, many = s.parser(body)
-            rec["inputs"] = records
-            if self.pre: records = await self._run_steps(self.pre, records)
-            arm = pick_arm(s.weights, _sticky_key(records, headers, s.config.get("sticky_key")))
-            model = s.models[arm]
-            rec.update(arm=arm, model_name=model.name, model_version=model.version)
-            async with asyncio.timeout(self.limits["timeout_s"]): scores = await self.score(model, records)  # no task per request, unlike wait_for
-            if self.post: scores = await self._run_steps(self.post, records, scores)
-            d = s.config["decision"]
-            decisions = [d["positive"] if x >= d["threshold"] else d["negative"] for x in scores]
-            rec["outputs"] = dict(scores=scores, decisions=decisions)
-            out = dict(request_id=rid, model=model.name, version=model.version, arm=arm,
-                       **(dict(scores=scores, decisions=decisions) if many else dict(score=scores[0], decision=decisions[0])))
-            status, outcome, error, extra = 200, "ok", None, {"x-model-version": model.version, "x-arm": arm}
-            for shadow in s.shadows: self._shadow(s, shadow, records, rid, attempt)
-        except RequestRejected as e: status, out, outcome, error, extra = e.status, e.body(), _OUTCOMES.get(e.status, "invalid"), e.reason, e.headers
-        except asyncio.TimeoutError:
-            status, outcome, extra = 408, "timeout", {}
-            error = f"the model took longer than this endpoint's timeout of {self.limits['timeout_s']} s"
-            out = {"error": error}
-        except Exception as e:
-            status, outcome, extra, error = 500, "error", {}, f"{type(e).__name__}: {str(e)[:500]}"
-            out = {"error": error}
-        finally: self.inflight -= 1
-        latency = time.perf_counter() - t0
-        try: self.audit.write(dict(rec, ts=time.time(), latency_ms=round(latency * 1000, 3), status=status, outcome=outcome, error=error))
-        except Exception as e:  # no record, no answer: a 2xx must always have its audit record
-            status, out = 503, {"error": f"audit log unavailable ({type(e).__name__}: {e}); the request was not answered"}
-            extra = {"retry-after": "1"}
-        self.served += 1
-        self.on_done(status, rec["arm"], rec["model_version"], latency)
-        return status, out, {"x-request-id": rid, **extra}
-
-    async def _run_steps(self, steps:list[tuple], *args):
-        "The last of `args` (records, or scores) after `steps`: fused ones as plain calls, separate ones through their deployment."
-        for path, fn, deployment in steps:
-            out = fn(*args) if deployment is None else await self._call_step(path, fn, deployment, args)
-            args = (*args[:-1], out)
-        return args[-1]
-
-    async def _call_step(self, path:str, fn, deployment:str, args:tuple):
-        "A separate step's answer; its failure, slowness or absence becomes a `StepFailed` (502, 504, 503), never a crash."
-        t = self.limits["timeout_s"]
-        try:
-            async with asyncio.timeout(t): return await fn(*args)
-        except TimeoutError: raise StepFailed(504, f"step {path} (deployment {deployment}) did not answer within this endpoint's timeout of {t} s") from None
-        except Exception as e:
-            if {c.__name__ for c in type(e).__mro__} & _UNAVAILABLE:
-                raise StepFailed(503, f"step {path} (deployment {deployment}) is unavailable ({type(e).__name__}): retry shortly",
-                                 headers={"retry-after": str(self.limits.get("retry_after_s", 1))}) from None
-            cause = getattr(e, "cause", None) or e  # Ray wraps the step's exception; report the step's own
-            raise StepFailed(502, f"step {path} (deployment {deployment}) failed: {type(cause).__name__}: {str(cause)[:500]}") from None
-
-    def _shadow(self, s:_State, arm:str, records:list[dict], rid:str, attempt:int):
-        "Score a copy of the request with shadow arm `arm` in the background; its answer is only audited."
-        if len(self.shadow_tasks) >= 1000: return  # shadow traffic never queues up behind a slow candidate
-        t = asyncio.get_running_loop().create_task(self._run_shadow(s, arm, records, rid, attempt))
-        self.shadow_tasks.add(t)
-        t.add_done_callback(self.shadow_tasks.discard)
-
-    async def _run_shadow(self, s:_State, arm:str, records:list[dict], rid:str, attempt:int):
-        t0, model = time.perf_counter(), s.models[arm]
-        status, outcome, error, outputs = 200, "ok", None, None
-        work = asyncio.get_running_loop().run_in_executor(self.shadow_thread, model.scores, records)  # never delays the live arms
-        try: outputs = dict(scores=await asyncio.wait_for(work, self.limits["timeout_s"]))
-        except asyncio.TimeoutError: status, outcome, error = 408, "timeout", "shadow arm timed out"
-        except Exception as e: status, outcome, error = 500, "error", f"{type(e).__name__}: {str(e)[:500]}"
-        self.audit.write(dict(request_id=rid, attempt=attempt, arm=arm, model_name=model.name, model_version=model.version,
-                              inputs=records, outputs=outputs, shadow=True, ts=time.time(),
-                              latency_ms=round((time.perf_counter() - t0) * 1000, 3), status=status, outcome=outcome, error=error))
-
-    async def feedback(self, body:bytes, headers) -> tuple[int, dict, dict]:
-        "Store ground-truth labels: `{request_id, label}` or a list of them."
-        try:
-            self._admit(self.state, body, headers)
-            items, _ = _FEEDBACK(body)
-            for x in items: self.feedback_log.write(**x)
-            return 200, {"stored": len(items)}, {}
-        except RequestRejected as e: return e.status, e.body(), e.headers
-
+# %% ../../nbs/api/53_serving_replica.ipynb #3751aaab
 _OUTCOMES = {400: "invalid", 401: "unauthorized", 413: "invalid", 422: "invalid", 502: "error", 503: "overloaded", 504: "timeout"}
 
 def _attempt(headers) -> int:

@@ -106,7 +106,7 @@ class Step(_Strict):
         if self.replicas and self.autoscaling: raise ValueError("set replicas or autoscaling, not both")
         return self
 
-# %% ../../nbs/api/50_serving_spec.ipynb #0f4c562a
+# %% ../../nbs/api/50_serving_spec.ipynb #bedf4a6e
 _NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
 _IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 _FUSED, _SEPARATE = "(fused step)", "(separate step)"  # tags pydantic puts into error locations; `spec_from_dict` takes them out
@@ -114,6 +114,7 @@ _FUSED, _SEPARATE = "(fused step)", "(separate step)"  # tags pydantic puts into
 _StepSpec = Annotated[Annotated[str, Tag(_FUSED)] | Annotated[Step, Tag(_SEPARATE)],
                       Discriminator(lambda v: _SEPARATE if isinstance(v, (dict, Step)) else _FUSED)]
 
+# %% ../../nbs/api/50_serving_spec.ipynb #0e4c9ea0
 class Application(_Strict):
     "One HTTP endpoint: its arms, traffic, steps and scaling."
     name: str = Field(pattern=_NAME, description="Application name; also its URL prefix /NAME")
@@ -153,6 +154,7 @@ class Application(_Strict):
     @property
     def route_prefix(self) -> str: return f"/{self.name}"
 
+# %% ../../nbs/api/50_serving_spec.ipynb #ae659930
 class ServeSpec(_Strict):
     "A serving spec: the applications to deploy."
     applications: list[Application] = Field(min_length=1, description="Applications to deploy")
@@ -211,7 +213,7 @@ def pick_arm(weights:dict[str, float], # arm -> weight (arms with 0 never picked
         if x < 0: return arm
     return live[-1][0]
 
-# %% ../../nbs/api/50_serving_spec.ipynb #f00cc6a2
+# %% ../../nbs/api/50_serving_spec.ipynb #1ff1a255
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1", "RAY_worker_niceness": "0"}
 DEPLOYMENT = "Endpoint"
 
@@ -254,6 +256,7 @@ def step_args(a:Application) -> tuple[dict, list[dict]]:
             deployments.append(_step_deployment(st, name, a.access_log))
     return args, deployments
 
+# %% ../../nbs/api/50_serving_spec.ipynb #6460d42d
 def app_config(a:Application, resolve=lambda uri: uri, settings:dict|None=None, auth:dict|None=None) -> dict:
     "Ray Serve's config of one application."
     steps, step_deployments = step_args(a)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib, json, os, platform, subprocess, sys
 from importlib import metadata
 from pathlib import Path
+from . import tags as keys
 
 # %% auto #0
 __all__ = ['KEY_PACKAGES', 'sha256_bytes', 'git_state', 'package_versions', 'environment_freeze', 'fingerprint_path',
-           'input_fingerprints']
+           'input_fingerprints', 'input_changes']
 
 # %% ../../nbs/api/13_tracking_provenance.ipynb #bd86b86d
 def sha256_bytes(b:bytes) -> str: return hashlib.sha256(b).hexdigest()
@@ -77,4 +78,16 @@ def input_fingerprints(values:dict, cwd:str|Path) -> dict[str, str]:
         try:
             if p.exists(): out[k] = fingerprint_path(p)
         except OSError: pass
+    return out
+
+# %% ../../nbs/api/13_tracking_provenance.ipynb #95225e37
+def input_changes(values:dict, tags:dict, cwd:str|Path) -> list[str]:
+    "Descriptions of the recorded inputs that changed or vanished since the run."
+    out = []
+    for name, value in values.items():
+        old = tags.get(keys.input_key(name))
+        if old is None: continue
+        p = Path(cwd, value)
+        if not p.exists(): out.append(f"{name} = {value!r}: the file is gone")
+        elif fingerprint_path(p) != old: out.append(f"{name} = {value!r}: the content changed since the run")
     return out

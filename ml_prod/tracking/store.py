@@ -11,15 +11,13 @@ from importlib import metadata
 from pathlib import Path
 from ..errors import MlProdError
 from ..settings import ResolvedSettings
+from . import tags as keys
 from .provenance import environment_freeze, git_state, input_fingerprints, package_versions, sha256_bytes
 
 # %% auto #0
-__all__ = ['JOB_TAG', 'HEARTBEAT_METRIC', 'REAP_AFTER_BEATS', 'client', 'ensure_experiment', 'create_job_run', 'beat', 'fail_run',
-           'reap_stale_jobs']
+__all__ = ['REAP_AFTER_BEATS', 'client', 'ensure_experiment', 'create_job_run', 'beat', 'fail_run', 'reap_stale_jobs']
 
 # %% ../../nbs/api/14_tracking_store.ipynb #40eaa87b
-JOB_TAG = "ml_prod.job"                # "true" on every run ml_prod started as a job
-HEARTBEAT_METRIC = "ml_prod.heartbeat" # unix time of the supervisor's last beat
 REAP_AFTER_BEATS = 6                   # a job silent this many heartbeats is reaped
 
 # %% ../../nbs/api/14_tracking_store.ipynb #c14da186
@@ -57,14 +55,14 @@ def create_job_run(s:ResolvedSettings, experiment_id:str, notebook:str|Path, nb_
     from mlflow.entities import Param, RunTag
     c, notebook = client(s), Path(notebook)
     git = git_state(notebook)
-    t = {JOB_TAG: "true", "mlflow.source.name": str(notebook), "mlflow.source.type": "NOTEBOOK",
-         "ml_prod.notebook": str(notebook), "ml_prod.notebook_sha256": sha256_bytes(nb_bytes),
-         "ml_prod.versions": json.dumps(package_versions()), "ml_prod.submitted_from": socket.gethostname(),
-         "ml_prod.profile": s.profile, **(tags or {})}
-    if git: t.update({"mlflow.source.git.commit": git["commit"], "ml_prod.git_dirty": str(git["dirty"]).lower()})
-    for k, v in input_fingerprints(params, cwd or Path.cwd()).items(): t[f"ml_prod.input.{k}.sha256"] = v
+    t = {keys.JOB: "true", "mlflow.source.name": str(notebook), "mlflow.source.type": "NOTEBOOK",
+         keys.NOTEBOOK: str(notebook), keys.NOTEBOOK_SHA256: sha256_bytes(nb_bytes),
+         keys.VERSIONS: json.dumps(package_versions()), keys.SUBMITTED_FROM: socket.gethostname(),
+         keys.PROFILE: s.profile, **(tags or {})}
+    if git: t.update({"mlflow.source.git.commit": git["commit"], keys.GIT_DIRTY: keys.flag(git["dirty"])})
+    for k, v in input_fingerprints(params, cwd or Path.cwd()).items(): t[keys.input_key(k)] = v
     run = c.create_run(experiment_id, tags=t, run_name=run_name or notebook.stem)
-    ps = [Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in params.items()]
+    ps = [Param(k, keys.param_value(v)) for k, v in params.items()]
     for batch in _chunks(ps): c.log_batch(run.info.run_id, params=batch)
     _log_provenance(c, run.info.run_id, git, nb_bytes, notebook.name)
     return run.info.run_id
@@ -80,11 +78,11 @@ def _log_provenance(c, run_id:str, git:dict, nb_bytes:bytes, nb_name:str):
 # %% ../../nbs/api/14_tracking_store.ipynb #353e8d93
 def beat(c, run_id:str, t:float|None=None):
     "Record that the supervisor of `run_id` is alive (at time `t`, default now)."
-    c.log_metric(run_id, HEARTBEAT_METRIC, t or time.time())
+    c.log_metric(run_id, keys.HEARTBEAT, t or time.time())
 
 def fail_run(c, run_id:str, reason:str, status:str="FAILED"):
-    "End `run_id` with `status` and the reason in tag `ml_prod.error`."
-    c.set_tag(run_id, "ml_prod.error", reason[:5000])
+    "End `run_id` with `status` and the reason in its ERROR tag."
+    c.set_tag(run_id, keys.ERROR, keys.clip(reason))
     c.set_terminated(run_id, status)
 
 def reap_stale_jobs(s:ResolvedSettings, now:float|None=None) -> list[str]:
@@ -92,10 +90,10 @@ def reap_stale_jobs(s:ResolvedSettings, now:float|None=None) -> list[str]:
     c, now = client(s), now or time.time()
     exps = [e.experiment_id for e in c.search_experiments()]
     if not exps: return []
-    runs = c.search_runs(exps, f"attributes.status = 'RUNNING' and tags.`{JOB_TAG}` = 'true'", max_results=1000)
+    runs = c.search_runs(exps, f"attributes.status = 'RUNNING' and tags.`{keys.JOB}` = 'true'", max_results=1000)
     limit, reaped = REAP_AFTER_BEATS * s.job_heartbeat_s, []
     for r in runs:
-        last = r.data.metrics.get(HEARTBEAT_METRIC, r.info.start_time / 1000)
+        last = r.data.metrics.get(keys.HEARTBEAT, r.info.start_time / 1000)
         if now - last > limit:
             fail_run(c, r.info.run_id, f"reaped: no heartbeat from the job's supervisor for {now - last:.0f} s "
                      "(the caller or its Ray node was lost)")
