@@ -16,6 +16,7 @@ from ..settings import ResolvedSettings, load_settings
 from ..tracking import provenance, store
 from ..tracking.provenance import input_changes
 from ..tracking import tags as keys
+from ..jobs.query import JobResult
 
 # %% auto #0
 __all__ = ['PipelineError', 'StepResources', 'Step', 'Pipeline', 'pipeline_from_dict', 'load_pipeline', 'Ref', 'parse_ref',
@@ -314,14 +315,9 @@ def _line(r:StepResult) -> str:
 
 
 @dataclass
-class StepResult:
-    "How one step of a pipeline run ended."
-    name: str
-    status: str                   # FINISHED, FAILED, KILLED, CACHED or SKIPPED
-    run_id: str|None = None       # the step's run; for CACHED, the reused run
-    error: str|None = None        # why it FAILED, or why it was SKIPPED
-    output_notebook: str = ""     # URI of the executed notebook
-    duration_s: float = 0.0
+class StepResult(JobResult):
+    "How one step of a pipeline run ended: its job's result (status also CACHED, with the reused run, or SKIPPED, with why), and the step's name."
+    name: str = ""
 
 @dataclass
 class PipelineResult:
@@ -397,7 +393,7 @@ def _reuse_upstream(r:_Run, needed:list[str], flag:str):
         if not r.reuse(n, key, values):
             raise PipelineError(f"{flag} needs the output of step {n!r}, which has no successful run with its current notebook, "
                                 f"parameters and upstream runs (cache key {key[:12]}). Run the whole pipeline first, or start from it: from_step={n!r}")
-        r.results[n] = StepResult(n, "CACHED", r.outputs[n].run_id)
+        r.results[n] = StepResult(r.outputs[n].run_id, r.p.steps[n].notebook, "CACHED", name=n)
 
 # %% ../../nbs/api/40_flows_pipelines.ipynb #295a7bb9
 def _open_parent(r:_Run, source:str, options:dict):
@@ -428,13 +424,13 @@ def _submit(r:_Run, step:str, values:dict, key:str):
 def _start(r:_Run, step:str, running:dict):
     "Skip, reuse or submit `step`, whose upstream steps have ended."
     if bad := [d for d in _known_deps(r.p, step) if d not in r.outputs]:
-        return _record(r, StepResult(step, "SKIPPED", error=f"upstream {bad[0]} {r.results[bad[0]].status.lower()}"))
+        return _record(r, StepResult(None, r.p.steps[step].notebook, "SKIPPED", f"upstream {bad[0]} {r.results[bad[0]].status.lower()}", name=step))
     try:
         values, key = r.prepare(step)
-        if not r.forced and r.reuse(step, key, values): return _record(r, StepResult(step, "CACHED", r.outputs[step].run_id))
+        if not r.forced and r.reuse(step, key, values): return _record(r, StepResult(r.outputs[step].run_id, r.p.steps[step].notebook, "CACHED", name=step))
         running[step] = (_submit(r, step, values, key), values, time.time())
     except (ValueError, MlProdError) as e:
-        _record(r, StepResult(step, "FAILED", error=f"steps.{step}: {e}"))
+        _record(r, StepResult(None, r.p.steps[step].notebook, "FAILED", f"steps.{step}: {e}", name=step))
 
 # %% ../../nbs/api/40_flows_pipelines.ipynb #b8d55a16
 def _collect(r:_Run, running:dict, timeout:float=1.0):
@@ -447,7 +443,7 @@ def _collect(r:_Run, running:dict, timeout:float=1.0):
         h, values, t0 = running.pop(n)
         res = h.wait()
         if res.ok: r.outputs[n] = StepOutput(res.run_id, values, r.c.get_run(res.run_id))
-        _record(r, StepResult(n, res.status, res.run_id, res.error, res.output_notebook, time.time() - t0))
+        _record(r, StepResult(**{**vars(res), "duration_s": time.time() - t0}, name=n))  # the step as the pipeline waited for it
 
 def _loop(r:_Run, todo:list[str]):
     "Run the steps of `todo` (in order), as many at once as their dependencies allow."

@@ -14,6 +14,7 @@ from ..settings import ResolvedSettings, load_settings
 from ..tracking import provenance, store
 from ..tracking import tags as keys
 from ..runtime import _compat
+from ..jobs.query import JobResult, run_result
 
 # %% auto #0
 __all__ = ['DISTRIBUTIONS', 'RUN_ID_KEY', 'FINISH_WAIT_S', 'SWEEP_FILE', 'to_tune', 'check_search_space', 'load_space',
@@ -136,12 +137,9 @@ _trials = {}  # this actor's trials not yet ended: trial id -> _Bridge
 
 # %% ../../nbs/api/41_flows_tune.ipynb #eb552552
 def _trial_tags(s:ResolvedSettings, path:Path, nb_bytes:bytes, git:dict, sweep_run_id:str) -> dict:
-    "The tags every child run of sweep `sweep_run_id` shares (what `store.create_job_run` computes per job)."
-    t = {keys.JOB: "true", "mlflow.source.name": str(path), "mlflow.source.type": "NOTEBOOK", keys.NOTEBOOK: str(path),
-         keys.NOTEBOOK_SHA256: provenance.sha256_bytes(nb_bytes), keys.SUBMITTED_FROM: socket.gethostname(),
-         keys.PROFILE: s.profile, "mlflow.parentRunId": sweep_run_id, keys.SWEEP_RUN_ID: sweep_run_id,
+    "The tags every child run of sweep `sweep_run_id` shares: a job's (`store.job_run_tags`, made once), and links to the sweep's environment and git diff."
+    t = {**store.job_run_tags(s, path, nb_bytes, git), "mlflow.parentRunId": sweep_run_id, keys.SWEEP_RUN_ID: sweep_run_id,
          keys.ENVIRONMENT: f"runs:/{sweep_run_id}/provenance/requirements.txt"}
-    if git: t.update({"mlflow.source.git.commit": git["commit"], keys.GIT_DIRTY: keys.flag(git["dirty"])})
     if git.get("dirty"): t[keys.GIT_DIFF] = f"runs:/{sweep_run_id}/provenance/git_diff.patch"
     return t
 
@@ -157,7 +155,6 @@ def _recorded_reports(c, run, metric:str) -> list[dict]:
 
 def _trial_run(sw:_Sweep, public:dict, trial_id:str) -> tuple[str, list|None]:
     "The trial's child run: a new one or, in a resumed sweep, the one its earlier attempt left; and that attempt's reports if it FINISHED."
-    from mlflow.entities import Param
     c = store.client(sw.settings)
     if sw.resumed and (old := _children(c, sw.experiment_id, sw.sweep_run_id, trial_id)):
         r = old[0]
@@ -168,14 +165,8 @@ def _trial_run(sw:_Sweep, public:dict, trial_id:str) -> tuple[str, list|None]:
         c.set_tag(r.info.run_id, keys.TUNE_ATTEMPT_START, keys.millis(time.time()))
         return r.info.run_id, None
     path = Path(sw.notebook)
-    tags = {**sw.run_tags, keys.TUNE_TRIAL_ID: trial_id, keys.VERSIONS: json.dumps(provenance.package_versions()),
-            **{keys.input_key(k): v for k, v in provenance.input_fingerprints(public, sw.cwd).items()}}
-    run_id = c.create_run(sw.experiment_id, tags=tags, run_name=f"{path.stem}-{trial_id}").info.run_id
-    ps = [Param(k, keys.param_value(v)) for k, v in public.items()]
-    for i in range(0, len(ps), 100): c.log_batch(run_id, params=ps[i:i + 100])
-    with tempfile.TemporaryDirectory() as d:
-        (Path(d)/path.name).write_bytes(sw.nb_bytes)
-        c.log_artifacts(run_id, d, "provenance")
+    run_id = store.create_job_run(sw.settings, sw.experiment_id, path, sw.nb_bytes, public, {**sw.run_tags, keys.TUNE_TRIAL_ID: trial_id},
+                                  sw.cwd, f"{path.stem}-{trial_id}", shared=True)
     return run_id, None
 
 # %% ../../nbs/api/41_flows_tune.ipynb #27c26c46
@@ -218,8 +209,7 @@ def _run_trial(config:dict, sw:_Sweep):
         for m in recorded: tune.report({**m, RUN_ID_KEY: run_id})
         return
     b = _trials[tid] = _Bridge(sw, run_id)
-    spec = supervisor.JobSpec(run_id, str(path), sw.nb_bytes.decode(), values, sw.settings.tracking_uri, sw.settings.registry_uri,
-                        sw.experiment_id, str(sw.settings.outputs_dir), sw.cwd, sw.timeout, sw.cell_timeout, sw.settings.job_heartbeat_s)
+    spec = supervisor.JobSpec.of(sw.settings, run_id, path, sw.nb_bytes, values, sw.experiment_id, sw.cwd, sw.timeout, sw.cell_timeout)
     threading.Thread(target=b.supervise, args=(spec,), name=f"ml_prod-trial-{tid}", daemon=True).start()
     while (m := b.q.get()) is not None:
         b.n += 1
@@ -302,15 +292,12 @@ class ProgressTable(Callback):
 
 # %% ../../nbs/api/41_flows_tune.ipynb #b4b1a50a
 @dataclass
-class TrialResult:
-    "One trial of a sweep."
-    trial_id: str
-    params: dict
-    status: str             # the child run's status: FINISHED, KILLED (stopped early) or FAILED; RUNNING if unknown
+class TrialResult(JobResult):
+    "One trial of a sweep: its job's result (status KILLED when stopped early; RUNNING if unknown), and what Tune saw of it."
+    trial_id: str = ""
+    params: dict = field(default_factory=dict)
     reports: int = 0        # results the trial reported to Tune
     metric: float|None = None  # the last reported value of the sweep's metric
-    run_id: str|None = None
-    error: str|None = None
 
 @dataclass
 class TuneResult:
@@ -359,8 +346,9 @@ def _trial_results(c, exp:str, sweep_run_id:str, grid, metric:str) -> list[Trial
         tid = m.get("trial_id") or _trial_id_from_path(res.path)
         r = runs.get(tid)
         err = (r.data.tags.get(keys.ERROR) if r else None) or (str(res.error).splitlines()[0][:300] if res.error else None)
-        out.append(TrialResult(tid, dict(res.config or {}), r.info.status if r else ("FAILED" if res.error else "RUNNING"),
-                               int(m.get("training_iteration", 0) or 0), m.get(metric), r.info.run_id if r else m.get(RUN_ID_KEY), err))
+        job = vars(run_result(r)) if r else dict(run_id=m.get(RUN_ID_KEY), notebook="", status="FAILED" if res.error else "RUNNING")
+        out.append(TrialResult(**{**job, "error": err}, trial_id=tid, params=dict(res.config or {}),
+                               reports=int(m.get("training_iteration", 0) or 0), metric=m.get(metric)))
     return out
 
 def _trial_id_from_path(p:str) -> str:

@@ -16,7 +16,7 @@ from ..tracking import tags as keys
 import os, signal, socket
 
 # %% auto #0
-__all__ = ['JobResult', 'job_result', 'list_jobs', 'job_log', 'cancel_job']
+__all__ = ['JobResult', 'run_result', 'job_result', 'list_jobs', 'job_log', 'cancel_job']
 
 # %% ../../nbs/api/22_jobs_query.ipynb #39687531
 @dataclass
@@ -41,15 +41,18 @@ class JobResult:
         if self.metrics: lines.append("  metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(self.metrics.items())))
         return "\n".join(lines)
 
-def job_result(s:ResolvedSettings, run_id:str) -> JobResult:
-    "The result of job `run_id`, read back from MLflow."
-    r = store.client(s).get_run(run_id)
+def run_result(r) -> JobResult:
+    "The result of the job whose MLflow run is `r`."
     nb = r.data.tags.get(keys.NOTEBOOK, "")
     end = r.info.end_time or time.time() * 1000
-    return JobResult(run_id, Path(nb).name, r.info.status, r.data.tags.get(keys.ERROR),
+    return JobResult(r.info.run_id, Path(nb).name, r.info.status, r.data.tags.get(keys.ERROR),
                      f"{r.info.artifact_uri}/{Path(nb).name}",
                      {k: v for k, v in r.data.metrics.items() if k != keys.HEARTBEAT},
                      (end - r.info.start_time) / 1000)
+
+def job_result(s:ResolvedSettings, run_id:str) -> JobResult:
+    "The result of job `run_id`, read back from MLflow."
+    return run_result(store.client(s).get_run(run_id))
 
 # %% ../../nbs/api/22_jobs_query.ipynb #a2745c2d
 def list_jobs(s:ResolvedSettings, limit:int=20, status:str|None=None) -> list[JobResult]:

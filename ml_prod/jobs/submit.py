@@ -134,8 +134,7 @@ def submit_notebook(notebook:str|Path, # the .ipynb to run
                 keys.RUNTIME_ENV: json.dumps(runtime_env or {}), keys.DETACHED: keys.flag(detach), keys.CWD: cwd}
     if schema.secret_names: job_tags[keys.SECRET_PARAMS] = ",".join(schema.secret_names)
     run_id = store.create_job_run(s, exp, path, nb_bytes, schema.public(values), {**job_tags, **(tags or {})}, cwd, run_name)
-    spec = JobSpec(run_id, str(path), nb_bytes.decode(), values, s.tracking_uri, s.registry_uri, exp, str(s.outputs_dir),
-                   cwd, timeout, cell_timeout, s.job_heartbeat_s)
+    spec = JobSpec.of(s, run_id, path, nb_bytes, values, exp, cwd, timeout, cell_timeout)
     try:
         connect(s)
         opts = _task_options(s, cpus, gpus, memory, resources, runtime_env, max_retries, f"job:{path.name}")

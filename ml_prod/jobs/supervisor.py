@@ -37,6 +37,14 @@ class JobSpec:
     cell_timeout: float|None = None
     heartbeat_s: float = 10.0
 
+    @classmethod
+    def of(cls, s:ResolvedSettings, run_id:str, notebook:str|Path, nb_bytes:bytes, values:dict, experiment_id:str, cwd:str|None=None,
+           timeout:float|None=None, cell_timeout:float|None=None) -> "JobSpec":
+        "The spec of job run `run_id` under settings `s` (where the supervisor finds MLflow, writes outputs, how often it beats)."
+        return cls(run_id=run_id, notebook=str(notebook), nb_json=nb_bytes.decode(), values=values, tracking_uri=s.tracking_uri,
+                   registry_uri=s.registry_uri, experiment_id=experiment_id, outputs_dir=str(s.outputs_dir), cwd=cwd,
+                   timeout=timeout, cell_timeout=cell_timeout, heartbeat_s=s.job_heartbeat_s)
+
 # %% ../../nbs/api/21_jobs_supervisor.ipynb #4dde887d
 def _kernel_env(spec:JobSpec, secret_env:dict, report_path:Path) -> dict:
     return {**_base_env(), **secret_env, REPORT_FILE_ENV: str(report_path), "MLFLOW_TRACKING_URI": spec.tracking_uri, "MLFLOW_REGISTRY_URI": spec.registry_uri,

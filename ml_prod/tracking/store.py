@@ -15,7 +15,8 @@ from . import tags as keys
 from .provenance import environment_freeze, git_state, input_fingerprints, package_versions, sha256_bytes
 
 # %% auto #0
-__all__ = ['REAP_AFTER_BEATS', 'client', 'ensure_experiment', 'create_job_run', 'beat', 'fail_run', 'reap_stale_jobs']
+__all__ = ['REAP_AFTER_BEATS', 'client', 'ensure_experiment', 'job_run_tags', 'create_job_run', 'beat', 'fail_run',
+           'reap_stale_jobs']
 
 # %% ../../nbs/api/14_tracking_store.ipynb #40eaa87b
 REAP_AFTER_BEATS = 6                   # a job silent this many heartbeats is reaped
@@ -49,29 +50,35 @@ def ensure_experiment(s:ResolvedSettings, name:str|None=None) -> str:
 def _chunks(xs, n=100):
     for i in range(0, len(xs), n): yield xs[i:i+n]
 
-def create_job_run(s:ResolvedSettings, experiment_id:str, notebook:str|Path, nb_bytes:bytes,
-                   params:dict, tags:dict|None=None, cwd:str|Path|None=None, run_name:str|None=None) -> str:
-    "Create a RUNNING MLflow run for a notebook job, with params and provenance; returns its id."
-    from mlflow.entities import Param, RunTag
-    c, notebook = client(s), Path(notebook)
-    git = git_state(notebook)
+def job_run_tags(s:ResolvedSettings, notebook:Path, nb_bytes:bytes, git:dict) -> dict:
+    "The tags every job's run carries: the notebook and its hash, where it was submitted from, the profile, the git commit."
     t = {keys.JOB: "true", "mlflow.source.name": str(notebook), "mlflow.source.type": "NOTEBOOK",
          keys.NOTEBOOK: str(notebook), keys.NOTEBOOK_SHA256: sha256_bytes(nb_bytes),
-         keys.VERSIONS: json.dumps(package_versions()), keys.SUBMITTED_FROM: socket.gethostname(),
-         keys.PROFILE: s.profile, **(tags or {})}
+         keys.SUBMITTED_FROM: socket.gethostname(), keys.PROFILE: s.profile}
     if git: t.update({"mlflow.source.git.commit": git["commit"], keys.GIT_DIRTY: keys.flag(git["dirty"])})
+    return t
+
+def create_job_run(s:ResolvedSettings, experiment_id:str, notebook:str|Path, nb_bytes:bytes,
+                   params:dict, tags:dict|None=None, cwd:str|Path|None=None, run_name:str|None=None,
+                   shared:bool=False, # `tags` hold `job_run_tags` made once for many runs (a sweep's trials), whose environment and git diff are logged once
+                  ) -> str:
+    "Create a RUNNING MLflow run for a notebook job, with params and provenance; returns its id. The one run factory of jobs, pipelines and sweeps."
+    from mlflow.entities import Param
+    c, notebook = client(s), Path(notebook)
+    git = {} if shared else git_state(notebook)
+    t = {**({} if shared else job_run_tags(s, notebook, nb_bytes, git)), keys.VERSIONS: json.dumps(package_versions()), **(tags or {})}
     for k, v in input_fingerprints(params, cwd or Path.cwd()).items(): t[keys.input_key(k)] = v
     run = c.create_run(experiment_id, tags=t, run_name=run_name or notebook.stem)
     ps = [Param(k, keys.param_value(v)) for k, v in params.items()]
     for batch in _chunks(ps): c.log_batch(run.info.run_id, params=batch)
-    _log_provenance(c, run.info.run_id, git, nb_bytes, notebook.name)
+    _log_provenance(c, run.info.run_id, git, nb_bytes, notebook.name, environment=not shared)
     return run.info.run_id
 
-def _log_provenance(c, run_id:str, git:dict, nb_bytes:bytes, nb_name:str):
-    "The source notebook, environment and (when dirty) git diff as artifacts under `provenance/`."
+def _log_provenance(c, run_id:str, git:dict, nb_bytes:bytes, nb_name:str, environment:bool=True):
+    "The source notebook and (with `environment`) the package environment and, when dirty, the git diff as artifacts under `provenance/`."
     with tempfile.TemporaryDirectory() as d:
         (Path(d)/nb_name).write_bytes(nb_bytes)
-        (Path(d)/"requirements.txt").write_text(environment_freeze())
+        if environment: (Path(d)/"requirements.txt").write_text(environment_freeze())
         if git.get("dirty"): (Path(d)/"git_diff.patch").write_text(git["diff"])
         c.log_artifacts(run_id, d, "provenance")
 
