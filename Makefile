@@ -19,7 +19,7 @@ PYTEST_ARGS      :=
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help venv export normalize clean readme check test demo docs bench
+.PHONY: help venv export normalize clean readme check test demo tutorial docs bench
 
 help:
 	@echo "make demo     set up .venv and run the fraud example as tracked jobs on a local Ray (ml_prod demo)"
@@ -29,6 +29,7 @@ help:
 	@echo "make normalize  nbdev-clean the notebooks in nbs/ and $(EXAMPLES)/ (metadata, execution counts; outputs kept)"
 	@echo "make clean    remove build outputs (docs site, wheels, caches); sources and .ml_prod/ are left alone"
 	@echo "make readme   render README.md from nbs/index.ipynb"
+	@echo "make tutorial run ml_prod demo in a fresh project and save the executed tutorial with its outputs"
 	@echo "make check    fail if export, normalize or readme would change anything"
 	@echo "make docs     build the docs site into docs/site/ (offline)"
 	@echo "make bench    run every benchmark script bench/*.py"
@@ -70,6 +71,9 @@ test: venv
 
 demo: venv
 	$(BIN)/ml_prod demo
+
+tutorial: venv
+	$(PY) .ci/tutorial.py
 
 docs: $(VENV)/.docs-installed
 	$(PY) docs/build.py

@@ -35,12 +35,23 @@ def tutorial_notebook() -> Path:
     from importlib.resources import files
     return Path(str(files("ml_prod")/"examples"/"fraud"/"tutorial.ipynb"))
 
+def _stream_cell_output():
+    "papermill's `log_output` goes through its logger: show those lines, as they come, on standard output."
+    import logging
+    log = logging.getLogger("papermill")
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stdout); h.setFormatter(logging.Formatter("%(message)s"))
+        h.addFilter(lambda r: not r.getMessage().startswith(("Executing Cell", "Ending Cell")))  # the cells' own output only
+        log.addHandler(h)
+    log.setLevel(logging.INFO)
+
 def run_tutorial(s, out:Path, **parameters) -> Path:
     "Execute the tutorial with papermill in the project's folder, output streamed; the executed copy goes to `out`."
     import papermill as pm
     from ml_prod.params import notebook_schema
     parameters = notebook_schema(tutorial_notebook()).validate(parameters)  # bad values: refused before anything runs
     out.parent.mkdir(parents=True, exist_ok=True)
+    _stream_cell_output()
     try: pm.execute_notebook(str(tutorial_notebook()), str(out), parameters={**parameters, "profile": s.profile},
                              kernel_name="python3", cwd=str(s.project_dir), log_output=True, progress_bar=False)
     except pm.PapermillExecutionError as e:
