@@ -47,7 +47,9 @@ def gather_parameters(pairs:list[tuple[str, str]]|None, file:Path|None, notebook
         if not isinstance(values, dict): raise ParameterError(f"-f {file}: expected a mapping of parameter names to values")
         values = schema.validate(values)
     strings = dict(pairs or [])
-    return {**values, **schema.validate(strings, from_strings=True)} if strings else values
+    if not strings: return values
+    given = {k: v for k, v in schema.validate(strings, from_strings=True).items() if k in strings}  # not the defaults it fills in
+    return {**schema.validate(values), **given}
 
 # %% ../../nbs/api/90_cli_common.ipynb #f8962c22
 def _fail(e:MlProdError):
