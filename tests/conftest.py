@@ -9,12 +9,23 @@ the session when a test leaves a Jupyter kernel running.
   session waits up to 10 s for kernels (`ipykernel_launcher`) that are its descendants or carry that
   marker (a kernel orphaned by a killed Ray worker is no longer a descendant), then reports the ones
   left, kills them and fails the session. Kernels of other sessions on the machine are not touched.
+* Serving: one persistent local cluster for the whole session (`serving_project`, `project`) and the
+  helpers the serving tests share (`cli`, `log_version`, `deploy`, `status`, `raw_project`,
+  `ray_deployed`, ...); test modules import them from here (`from conftest import ...`), never from
+  each other. See "one persistent serving cluster" below.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
+import socket
+import subprocess
+import sys
 import time
 import uuid
+from contextlib import contextmanager
+from pathlib import Path
 
 import psutil
 import pytest
@@ -54,6 +65,247 @@ def project_dir(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(root)
     return root
+
+
+# ---- one persistent serving cluster for the session ------------------------------------------------
+#
+# `ml_prod serve up` starts the project's persistent local Ray (`ray start` with all the machine's CPUs, GCS
+# on 6379, Serve's proxy on 8000, direct ingress) on first use. Every serving test module (test_loopback, test_serving,
+# test_serving_ops, test_serving_steps) works in ONE project, `serving_project`, through the module
+# fixture `project`, so the cluster is started once per session by the first `deploy` and reused.
+#
+# * Everything the modules need at `ray start` (Ray reads it when its processes start, so it cannot be
+#   set later) is in `cluster_env`, passed by `deploy` to every `ml_prod serve up`: it only counts for
+#   the call that starts the cluster. None of it changes what the other modules' tests see.
+# * Each module leaves no application behind (`serve down` when it ends): every replica reserves CPUs
+#   of the 2, and application names stay distinct anyway. The registry, the audit log and Ray's logs
+#   are shared; the tests look only at their own model versions, applications and request ids.
+# * The cluster goes down after the last test that uses it (or at the end of the session); a later
+#   `deploy` would start it again. A test that needs other `ray start` flags starts its own cluster
+#   (`ray_deployed`, test_multinode), on other ports.
+# * The pytest process never connects to this cluster: tests drive it with the `ml_prod` CLI in
+#   subprocesses, so conftest's in-process `ray_local` (test_jobs, test_tune, ...) can live beside it.
+
+ML_PROD = str(Path(sys.executable).parent / "ml_prod")
+HERE = Path(__file__).parent
+RECORD = {"amount": 250.0, "country": "US"}
+# Ray's replicas and handles report their load to the autoscaler every 10 s by default; every second on
+# the shared cluster, so that test_serving_ops's autoscaling test (5 s look-back window) sees the load
+# change within seconds. Only deployments with autoscaling push these metrics, so nothing else changes.
+FAST_METRICS = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1", "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
+
+
+def cli(*args, check=True, env=None, timeout=300):
+    r = subprocess.run([ML_PROD, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if check and r.returncode != 0: raise AssertionError(f"ml_prod {' '.join(args)} exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def step_log(project: Path) -> Path:
+    "The folder where the steps of tests/step_functions.py note the process they ran in (`$STEP_TEST_LOG`)."
+    return project / "step_log"
+
+
+def cluster_env(project: Path) -> dict:
+    """Environment for `ray start` of the shared cluster: fast autoscaling metrics (test_serving_ops), tests/
+    importable by its processes and the steps' pid folder (test_serving_steps)."""
+    return {**FAST_METRICS, "PYTHONPATH": os.pathsep.join([str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]),
+            "STEP_TEST_LOG": str(step_log(project))}
+
+
+@contextmanager
+def in_project(root: Path):
+    "`root` as the working directory, without the developer's ML_PROD_* settings; both restored after."
+    old = Path.cwd()
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("ML_PROD_") and k != SESSION_MARKER}
+    os.chdir(root)
+    try: yield root
+    finally:
+        os.chdir(old)
+        os.environ.update(saved)
+
+
+def _cluster_is_up() -> bool:
+    "Whether the persistent local cluster of the project in the working directory is up (without connecting to it)."
+    from ml_prod.runtime.cluster import local_cluster
+    from ml_prod.settings import load_settings
+    return local_cluster(load_settings()) is not None
+
+
+def _stop_cluster():
+    "Stop the applications and the persistent cluster of the project in the working directory, if it is up."
+    if _cluster_is_up():
+        cli("serve", "down", check=False)
+        cli("cluster", "down", check=False)
+
+
+@pytest.fixture(scope="session")
+def serving_project(tmp_path_factory):
+    "The one serving project of the session (a registry of tiny-model versions); its cluster is stopped at the end."
+    root = tmp_path_factory.mktemp("serving")
+    (root / "settings.ini").write_text("[DEFAULT]\n")
+    step_log(root).mkdir()
+    yield root
+    with in_project(root): _stop_cluster()
+
+
+def _used_later(request, fixture: str) -> bool:
+    "Whether a test after this module (in run order) uses `fixture`."
+    items, module = request.session.items, request.node
+    mine = [i for i, item in enumerate(items) if item.getparent(pytest.Module) is module]
+    return any(fixture in item.fixturenames for item in items[max(mine, default=len(items)) + 1:])
+
+
+@pytest.fixture(scope="module")
+def project(serving_project, request):
+    "The session's serving project as the working directory for this module; no application of the module outlives it."
+    with in_project(serving_project):
+        try: yield serving_project
+        finally:
+            if not _used_later(request, "project"): _stop_cluster()
+            elif _cluster_is_up(): cli("serve", "down", check=False)  # the applications' replicas hold the cluster's CPUs
+
+
+def log_version(alias: str, **model_config) -> int:
+    "Log a tiny model with `model_config` and register it as a new version of `tiny` under `alias`."
+    import mlflow
+    import pandas as pd
+    from mlflow.models import infer_signature
+    from ml_prod.models.registry import register
+    from ml_prod.settings import load_settings
+    s = load_settings()
+    mlflow.set_tracking_uri(s.tracking_uri)
+    X = pd.DataFrame({"amount": [10.0, 250.0], "country": ["US", "FR"]})
+    sig = infer_signature(X, pd.DataFrame({"score": [0.1, 0.9]}))
+    mlflow.set_experiment("serving-tests")
+    with mlflow.start_run() as run:
+        mlflow.pyfunc.log_model(name="model", python_model=str(HERE / "tiny_model.py"), model_config=model_config or None,
+                                signature=sig, input_example=X)
+    return register(s, run.info.run_id, "tiny", alias=alias)
+
+
+def deploy(project: Path, app: dict, env=None, direct: bool = True) -> str:
+    """Deploy one application with `ml_prod serve up` (which starts the shared cluster with `cluster_env` if it is not up);
+    the base URL of its replica (`direct`) or its stable one (Ray's proxy)."""
+    import yaml
+    spec = project / f"{app['name']}.yaml"
+    spec.write_text(yaml.safe_dump({"applications": [app]}))
+    out = cli("serve", "up", str(spec), env={**cluster_env(project), **(env or {})}).stdout
+    stable = out.split(" serving at ")[1].split()[0]
+    assert stable.startswith("http://127.0.0.1:8000/"), out
+    return status(app["name"])["replica_urls"][0] if direct else stable.removesuffix("/predict")
+
+
+def status(app: str) -> dict:
+    return next(a for a in json.loads(cli("serve", "status", "--json").stdout) if a["app"] == app)
+
+
+# ---- clusters of their own: `ray start` with Serve's flags, then Ray's own `serve deploy` -------------------
+
+RAY_MARKER = "ML_PROD_RAY_DEPLOYED_TEST"  # set in the environment of every process `ray_deployed` starts
+
+
+def free_ports(n: int) -> list[int]:
+    "`n` distinct ports that are free on 127.0.0.1 right now (all held open while choosing)."
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks: s.close()
+
+
+def raw_project(tmp_path, monkeypatch) -> tuple[Path, int, int]:
+    "A project in `tmp_path/p` whose `[raw]` profile joins a `ray start` cluster on free ports: (root, GCS port, dashboard port)."
+    root = tmp_path / "p"
+    root.mkdir()
+    gcs, dashboard = free_ports(2)
+    (root / "settings.ini").write_text(f"[DEFAULT]\n\n[raw]\nray_address = 127.0.0.1:{gcs}\nstorage_is_shared = true  # one machine\n")
+    for k in [k for k in os.environ if k.startswith("ML_PROD_") and k != SESSION_MARKER]: monkeypatch.delenv(k)
+    monkeypatch.chdir(root)
+    return root, gcs, dashboard
+
+
+def _ray_start_env(**extra) -> dict:
+    "This process's environment without ML_PROD_*/MLFLOW_*/RAY_ADDRESS/RAY_AUTH_MODE leaking in, plus `extra`."
+    env = {k: v for k, v in os.environ.items()
+           if not (k.startswith("ML_PROD_") and k != SESSION_MARKER) and not k.startswith("MLFLOW_") and k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    return {**env, **extra}
+
+
+def _run(cmd: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0: raise RuntimeError(f"`{' '.join(cmd)}` failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def _alive(p: psutil.Process) -> bool:
+    "Running and not a zombie (a zombie is dead, only not yet reaped by its parent)."
+    try: return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error: return False
+
+
+def _started_by(temp_dir: str, gcs_port: int, marker: str) -> list[psutil.Process]:
+    "Live processes naming `temp_dir` or the GCS port, or carrying `marker` in `RAY_MARKER`; and their descendants."
+    me = os.getpid()
+    # the GCS's port after any IPv4 address: Ray hands some processes (the client server) the resolved address
+    gcs = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}:" + str(gcs_port) + r"(?!\d)")
+    found: dict[int, psutil.Process] = {}
+    for p in psutil.process_iter(["cmdline"]):
+        if p.pid == me: continue
+        args = p.info["cmdline"] or []
+        try: marked = p.environ().get(RAY_MARKER) == marker
+        except psutil.Error: marked = False
+        if marked or any(temp_dir in a or gcs.search(a) for a in args): found[p.pid] = p
+    for p in list(found.values()):
+        try: found.update({c.pid: c for c in p.children(recursive=True)})
+        except psutil.Error: pass
+    found.pop(me, None)
+    return [p for p in found.values() if _alive(p)]
+
+
+def _stop(procs: list[psutil.Process], grace_s: float = 10.0):
+    "SIGTERM `procs`, SIGKILL those still alive after `grace_s`."
+    for p in procs:
+        try: p.terminate()
+        except psutil.Error: pass
+    deadline = time.monotonic() + grace_s
+    while (alive := [p for p in procs if _alive(p)]) and time.monotonic() < deadline:
+        psutil.wait_procs(alive, timeout=0.2)  # also reaps those that are our children
+    for p in alive:
+        try: p.kill()
+        except psutil.Error: pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+@contextmanager
+def ray_deployed(gcs: int, dashboard: int, num_cpus: int, config: str = "serve_config.yaml"):
+    """A `ray start` head with Serve's flags runs Ray's own `serve deploy CONFIG`; yields the first application's
+    `ml_prod serve status --profile raw` once RUNNING, and stops only what it started."""
+    from ml_prod.serving.spec import SERVE_ENV
+    bin_dir = Path(sys.executable).parent
+    marker, temp = uuid.uuid4().hex, f"/tmp/ray_sd_{uuid.uuid4().hex[:6]}"
+    env = _ray_start_env(RAY_AUTH_MODE="token", **SERVE_ENV, **{RAY_MARKER: marker})
+    try:
+        _run([str(bin_dir / "ray"), "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
+              "--disable-usage-stats"], env)
+        _run([str(bin_dir / "serve"), "deploy", config, "-a", f"http://127.0.0.1:{dashboard}"], env)
+        deadline, st, r = time.time() + 180, None, None
+        while time.time() < deadline:
+            r = cli("serve", "status", "--profile", "raw", "--json", check=False, env={"RAY_AUTH_MODE": "token"})
+            apps = json.loads(r.stdout) if r.returncode == 0 else []
+            if apps and apps[0]["status"] == "RUNNING": st = apps[0]; break
+            assert r.returncode == 0 or "Ray Serve is not running" in r.stderr, r.stderr[-2000:]  # not yet, or a real error
+            assert not apps or apps[0]["status"] not in ("DEPLOY_FAILED", "UNHEALTHY"), apps[0]["message"]
+            time.sleep(2)
+        assert st, f"not RUNNING under `serve deploy`: {r.stdout[-2000:]} {r.stderr[-2000:]}"
+        yield st
+    finally:
+        _stop(_started_by(temp, gcs, marker))
 
 
 # ---- no kernel may outlive the session ---------------------------------------------------------------

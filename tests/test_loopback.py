@@ -8,10 +8,11 @@ replica's own port.
   two-deployment Serve app (ingress -> handle -> downstream, so the replicas' gRPC servers are used),
   lists the sockets of itself, its descendants and every process naming its Ray session folder, and stops.
 * `test_serve_up_persistent_cluster`: `ml_prod serve up` of a one-model spec (tiny MLflow model in the
-  project's SQLite registry, the helpers of test_serving) on the embedded profile's persistent cluster;
-  then a driver that imported `ray` first joins that cluster through `connect` (it must not hang).
+  project's SQLite registry, conftest's serving helpers) on the embedded profile's persistent cluster,
+  the session's shared one (conftest's `project`); then a driver that imported `ray` first joins that
+  cluster through `connect` (it must not hang).
 
-The fixed ports of test_serving (6379, 8000) apply: run under the machine-wide Ray lock."""
+The shared serving cluster's fixed ports (6379, 8000) apply: run under the machine-wide Ray lock."""
 from __future__ import annotations
 
 import json
@@ -25,12 +26,11 @@ from pathlib import Path
 
 import httpx
 import psutil
-import pytest
 
 from ml_prod.runtime.cluster import _cluster_processes, _stop, _temp_dir, is_loopback_ip
 from ml_prod.serving.spec import SERVE_ENV
-from test_multinode import free_ports
-from test_serving import RECORD, deploy, log_version, project, status  # noqa: F401  (project: the module's serving project)
+
+from conftest import RECORD, deploy, free_ports, log_version, status
 
 
 def listeners(procs) -> list[tuple[str, int, str, int]]:
@@ -143,7 +143,7 @@ JOIN = textwrap.dedent("""
 """)
 
 
-def test_serve_up_persistent_cluster(project):  # noqa: F811
+def test_serve_up_persistent_cluster(project):
     from ml_prod.settings import load_settings
     log_version("loopback")
     direct = deploy(project, {"name": "lb", "arms": {"main": {"model": "models:/tiny@loopback", "weight": 1}}})

@@ -1,6 +1,6 @@
 """Serving against the real thing: `ml_prod serve up` starts the project's persistent local Ray with
-direct ingress, deploys a spec, and requests go over HTTP to the replica's port. One cluster for the
-module; each test deploys its own application.
+direct ingress, deploys a spec, and requests go over HTTP to the replica's port. The cluster is the
+session's shared one (conftest's `project`); each test deploys its own application.
 
 Models are tiny MLflow models logged from code (`tiny_model.py`) and registered in the project's
 SQLite registry, so aliases, versions and the promotion path are the real ones."""
@@ -9,81 +9,21 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-ML_PROD = str(Path(sys.executable).parent / "ml_prod")
-HERE = Path(__file__).parent
-RECORD = {"amount": 250.0, "country": "US"}
-
-
-def cli(*args, check=True, env=None, timeout=300):
-    r = subprocess.run([ML_PROD, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
-    if check and r.returncode != 0: raise AssertionError(f"ml_prod {' '.join(args)} exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return r
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    "A project with a registry holding tiny-model versions; the persistent cluster is stopped at the end."
-    root = tmp_path_factory.mktemp("serving")
-    (root / "settings.ini").write_text("[DEFAULT]\n")
-    old = Path.cwd()
-    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("ML_PROD_") and k != "ML_PROD_TEST_SESSION"}
-    os.chdir(root)
-    try:
-        yield root
-    finally:
-        cli("serve", "down", check=False)
-        cli("cluster", "down", check=False)
-        os.chdir(old)
-        os.environ.update(saved)
-
-
-def log_version(alias: str, **model_config) -> int:
-    "Log a tiny model with `model_config` and register it as a new version of `tiny` under `alias`."
-    import mlflow
-    import pandas as pd
-    from mlflow.models import infer_signature
-    from ml_prod.models.registry import register
-    from ml_prod.settings import load_settings
-    s = load_settings()
-    mlflow.set_tracking_uri(s.tracking_uri)
-    X = pd.DataFrame({"amount": [10.0, 250.0], "country": ["US", "FR"]})
-    sig = infer_signature(X, pd.DataFrame({"score": [0.1, 0.9]}))
-    mlflow.set_experiment("serving-tests")
-    with mlflow.start_run() as run:
-        mlflow.pyfunc.log_model(name="model", python_model=str(HERE / "tiny_model.py"), model_config=model_config or None,
-                                signature=sig, input_example=X)
-    return register(s, run.info.run_id, "tiny", alias=alias)
+from conftest import RECORD, cli, deploy, log_version, ray_deployed, raw_project, status
 
 
 def set_alias(alias: str, version: int):
     from ml_prod.models.registry import set_alias as move
     from ml_prod.settings import load_settings
     move(load_settings(), "tiny", alias, version, reason="test")
-
-
-def deploy(project: Path, app: dict, env=None, direct: bool = True) -> str:
-    "Deploy one application with `ml_prod serve up`; the base URL of its replica (`direct`) or its stable one (Ray's proxy)."
-    spec = project / f"{app['name']}.yaml"
-    spec.write_text(yaml.safe_dump({"applications": [app]}))
-    out = cli("serve", "up", str(spec), env=env).stdout
-    stable = out.split(" serving at ")[1].split()[0]
-    assert stable.startswith("http://127.0.0.1:8000/"), out
-    return status(app["name"])["replica_urls"][0] if direct else stable.removesuffix("/predict")
-
-
-def status(app: str) -> dict:
-    return next(a for a in json.loads(cli("serve", "status", "--json").stdout) if a["app"] == app)
 
 
 def test_request_path_update_and_audit(project):
@@ -240,46 +180,6 @@ def test_killed_replica_loses_no_answered_record(project):
     missing = set(answered) - set(ok.request_id)
     assert not missing, f"{len(missing)} answered requests have no audit record, e.g. {sorted(missing)[:5]}"
     assert df.request_id.is_unique
-
-
-def raw_project(tmp_path, monkeypatch) -> tuple[Path, int, int]:
-    "A project in `tmp_path/p` whose `[raw]` profile joins a `ray start` cluster on free ports: (root, GCS port, dashboard port)."
-    from test_multinode import free_ports
-    root = tmp_path / "p"
-    root.mkdir()
-    gcs, dashboard = free_ports(2)
-    (root / "settings.ini").write_text(f"[DEFAULT]\n\n[raw]\nray_address = 127.0.0.1:{gcs}\nstorage_is_shared = true  # one machine\n")
-    for k in [k for k in os.environ if k.startswith("ML_PROD_") and k != "ML_PROD_TEST_SESSION"]: monkeypatch.delenv(k)
-    monkeypatch.chdir(root)
-    return root, gcs, dashboard
-
-
-@contextmanager
-def ray_deployed(gcs: int, dashboard: int, num_cpus: int, config: str = "serve_config.yaml"):
-    """A `ray start` head with Serve's flags runs Ray's own `serve deploy CONFIG`; yields the first application's
-    `ml_prod serve status --profile raw` once RUNNING, and stops only what it started."""
-    import uuid
-    from ml_prod.serving.spec import SERVE_ENV
-    from test_multinode import MARKER, clean_env, our_processes, run_cmd, stop_processes
-    marker, temp = uuid.uuid4().hex, f"/tmp/ray_sd_{uuid.uuid4().hex[:6]}"
-    env = clean_env(RAY_AUTH_MODE="token", **SERVE_ENV, **{MARKER: marker})
-    try:
-        run_cmd([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
-                 "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
-                 "--disable-usage-stats"], env)
-        run_cmd([str(Path(sys.executable).parent / "serve"), "deploy", config, "-a", f"http://127.0.0.1:{dashboard}"], env)
-        deadline, st, r = time.time() + 180, None, None
-        while time.time() < deadline:
-            r = cli("serve", "status", "--profile", "raw", "--json", check=False, env={"RAY_AUTH_MODE": "token"})
-            apps = json.loads(r.stdout) if r.returncode == 0 else []
-            if apps and apps[0]["status"] == "RUNNING": st = apps[0]; break
-            assert r.returncode == 0 or "Ray Serve is not running" in r.stderr, r.stderr[-2000:]  # not yet, or a real error
-            assert not apps or apps[0]["status"] not in ("DEPLOY_FAILED", "UNHEALTHY"), apps[0]["message"]
-            time.sleep(2)
-        assert st, f"not RUNNING under `serve deploy`: {r.stdout[-2000:]} {r.stderr[-2000:]}"
-        yield st
-    finally:
-        stop_processes(our_processes([temp], [f"127.0.0.1:{gcs}"], marker))
 
 
 @pytest.mark.slow

@@ -1,12 +1,12 @@
 """Operating a served application, live: autoscaling under load and back, and `ml_prod serve logs`.
 
-Same set-up as `test_serving.py` (its module fixture `project`: the project's persistent local Ray with
+Same set-up as `test_serving.py` (conftest's `project`: the session's shared persistent local Ray with
 direct ingress, a SQLite registry of tiny models), here with replicas of 0.25 CPU so that two of them
 fit on a 2-core machine. The load is driven at 127.0.0.1 only, by threads of this process; the tiny
-model's `delay` keeps requests in flight without burning CPU."""
+model's `delay` keeps requests in flight without burning CPU. Ray's processes report autoscaling metrics
+every second (conftest's `FAST_METRICS`, set when the shared cluster starts), not every 10 s."""
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import Counter
@@ -14,24 +14,10 @@ from collections import Counter
 import httpx
 import pytest
 
-from test_serving import RECORD, cli, deploy, log_version, project, status  # noqa: F401 (project: the module fixture)
+from conftest import RECORD, cli, deploy, log_version, status
 
 UPSCALE_DEADLINE_S = 60    # sustained load -> 2 replicas RUNNING
 DOWNSCALE_DEADLINE_S = 60  # load stopped -> back to 1
-# Ray's replicas and handles report their load to the autoscaler every 10 s by default; every second here,
-# so that a test with a 5 s look-back window sees the load change within seconds. Read by `ray start`,
-# which the first `ml_prod serve up` of this module runs with this process's environment.
-FAST_METRICS = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1", "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_autoscaling_metrics():
-    saved = {k: os.environ.get(k) for k in FAST_METRICS}
-    os.environ.update(FAST_METRICS)
-    yield
-    for k, v in saved.items():
-        if v is None: os.environ.pop(k, None)
-        else: os.environ[k] = v
 
 
 def running(st: dict) -> list[dict]:

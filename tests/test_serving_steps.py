@@ -3,14 +3,12 @@ deployments of their own, next to `Endpoint`, on the project's persistent local 
 up`) and under Ray's own `serve deploy`. Requests go over HTTP; the steps (tests/step_functions.py)
 note the process they ran in, so the tests see that a separate step runs in another replica.
 
-Helpers and the `project` fixture come from test_serving.py."""
+Helpers and the `project` fixture (the session's shared cluster) come from conftest.py."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from test_serving import HERE, RECORD, cli, deploy, log_version, project, ray_deployed, raw_project, status  # noqa: F401 (project is a fixture)
+from conftest import HERE, RECORD, cli, deploy, log_version, ray_deployed, raw_project, status, step_log
 
 TIMEOUT_S = 2
 
@@ -43,10 +41,12 @@ def pids(folder: Path, step: str) -> set[int]:
 
 
 @pytest.fixture
-def step_env(tmp_path, monkeypatch):
-    "tests/ importable by the cluster's processes, and a folder where the steps note their pid; both set before the cluster starts."
-    log = tmp_path / "step_log"
-    log.mkdir()
+def step_env(serving_project, monkeypatch):
+    """tests/ importable by the cluster's processes, and an empty folder where the steps note their pid; both set before the
+    cluster starts. The session's shared cluster was started with both (conftest's `cluster_env`, the same folder); a cluster
+    a test starts itself (`ray_deployed`) gets them from this environment. Emptied here: the tests run one after the other."""
+    log = step_log(serving_project)
+    for f in log.iterdir(): f.unlink()
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]))
     monkeypatch.setenv("STEP_TEST_LOG", str(log))
     return log
