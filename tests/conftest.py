@@ -267,8 +267,8 @@ def _started_by(temp_dir: str, gcs_port: int, marker: str) -> list[psutil.Proces
     return [p for p in found.values() if _alive(p)]
 
 
-def _stop(procs: list[psutil.Process], grace_s: float = 10.0):
-    "SIGTERM `procs`, SIGKILL those still alive after `grace_s`."
+def stop_processes(procs: list[psutil.Process], grace_s: float = 10.0) -> list[psutil.Process]:
+    "SIGTERM `procs`, SIGKILL those still alive after `grace_s`; returns the ones that had to be killed."
     for p in procs:
         try: p.terminate()
         except psutil.Error: pass
@@ -279,6 +279,7 @@ def _stop(procs: list[psutil.Process], grace_s: float = 10.0):
         try: p.kill()
         except psutil.Error: pass
     psutil.wait_procs(alive, timeout=5)
+    return alive
 
 
 @contextmanager
@@ -305,7 +306,7 @@ def ray_deployed(gcs: int, dashboard: int, num_cpus: int, config: str = "serve_c
         assert st, f"not RUNNING under `serve deploy`: {r.stdout[-2000:]} {r.stderr[-2000:]}"
         yield st
     finally:
-        _stop(_started_by(temp, gcs, marker))
+        stop_processes(_started_by(temp, gcs, marker))
 
 
 # ---- no kernel may outlive the session ---------------------------------------------------------------

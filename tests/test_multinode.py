@@ -38,6 +38,7 @@ import nbformat
 import psutil
 import pytest
 
+from conftest import _alive, free_ports, stop_processes  # shared with the serving tests
 from ml_prod.errors import ConfigError
 from ml_prod.serving.spec import SERVE_ENV
 from ml_prod.settings import load_settings
@@ -53,19 +54,6 @@ JOB_TIMEOUT_S = 180
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
-
-def free_ports(n: int) -> list[int]:
-    "`n` distinct ports that are free on 127.0.0.1 right now (all held open while choosing)."
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks: s.close()
-
 
 def free_port_range(size: int, avoid: set[int], lo: int = 20000, hi: int = 32000) -> tuple[int, int]:
     "A run of `size` consecutive ports, none in `avoid`, all bindable now (below the ephemeral range: no clash with `free_ports`)."
@@ -141,27 +129,6 @@ def our_processes(temp_dirs: list[str], gcs_addresses: list[str], marker: str) -
 def _name(p: psutil.Process) -> str:
     try: return p.name()
     except psutil.Error: return ""
-
-
-def _alive(p: psutil.Process) -> bool:
-    "Running and not a zombie (a zombie is dead, only not yet reaped by its parent)."
-    try: return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error: return False
-
-
-def stop_processes(procs: list[psutil.Process], grace_s: float = 10.0) -> list[psutil.Process]:
-    "SIGTERM `procs`, SIGKILL those still alive after `grace_s`; returns the ones that had to be killed."
-    for p in procs:
-        try: p.terminate()
-        except psutil.Error: pass
-    deadline = time.monotonic() + grace_s
-    while (alive := [p for p in procs if _alive(p)]) and time.monotonic() < deadline:
-        psutil.wait_procs(alive, timeout=0.2)  # also reaps those that are our children
-    for p in alive:
-        try: p.kill()
-        except psutil.Error: pass
-    psutil.wait_procs(alive, timeout=5)
-    return alive
 
 
 def make_notebook(path: Path) -> Path:
