@@ -30,7 +30,7 @@ FRAUD = Path(str(files("ml_prod") / "examples" / "fraud"))
 def _pool(n):
     ctx = mp.get_context("forkserver")
     # the workers are forked from a server that has imported MLflow's SQL stores: no import cost per worker
-    ctx.set_forkserver_preload(["ml_prod.registry", "mlflow.store.tracking.sqlalchemy_store",
+    ctx.set_forkserver_preload(["ml_prod.models.registry", "mlflow.store.tracking.sqlalchemy_store",
                                 "mlflow.store.model_registry.sqlalchemy_store", "mlflow.store.db.utils",
                                 "alembic.command", "test_registry"])
     return ctx.Pool(n)
