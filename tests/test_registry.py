@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from ml_prod.models import promote, registry
-from ml_prod.tracking import store
+from ml_prod.tracking import store as tracking  # `store` is this module's fixture
 from ml_prod.settings import load_settings
 
 N = 8
@@ -68,7 +68,7 @@ def make_store(tmp_path):
     s = load_settings(path=tmp_path / "settings.ini", env={})
     saved = Path(tempfile.mkdtemp(dir=tmp_path)) / "model"
     mlflow.pyfunc.save_model(saved, python_model=Const(), pip_requirements=["mlflow"])
-    c, exp = store.client(s), store.ensure_experiment(s)
+    c, exp = tracking.client(s), tracking.ensure_experiment(s)
     runs = []
     for _ in range(N):
         rid = c.create_run(exp).info.run_id
@@ -110,7 +110,7 @@ def test_parallel_alias_moves_lose_no_events(store):
     assert {e.event_id for e in hist} == set(ids)
     assert hist[0].from_version is None
     assert [e.from_version for e in hist[1:]] == [e.to_version for e in hist[:-1]]
-    c = store.client(s)
+    c = tracking.client(s)
     assert int(c.get_model_version_by_alias("moves", "champion").version) == hist[-1].to_version
     assert registry.version_at(s, "moves", "champion", hist[5].time) == hist[5].to_version
 
@@ -123,14 +123,14 @@ def test_register_retries_a_locked_database(store, monkeypatch):
     monkeypatch.setattr(registry, "retries", __import__("collections").Counter())
     db = s.tracking_uri[len("sqlite:///"):]
     calls = {"n": 0}
-    real = store.client(s).__class__.create_model_version
+    real = tracking.client(s).__class__.create_model_version
 
     def locked_twice(self, *a, **k):  # the store reports a lock the first two times, as SQLite does under contention
         calls["n"] += 1
         if calls["n"] <= 2: raise RuntimeError("(sqlite3.OperationalError) database is locked")
         return real(self, *a, **k)
 
-    monkeypatch.setattr(store.client(s).__class__, "create_model_version", locked_twice)
+    monkeypatch.setattr(tracking.client(s).__class__, "create_model_version", locked_twice)
     assert registry.register(s, runs[0], "locked") == 1
     assert registry.retries["database is locked"] == 2
     # a real lock: another connection holds the write lock for a while
@@ -144,8 +144,8 @@ def test_register_retries_a_locked_database(store, monkeypatch):
 
 def test_register_names_a_run_without_model(store):
     s, _, _ = store
-    c = store.client(s)
-    rid = c.create_run(store.ensure_experiment(s)).info.run_id
+    c = tracking.client(s)
+    rid = c.create_run(tracking.ensure_experiment(s)).info.run_id
     with pytest.raises(registry.RegistryError, match=f"run {rid} has no model to register"):
         registry.register(s, rid, "x")
 
@@ -172,7 +172,7 @@ def test_promote_guard_with_fraud_notebooks(ray_local, project_dir):
     print(f"guarded promotion: {time.time() - t1:.1f} s")
     assert (e.from_version, e.to_version, e.action, e.details["decision"]) == (1, 2, "promote", "promoted")
     assert float(e.details["challenger_score"]) >= float(e.details["champion_score"])
-    c = store.client(s)
+    c = tracking.client(s)
     ev = c.get_run(e.evaluation_run)
     assert ev.data.params["model_uri"] == "models:/fraud/2" and ev.data.tags["ml_prod.alias"] == "challenger"
     assert c.get_run(e.details["champion_evaluation_run"]).data.params["model_uri"] == "models:/fraud/1"
