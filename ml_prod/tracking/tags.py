@@ -18,8 +18,9 @@ __all__ = ['PREFIX', 'ERROR_MAX', 'STEP_ERROR_MAX', 'JOB', 'PROFILE', 'CWD', 'RE
            'TUNE_ATTEMPT_START', 'REGISTRY_EVENTS_EXPERIMENT', 'REGISTRATION', 'REGISTERED_BY', 'REASON', 'MODEL',
            'ALIAS', 'VERSION', 'PURPOSE', 'EVENT', 'FROM_VERSION', 'TO_VERSION', 'TIME', 'ACTOR', 'ACTION',
            'EVALUATION_RUN', 'DECISION', 'METRIC', 'MODE', 'CHALLENGER_SCORE', 'CHAMPION_SCORE',
-           'CHAMPION_EVALUATION_RUN', 'UNDOES', 'REGISTERED_MODEL', 'flag', 'clip', 'param_value', 'input_key',
-           'step_key', 'millis', 'prefixed', 'unprefixed', 'seconds']
+           'CHAMPION_EVALUATION_RUN', 'UNDOES', 'REGISTERED_MODEL', 'EVENTS_EXPERIMENT', 'STREAM', 'KIND', 'PAYLOAD',
+           'PAYLOAD_PARTS', 'PAYLOAD_PART_MAX', 'LEASE_BEAT', 'flag', 'clip', 'param_value', 'input_key', 'step_key',
+           'millis', 'prefixed', 'unprefixed', 'seconds', 'payload_key']
 
 # %% ../../nbs/api/12_tracking_tags.ipynb #3f9ac1a3
 PREFIX = "ml_prod."       # the start of every key below; metrics with it are ml_prod's own (left out of a model's metrics)
@@ -143,3 +144,17 @@ def unprefixed(tags:dict) -> dict[str, str]:
 def seconds(t:float) -> str:
     "Unix time `t` as TIME keeps it: seconds with 6 decimals (`float` reads it back exactly for a time rounded to 6 places)."
     return f"{t:.6f}"
+
+# %% ../../nbs/api/12_tracking_tags.ipynb #e7c0a001
+EVENTS_EXPERIMENT = "ml_prod.events"   # the experiment (a name, not a tag) holding the generic events, one run each
+STREAM = "ml_prod.stream"              # event: the stream it belongs to, e.g. "serving/fraud" or "control"
+KIND = "ml_prod.kind"                  # event: its kind within the stream, e.g. "deploy", "rollback", "claim"
+PAYLOAD = "ml_prod.payload.{part}"     # event: part `part` (0, 1, ...) of its data as JSON, each at most PAYLOAD_PART_MAX characters
+PAYLOAD_PARTS = "ml_prod.payload_parts"  # event: decimal count of PAYLOAD parts
+PAYLOAD_PART_MAX = 7000                # characters of JSON in one PAYLOAD tag (under MLflow's 8000)
+LEASE_BEAT = "ml_prod.lease_beat"      # metric on an open "claim" event of the control service: unix time in seconds of its last renewal
+
+# %% ../../nbs/api/12_tracking_tags.ipynb #e7c0a003
+def payload_key(part:int) -> str:
+    "The tag holding part `part` of an event's JSON data."
+    return PAYLOAD.format(part=part)
