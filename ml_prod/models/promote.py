@@ -21,8 +21,13 @@ __all__ = ['FRAUD_EVALUATE', 'evaluate_versions', 'promote']
 # %% ../../nbs/api/31_models_promote.ipynb #51af0c2a
 FRAUD_EVALUATE = Path(str(files("ml_prod")/"examples"/"fraud"/"evaluate.ipynb"))
 
+_SET_BY_PROMOTE = ("model_uri", "data_path")  # what is evaluated, and on what: never the caller's to override
+
 def _evaluation_params(notebook:Path, s, name:str, version:int, data_path:str, extra:dict|None) -> dict:
     from ml_prod.params import notebook_schema
+    if clash := sorted(set(extra or {}) & set(_SET_BY_PROMOTE)):
+        raise ParameterError(f"parameters {', '.join(clash)}: set by promote itself (the versions under evaluation and "
+                             f"data_path); pass data_path to promote, and move the aliases to choose the versions")
     p = {"model_uri": f"models:/{name}/{version}", "data_path": str(data_path), **(extra or {})}
     if "output_dir" in notebook_schema(notebook).names and "output_dir" not in p:
         p["output_dir"] = str(Path(s.outputs_dir)/"promotions"/f"{name}-v{version}-{uuid.uuid4().hex[:8]}")

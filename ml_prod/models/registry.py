@@ -19,9 +19,9 @@ from ..tracking import store
 from ..tracking import tags as keys
 
 # %% auto #0
-__all__ = ['retries', 'MOVE', 'REFUSED', 'RegistryError', 'PromotionRefused', 'default_actor', 'model_source', 'AliasEvent',
-           'record_event', 'alias_history', 'set_alias', 'register', 'version_at', 'rollback', 'list_models',
-           'show_model']
+__all__ = ['retries', 'MOVE', 'REFUSED', 'GUARDED_ALIASES', 'RegistryError', 'PromotionRefused', 'default_actor', 'model_source',
+           'AliasEvent', 'record_event', 'alias_history', 'set_alias', 'register', 'version_at', 'rollback',
+           'list_models', 'show_model']
 
 # %% ../../nbs/api/30_models_registry.ipynb #42595beb
 class RegistryError(MlProdError):
@@ -141,13 +141,22 @@ def _event(run) -> AliasEvent:
                       {k: t[k] for k in _DETAILS if k in t}, t["event"], run.info.run_id)
 
 # %% ../../nbs/api/30_models_registry.ipynb #c524aa86
+def _event_name(e:AliasEvent) -> str: return f"{e.model}@{e.alias} {e.from_version or '-'}->{e.to_version}"
+
+def _begin_event(s:ResolvedSettings, e:AliasEvent) -> str:
+    "Write `e` as a RUNNING run (all its tags in one call); returns the run's id."
+    c, exp = store.client(s), _retry(store.ensure_experiment, s, keys.REGISTRY_EVENTS_EXPERIMENT)
+    run = _retry(c.create_run, exp, start_time=int(e.time * 1000), tags={**_tags(e), "mlflow.runName": _event_name(e)})
+    return run.info.run_id
+
+def _end_event(s:ResolvedSettings, run_id:str, status:str="FINISHED"):
+    "End an event's run: FINISHED (it happened) or FAILED (it did not)."
+    _retry(store.client(s).set_terminated, run_id, status)
+
 def record_event(s:ResolvedSettings, e:AliasEvent) -> AliasEvent:
     "Append `e` to the event log (one new MLflow run); returns it with its `event_id`."
-    c, exp = store.client(s), _retry(store.ensure_experiment, s, keys.REGISTRY_EVENTS_EXPERIMENT)
-    name = f"{e.model}@{e.alias} {e.from_version or '-'}->{e.to_version}"
-    run = _retry(c.create_run, exp, start_time=int(e.time * 1000), tags={**_tags(e), "mlflow.runName": name})
-    _retry(c.set_terminated, run.info.run_id, "FINISHED", end_time=int(e.time * 1000))
-    e.event_id = run.info.run_id
+    e.event_id = _begin_event(s, e)
+    _end_event(s, e.event_id)
     return e
 
 def _search_all(c, exp:str, flt:str) -> list:
@@ -157,14 +166,25 @@ def _search_all(c, exp:str, flt:str) -> list:
         out += list(page); token = page.token
         if not token: return out
 
+def _happened(c, runs:list) -> list:
+    """The runs whose events happened: FINISHED ones, and a RUNNING one whose writer died after moving the alias
+    (the last of its alias, which points where it says). FAILED ones, and moves still in flight, are left out."""
+    done = [r for r in runs if r.info.status == "FINISHED"]
+    for r in (r for r in runs if r.info.status == "RUNNING"):
+        e = _event(r)
+        later = [x for x in runs if x is not r and keys.unprefixed(x.data.tags).get("alias") == e.alias and x.info.start_time >= r.info.start_time]
+        if e.kind == MOVE and not later and _alias_version(c, e.model, e.alias) == e.to_version: done.append(r)
+    return done
+
 def alias_history(s:ResolvedSettings, name:str, alias:str|None=None, refusals:bool=False) -> list[AliasEvent]:
     "The alias events of model `name` (one alias, or all), oldest first; refused promotions only if `refusals`."
     c = store.client(s)
     exp = c.get_experiment_by_name(keys.REGISTRY_EVENTS_EXPERIMENT)
     if exp is None: return []
     flt = f"tags.`{keys.MODEL}` = '{_q(name)}'" + (f" and tags.`{keys.ALIAS}` = '{_q(alias)}'" if alias else "")
-    evs = [_event(r) for r in _search_all(c, exp.experiment_id, flt)]
+    evs = [_event(r) for r in _happened(c, _search_all(c, exp.experiment_id, flt))]
     return sorted((e for e in evs if refusals or e.kind == MOVE), key=lambda e: (e.time, e.event_id))
+
 
 # %% ../../nbs/api/30_models_registry.ipynb #7126347a
 @contextmanager
@@ -195,13 +215,19 @@ def _now() -> float: return round(time.time(), 6)  # what the TIME tag keeps, ex
 
 def _move(s, c, name:str, alias:str, version:int, reason:str, actor:str|None, evaluation_run:str|None=None,
           action:str="set", details:dict|None=None, expect_from=...) -> AliasEvent:
-    "Point `alias` at `version` and record the event; the caller holds the model's alias lock."
+    "Record the event, then point `alias` at `version`; the caller holds the model's alias lock."
     prev = _alias_version(c, name, alias)
     if expect_from is not ... and prev != expect_from:
         raise RegistryError(f"{name}@{alias} moved from version {expect_from} to {prev} while this operation ran; nothing changed")
-    _retry(c.set_registered_model_alias, name, alias, str(version))
     e = AliasEvent(name, alias, prev, int(version), _now(), actor or default_actor(), reason, action, evaluation_run, details or {})
-    return record_event(s, e)
+    e.event_id = _begin_event(s, e)  # first: an alias never moves without its record
+    try: _retry(c.set_registered_model_alias, name, alias, str(version))
+    except BaseException:
+        _end_event(s, e.event_id, "FAILED")
+        raise
+    try: _end_event(s, e.event_id)
+    except Exception: pass  # the alias moved: its RUNNING event, matching the alias, counts as done (`_happened`)
+    return e
 
 def set_alias(s:ResolvedSettings,
               name:str, # registered model name
@@ -216,23 +242,36 @@ def set_alias(s:ResolvedSettings,
     _check_version(c, name, int(version))
     with _alias_lock(s, name): return _move(s, c, name, alias, int(version), reason, actor, evaluation_run)
 
+
 # %% ../../nbs/api/30_models_registry.ipynb #28aec805
+GUARDED_ALIASES = frozenset({"champion"})  # moved only by an evaluation (`promote`), `rollback` or an explicit `set_alias`
+
+def _check_guard(c, name:str, alias:str|None, force:bool):
+    "Refuse to move a guarded alias that already points at a version, unless forced."
+    held = _alias_version(c, name, alias) if alias in GUARDED_ALIASES and not force else None
+    if held is not None:
+        raise RegistryError(f"alias {alias!r}: {name}@{alias} is version {held} and is guarded; register the new version as a "
+                            f"challenger (--alias challenger) and run `ml_prod models promote {name}`, or force it")
+
 def register(s:ResolvedSettings,
              run_id:str, # the run that logged the model
              name:str, # registered model name (created if new)
              alias:str|None=None, # point this alias at the new version
              reason:str="", # why: kept on the version and in the alias event
              actor:str|None=None, # who registers (default user@host)
+             force:bool=False, # move a guarded alias (champion) that already points at a version, without evaluation
             ) -> int:
     "Register the model of run `run_id` as a new version of `name`; returns the version number."
     c = store.client(s)
     source, model_id = model_source(c, _get_run(c, run_id))
     _ensure_registered_model(c, name)
+    _check_guard(c, name, alias, force)  # before the version exists: a refusal leaves nothing behind
     actor = actor or default_actor()
     v = int(_create_version(c, name, source, run_id, model_id, {keys.REGISTERED_BY: actor, keys.REASON: keys.clip(reason)}).version)
     if alias:
         with _alias_lock(s, name): _move(s, c, name, alias, v, reason, actor, action="register")
     return v
+
 
 # %% ../../nbs/api/30_models_registry.ipynb #81eff1af
 def _timestamp(when:datetime|float) -> float:
