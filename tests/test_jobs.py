@@ -221,8 +221,8 @@ def _cli_in_process(args):
     """`ml_prod ARGS` in this process (its stdout and stderr together, as `_cli` gives them), on the session's Ray:
     the command's code and exit code as in a subprocess, without starting another Python and another Ray."""
     from typer.testing import CliRunner
-    from ml_prod.cli.main import app, normalize_params
-    return CliRunner().invoke(app, normalize_params(args), prog_name="ml_prod",
+    from ml_prod.cli.main import app
+    return CliRunner().invoke(app, args, prog_name="ml_prod",
                               env={"ML_PROD_JOB_HEARTBEAT_S": "1", "RAY_USAGE_STATS_ENABLED": "0"})
 
 

@@ -6,22 +6,82 @@ Docs: https://ml-prod.github.io/ml_prod/api/cli_common.html.md"""
 
 # %% ../../nbs/api/90_cli_common.ipynb #3ddc623f
 from __future__ import annotations
-import json, os, re, sys
+import dataclasses, json, os, re, sys
 from pathlib import Path
 from typing import Optional
 import typer
+from typer.core import TyperCommand, TyperGroup
 from rich.console import Console
 from rich.table import Table
 from ..errors import MlProdError, ParameterError
 from ..settings import load_settings, settings_table
 
 # %% auto #0
-__all__ = ['app', 'console', 'err', 'ProfileOpt', 'parse_size', 'gather_parameters', 'normalize_params']
+__all__ = ['EXIT_OK', 'EXIT_FAILED', 'EXIT_BAD_INPUT', 'EXIT_UNHEALTHY', 'EXIT_INTERRUPTED', 'app', 'console', 'err',
+           'ProfileOpt', 'PAIR', 'Unhealthy', 'RootGroup', 'root_options', 'group', 'wants_json', 'emit', 'parse_size',
+           'gather_parameters', 'PairOpt', 'PairsCommand']
 
 # %% ../../nbs/api/90_cli_common.ipynb #2fb775bf
-app = typer.Typer(help="ml_prod: notebooks to production ML on Ray and MLflow.", no_args_is_help=True, add_completion=False)
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNHEALTHY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+class Unhealthy(MlProdError):
+    "The command ran and its verdict is unhealthy (drift, a failing check): exit status 3."
+    exit_code = EXIT_UNHEALTHY
+
+# %% ../../nbs/api/90_cli_common.ipynb #f8962c22
+def _fail(e:MlProdError):
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(e.exit_code)
+
+def _settings(profile:str|None=None):
+    "The settings of `profile`, else of the root `--profile` (else `$ML_PROD_PROFILE`, else `default`)."
+    try: return load_settings(profile or _root["profile"])
+    except MlProdError as e: _fail(e)
+
+# %% ../../nbs/api/90_cli_common.ipynb #e10403e9
+_ROOT_DEFAULTS = {"profile": None, "as_json": False}
+_root = dict(_ROOT_DEFAULTS)  # the root options of the command being run; back to the defaults when it ends
+
+class RootGroup(TyperGroup):
+    "The `ml_prod` command: root options for every subcommand; ml_prod's errors and Ctrl-C become exit codes."
+    def invoke(self, ctx):
+        _root.update({k: ctx.params.get(k, v) for k, v in _ROOT_DEFAULTS.items()})
+        try: return super().invoke(ctx)
+        except MlProdError as e: _fail(e)
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True); raise typer.Exit(EXIT_INTERRUPTED)
+        finally: _root.update(_ROOT_DEFAULTS)
+
+def root_options(profile:Optional[str]=typer.Option(None, "--profile", help="Settings profile of every subcommand (default: $ML_PROD_PROFILE or 'default')"),
+                 as_json:bool=typer.Option(False, "--json", help="Listing and show commands print JSON")):
+    "Options of the root command, for every subcommand."
+
+def group(help:str, **kw) -> typer.Typer:
+    "A command group (`ml_prod jobs ...`) whose tracebacks never show local variables."
+    return typer.Typer(help=help, no_args_is_help=True, pretty_exceptions_show_locals=False, **kw)
+
+app = typer.Typer(cls=RootGroup, help="ml_prod: notebooks to production ML on Ray and MLflow.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_show_locals=False)
+app.callback()(root_options)
 console, err = Console(), Console(stderr=True)
-ProfileOpt = typer.Option(None, "--profile", help="Settings profile (default: $ML_PROD_PROFILE or 'default')")
+ProfileOpt = typer.Option(None, "--profile", help="Settings profile (default: the root --profile, $ML_PROD_PROFILE or 'default')")
+
+# %% ../../nbs/api/90_cli_common.ipynb #f6d42027
+def wants_json(flag:bool=False) -> bool:
+    "Whether to print JSON: the command's own `--json`, or the root one."
+    return bool(flag or _root["as_json"])
+
+def _jsonable(o):
+    if dataclasses.is_dataclass(o) and not isinstance(o, type): return dataclasses.asdict(o)
+    if hasattr(o, "model_dump"): return o.model_dump(mode="json")  # pydantic
+    if hasattr(o, "isoformat"): return o.isoformat()  # datetime, date
+    if isinstance(o, (set, frozenset, tuple)): return list(o)
+    return str(o)
+
+def emit(data, render=None, as_json:bool=False):
+    "Print `data` as JSON on standard output under `--json`; else show it with `render(data)` (default: print it)."
+    if wants_json(as_json): return typer.echo(json.dumps(data, indent=1, default=_jsonable))
+    (render or console.print)(data)
 
 # %% ../../nbs/api/90_cli_common.ipynb #57485998
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
@@ -51,22 +111,35 @@ def gather_parameters(pairs:list[tuple[str, str]]|None, file:Path|None, notebook
     given = {k: v for k, v in schema.validate(strings, from_strings=True).items() if k in strings}  # not the defaults it fills in
     return {**schema.validate(values), **given}
 
-# %% ../../nbs/api/90_cli_common.ipynb #f8962c22
-def _fail(e:MlProdError):
-    typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(e.exit_code)
-
-def _settings(profile):
-    try: return load_settings(profile)
-    except MlProdError as e: _fail(e)
-
 # %% ../../nbs/api/90_cli_common.ipynb #fe2348fc
-def normalize_params(argv:list[str]) -> list[str]:
-    "Rewrite `-p NAME VALUE` as `-p NAME=VALUE`, the form the option parser takes."
-    out, i = [], 0
-    while i < len(argv):
-        a = argv[i]
-        if a in ("-p", "--param", "-s", "--secret") and i + 2 < len(argv) and "=" not in argv[i + 1]:
-            out += [a, f"{argv[i + 1]}={argv[i + 2]}"]; i += 3
-        else: out.append(a); i += 1
-    return out
+PAIR = "NAME VALUE"  # the metavar that marks an option taking NAME VALUE or NAME=VALUE
+
+def _pair(value) -> tuple[str, str]:
+    "A `(name, value)` pair from the parser (`NAME VALUE`) or from one `NAME=VALUE` string."
+    if isinstance(value, tuple): return value
+    name, sep, v = str(value).partition("=")
+    if not (sep and name): raise typer.BadParameter(f"{value!r}: write NAME VALUE or NAME=VALUE")
+    return name, v
+
+def PairOpt(*decls:str, help:str):
+    "A repeatable option taking `NAME VALUE` (two words) or `NAME=VALUE` (one); the command needs `cls=PairsCommand`."
+    return typer.Option(None, *decls, metavar=PAIR, parser=_pair, help=help)
+
+class PairsCommand(TyperCommand):
+    "A command whose `PairOpt` options take `NAME VALUE` as well as `NAME=VALUE`."
+    def make_parser(self, ctx):
+        parser = super().make_parser(ctx)
+        dests = {p.name for p in self.params if getattr(p, "metavar", None) == PAIR}
+        for o in {id(o): o for o in [*parser._short_opt.values(), *parser._long_opt.values()]}.values():
+            if o.dest in dests: o.process = _takes_pair(o.process, "/".join([*o._short_opts, *o._long_opts]))
+        return parser
+
+def _takes_pair(process, names:str):
+    "The parser's handler of one option, extended: a word without `=` is a NAME, and the next word is its VALUE."
+    def take(value, state):
+        name, sep, v = value.partition("=")
+        if not sep:
+            if not state.rargs: raise typer.BadParameter(f"{names} {value}: the value is missing; write {names} NAME VALUE or NAME=VALUE")
+            v = state.rargs.pop(0)
+        process((name, v), state)
+    return take

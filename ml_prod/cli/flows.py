@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 from ..errors import MlProdError, ParameterError
 from ..settings import load_settings, settings_table
-from .common import ProfileOpt, app, console, err, gather_parameters
+from .common import PairOpt, PairsCommand, ProfileOpt, app, console, err, gather_parameters
 from .common import _fail, _settings
 
 # %% auto #0
@@ -59,7 +59,7 @@ def pipeline_show(pipeline:Path=PipelineArg, profile:Optional[str]=ProfileOpt):
     except MlProdError as e: _fail(e)
 
 # %% ../../nbs/api/93_cli_flows.ipynb #c439c8a1
-@app.command()
+@app.command(cls=PairsCommand)
 def tune(notebook:Path=typer.Argument(..., help="The job notebook (.ipynb) whose parameters to tune"),
          space:Optional[Path]=typer.Option(None, "--space", help="Search space, YAML or JSON, e.g. {lr: {loguniform: [1e-4, 1e-1]}} (default: the notebook's metadata ml_prod.search_space)"),
          metric:str=typer.Option(..., "--metric", help="The metric the notebook reports with ml_prod.report(...) to optimise"),
@@ -72,7 +72,7 @@ def tune(notebook:Path=typer.Argument(..., help="The job notebook (.ipynb) whose
          grace_period:int=typer.Option(1, "--grace-period", help="ASHA: reports every trial gets before it can be stopped"),
          resume:bool=typer.Option(False, "--resume", help="Continue the newest interrupted sweep of NOTEBOOK (or --name)"),
          name:Optional[str]=typer.Option(None, "--name", help="Sweep name: its folder under state_dir/tune"),
-         param:Optional[list[str]]=typer.Option(None, "-p", "--param", metavar="NAME=VALUE", help="A fixed parameter value for every trial (repeatable)"),
+         param:Optional[list[str]]=PairOpt("-p", "--param", help="A fixed parameter value for every trial, as NAME VALUE or NAME=VALUE (repeatable)"),
          experiment:Optional[str]=typer.Option(None, help="MLflow experiment (default: the profile's)"),
          profile:Optional[str]=ProfileOpt,
         ):
@@ -81,8 +81,7 @@ def tune(notebook:Path=typer.Argument(..., help="The job notebook (.ipynb) whose
     s = _settings(profile)
     try:
         if mode not in ("max", "min"): raise ParameterError(f"--mode {mode!r}: use max or min")
-        pairs = [tuple(p.split("=", 1)) for p in param or []]
-        if bad := [p for p in pairs if len(p) != 2]: raise ParameterError(f"-p {bad[0][0]!r}: write NAME=VALUE")
+        pairs = list(param or [])
         fixed = gather_parameters(pairs, None, notebook) if pairs and notebook.is_file() else {}
         fixed = {k: v for k, v in fixed.items() if k in dict(pairs)}
         res = tune_notebook(notebook, space, metric=metric, mode=mode, samples=samples, scheduler=scheduler,
@@ -97,14 +96,14 @@ def tune(notebook:Path=typer.Argument(..., help="The job notebook (.ipynb) whose
     console.print(f"best run: [bold]{res.best_run_id}[/bold]  {metric}={res.best_metric:.4g}  {res.best_params}")
 
 # %% ../../nbs/api/93_cli_flows.ipynb #270d1f6d
-@app.command()
+@app.command(cls=PairsCommand)
 def reproduce(run_id:str=typer.Argument(..., help="The job run to re-run"),
-              secret:Optional[list[str]]=typer.Option(None, "-s", "--secret", metavar="NAME VALUE", help="A secret parameter's value (never recorded)"),
+              secret:Optional[list[str]]=PairOpt("-s", "--secret", help="A secret parameter's value, as NAME VALUE or NAME=VALUE (never recorded)"),
               profile:Optional[str]=ProfileOpt):
     "Re-run a past job from its record as a new linked run, and compare their metrics."
     from ml_prod.flows.reproduce import reproduce as _reproduce
     s = _settings(profile)
-    try: rep = _reproduce(s, run_id, secrets=dict(p.split("=", 1) for p in secret or []))
+    try: rep = _reproduce(s, run_id, secrets=dict(secret or []))
     except MlProdError as e: _fail(e)
     typer.echo(rep.summary())
     raise typer.Exit(0 if rep.result.ok else 1)

@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 from ..errors import MlProdError, ParameterError
 from ..settings import load_settings, settings_table
-from .common import ProfileOpt, app, console, err, gather_parameters, parse_size
+from .common import PairOpt, PairsCommand, ProfileOpt, app, console, err, gather_parameters, parse_size
 from .common import _fail, _settings
 
 # %% auto #0
@@ -37,9 +37,9 @@ def config_show(profile:Optional[str]=ProfileOpt):
     console.print(t)
 
 # %% ../../nbs/api/91_cli_jobs.ipynb #7a4fbb1b
-@app.command()
+@app.command(cls=PairsCommand)
 def run(notebook:Path=typer.Argument(..., help="The notebook (.ipynb) to run as a job"),
-        param:Optional[list[str]]=typer.Option(None, "-p", "--param", metavar="NAME VALUE", help="A parameter value, as NAME VALUE or NAME=VALUE (repeatable)"),
+        param:Optional[list[str]]=PairOpt("-p", "--param", help="A parameter value, as NAME VALUE or NAME=VALUE (repeatable)"),
         file:Optional[Path]=typer.Option(None, "-f", "--file", help="YAML file of parameter values"),
         profile:Optional[str]=ProfileOpt,
         cpus:float=typer.Option(1, help="CPUs reserved for the job"),
@@ -57,7 +57,7 @@ def run(notebook:Path=typer.Argument(..., help="The notebook (.ipynb) to run as 
     from ml_prod.jobs.submit import run_notebook, submit_notebook
     s = _settings(profile)
     try:
-        values = gather_parameters([tuple(p.split("=", 1)) for p in param or []], file, notebook) if notebook.is_file() else {}
+        values = gather_parameters(param, file, notebook) if notebook.is_file() else {}
         kw = dict(settings=s, cpus=cpus, gpus=gpus, memory=parse_size(memory) if memory else None,
                   resources=_json_opt("--resources", resources), runtime_env=_json_opt("--runtime-env", runtime_env),
                   timeout=timeout, cell_timeout=cell_timeout, experiment=experiment, max_retries=retries)

@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 from ..errors import MlProdError, ParameterError
 from ..settings import load_settings, settings_table
-from .common import ProfileOpt, app, err, normalize_params
+from .common import ProfileOpt, app, err
 from .common import _fail, _settings
 from . import jobs, models, flows, serve  # each registers its commands on `app`
 
@@ -27,7 +27,7 @@ def main():
     # Ctrl-C cancels a job or sweep, even when the parent started us with SIGINT ignored (a shell's `cmd &`
     # does that, and Python then installs no KeyboardInterrupt handler)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    app(args=normalize_params(sys.argv[1:]), prog_name="ml_prod")
+    app(prog_name="ml_prod")
 
 # %% ../../nbs/api/95_cli_main.ipynb #8cc4e38f
 def tutorial_notebook() -> Path:
