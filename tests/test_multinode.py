@@ -3,7 +3,10 @@
 One module-scoped fixture starts, all on this machine and on free ports (Ray is given
 `--node-ip-address 127.0.0.1`, which it resolves to this machine's own address for what it advertises):
 
-* an MLflow tracking server (`--serve-artifacts`, SQLite backend and artifact folder in a tmp folder);
+* a PostgreSQL server of its own (Debian's `postgresql` package: `.ci/run` installs it; `initdb` in a
+  tmp folder, password authentication, 127.0.0.1 only), holding MLflow's store and its users;
+* an MLflow tracking server (`--serve-artifacts`) behind MLflow's basic-auth app, on that PostgreSQL:
+  every call needs a user; `ml_prod` (jobs, the CLI) can write, `replica` only reads;
 * a Ray head (1 CPU, no custom resources) and a Ray worker node (1 CPU, resource `trainer`), both
   started with `ray start` and Ray's token authentication (`RAY_AUTH_MODE=token`), in a dedicated
   `--temp-dir`;
@@ -30,6 +33,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -51,6 +55,7 @@ START_TIMEOUT_S = 120     # one `ray start`
 RAY_START_ATTEMPTS = 2
 MLFLOW_START_TIMEOUT_S = 120
 JOB_TIMEOUT_S = 180
+OPERATOR, READER = "ml_prod", "replica"  # the tracking server's users: jobs and the CLI write, replicas only read
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
@@ -170,6 +175,80 @@ ray.shutdown()
 '''
 
 
+# ---- PostgreSQL and the authenticated tracking server ----------------------------------------------------
+
+def postgres_bin() -> Path:
+    "The folder of Debian's PostgreSQL server programs (newest version); skipped where it is not installed, except on CI."
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    if found: return found[-1].parent
+    if os.environ.get("CI"): pytest.fail("PostgreSQL is not installed: .ci/run installs Debian's postgresql package")
+    pytest.skip("PostgreSQL is not installed (apt install postgresql)")
+
+
+class Postgres:
+    "A private PostgreSQL server: its own data folder and port, password authentication, listening on 127.0.0.1 only."
+    def __init__(self, port: int):
+        self.bin, self.port, self.password = postgres_bin(), port, uuid.uuid4().hex
+        self.dir = Path(tempfile.mkdtemp(prefix="pg_mn_", dir="/tmp"))  # readable by the postgres user, unlike pytest's tmp
+        # initdb and the server refuse to run as root: as root, they run as Debian's `postgres` user
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.as_user: shutil.chown(self.dir, "postgres")
+        self.env = {k: v for k, v in os.environ.items() if k != MARKER}  # stopped by pg_ctl, not by the Ray teardown
+
+    def uri(self, db: str) -> str: return f"postgresql+psycopg://postgres:{self.password}@127.0.0.1:{self.port}/{db}"
+
+    def start(self, databases: list[str]):
+        pw = self.dir / "pw"
+        pw.write_text(self.password)
+        if self.as_user: shutil.chown(pw, "postgres")
+        run_cmd([*self.as_user, str(self.bin / "initdb"), "-D", str(self.dir / "data"), "-U", "postgres", "-E", "UTF8",
+                 "--auth=scram-sha-256", f"--pwfile={pw}"], self.env)
+        pw.unlink()
+        run_cmd([*self.as_user, str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-l", str(self.dir / "server.log"), "-w",
+                 "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1", "start"], self.env)
+        for db in databases:
+            run_cmd(["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-c", f"CREATE DATABASE {db}"],
+                    {**self.env, "PGPASSWORD": self.password})
+
+    def stop(self):
+        if (self.dir / "data" / "postmaster.pid").exists():
+            subprocess.run([*self.as_user, str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop"],
+                           env=self.env, capture_output=True, timeout=60)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def processes(self) -> list[psutil.Process]:
+        return [p for p in psutil.process_iter(["cmdline"]) if any(str(self.dir) in a for a in p.info["cmdline"] or [])]
+
+
+def auth_config(path: Path, pg: Postgres, admin_password: str) -> Path:
+    "MLflow's basic-auth settings: users in PostgreSQL, READ for every user unless granted more."
+    path.write_text(textwrap.dedent(f"""\
+        [mlflow]
+        default_permission = READ
+        database_uri = {pg.uri("mlflow_auth")}
+        admin_username = admin
+        admin_password = {admin_password}
+        authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+        """))
+    return path
+
+
+def api(url: str, path: str, user: str | None = None, password: str = "", data: dict | None = None) -> tuple[int, str]:
+    "Status and body of one call of the tracking server's REST API, as `user` (or anonymous)."
+    import base64
+    req = urllib.request.Request(url + path, data=json.dumps(data).encode() if data is not None else None,
+                                 headers={"Content-Type": "application/json"})
+    if user: req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r: return r.status, r.read().decode()
+    except urllib.error.HTTPError as e: return e.code, e.read().decode()
+
+
+def create_user(url: str, admin_password: str, user: str, password: str):
+    status, body = api(url, "/api/2.0/mlflow/users/create", "admin", admin_password, {"username": user, "password": password})
+    assert status == 200, f"creating MLflow user {user}: {status} {body[:300]}"
+
+
 # ---- the cluster ---------------------------------------------------------------------------------------
 
 def cluster_profile(ray_address: str, tracking_uri: str, tmp: Path, shared: bool = True, serve_port: int | None = None) -> str:
@@ -210,6 +289,7 @@ class Started:
         self.temp_dirs: list[str] = []
         self.gcs_addresses: list[str] = []
         self.mlflow: subprocess.Popen | None = None
+        self.postgres: Postgres | None = None
 
     def processes(self, ray_only: bool = False) -> list[psutil.Process]:
         procs = {p.pid: p for p in our_processes(self.temp_dirs, self.gcs_addresses, self.marker)}
@@ -280,15 +360,22 @@ def cluster(tmp_path_factory):
     env = clean_env(**{MARKER: started.marker, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}, **SERVE_ENV)
     mlflow_log = open(tmp / "mlflow_server.log", "w")
     try:
-        # 1. the tracking server, proxying artifacts into tmp/mlartifacts; it takes a while to create
-        # its database, so Ray starts meanwhile
-        mlflow_port, = free_ports(1)
+        # 1. PostgreSQL, then the tracking server on it behind basic auth, proxying artifacts into
+        # tmp/mlartifacts; it takes a while to create its tables, so Ray starts meanwhile
+        mlflow_port, pg_port = free_ports(2)
+        started.postgres = pg = Postgres(pg_port)
+        pg.start(["mlflow", "mlflow_auth"])
         tracking_uri = f"http://127.0.0.1:{mlflow_port}"
+        passwords = {"admin": uuid.uuid4().hex, OPERATOR: uuid.uuid4().hex, READER: uuid.uuid4().hex}
+        server_env = {**env, "MLFLOW_AUTH_CONFIG_PATH": str(auth_config(tmp / "basic_auth.ini", pg, passwords["admin"])),
+                      "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex}
         started.mlflow = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-             "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db", "--serve-artifacts",
+            [str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(mlflow_port),
+             "--backend-store-uri", pg.uri("mlflow"), "--serve-artifacts",
              "--artifacts-destination", str(tmp / "mlartifacts"), "--workers", "1"],
-            env=env, cwd=tmp, stdout=mlflow_log, stderr=subprocess.STDOUT, start_new_session=True)
+            env=server_env, cwd=tmp, stdout=mlflow_log, stderr=subprocess.STDOUT, start_new_session=True)
+        # every process of the cluster (nodes, jobs, the driver, the CLI) calls the server as the operator
+        env.update(MLFLOW_TRACKING_USERNAME=OPERATOR, MLFLOW_TRACKING_PASSWORD=passwords[OPERATOR])
 
         # 2. token authentication (~/.ray/auth_token is created only when missing, never replaced), then
         # the two nodes; on a loaded machine a raylet may miss Ray's fixed 30 s registration deadline:
@@ -303,11 +390,12 @@ def cluster(tmp_path_factory):
                 print(f"\nthe Ray cluster did not start, trying again: {str(e)[:3000]}", file=sys.stderr)
                 started.stop_ray()
         wait_http(f"{tracking_uri}/health", MLFLOW_START_TIMEOUT_S, started.mlflow, tmp / "mlflow_server.log")
+        for user in (OPERATOR, READER): create_user(tracking_uri, passwords["admin"], user, passwords[user])
 
         # 3. the multi-node profile
         settings = tmp / "settings.ini"
         settings.write_text(cluster_profile(gcs_address, tracking_uri, tmp, serve_port=free_ports(1)[0]))
-        yield dict(tmp=tmp, settings=settings, tracking_uri=tracking_uri, artifacts=tmp / "mlartifacts", env=env)
+        yield dict(tmp=tmp, settings=settings, tracking_uri=tracking_uri, artifacts=tmp / "mlartifacts", env=env, passwords=passwords, postgres=pg)
     finally:
         # 5. stop only what we started (never `ray stop`: it stops every Ray on the machine)
         started.stop_mlflow(wait=False)  # it takes a few seconds to shut down: meanwhile, Ray
@@ -315,6 +403,9 @@ def cluster(tmp_path_factory):
         started.stop_mlflow()
         mlflow_log.close()
         left = started.processes()
+        if started.postgres:
+            started.postgres.stop()
+            left += started.postgres.processes()
         for d in started.temp_dirs: shutil.rmtree(d, ignore_errors=True)
         assert not left, f"processes of the multi-node test outlived its teardown: {[p.pid for p in left]}"
 
@@ -337,12 +428,25 @@ def job(cluster):
 
 # ---- tests ----------------------------------------------------------------------------------------------
 
-def test_job_finishes_on_the_trainer_node(cluster, job):
+def operator_client(cluster):
+    "An MlflowClient of the tracking server, as the operator (MLflow reads the user from the environment)."
     from mlflow.tracking import MlflowClient
+    os.environ.update(MLFLOW_TRACKING_USERNAME=OPERATOR, MLFLOW_TRACKING_PASSWORD=cluster["passwords"][OPERATOR])
+    return MlflowClient(cluster["tracking_uri"])
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking_user_left():
+    "Each test that needs a tracking user sets it; none is left in this process's environment for the next module."
+    yield
+    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"): os.environ.pop(k, None)
+
+
+def test_job_finishes_on_the_trainer_node(cluster, job):
     assert job["status"] == "FINISHED", job["error"]
     assert job["auth_mode"] == "token"
     assert len(job["worker_nodes"]) == 1 and len(job["other_nodes"]) == 1, job
-    run = MlflowClient(cluster["tracking_uri"]).get_run(job["run_id"])
+    run = operator_client(cluster).get_run(job["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.tags["ml_prod.ray_node"] == job["worker_nodes"][0]
     assert run.data.tags["ml_prod.ray_node"] != job["other_nodes"][0]
@@ -351,8 +455,7 @@ def test_job_finishes_on_the_trainer_node(cluster, job):
 
 
 def test_artifacts_go_through_the_proxy(cluster, job):
-    from mlflow.tracking import MlflowClient
-    c = MlflowClient(cluster["tracking_uri"])
+    c = operator_client(cluster)
     run = c.get_run(job["run_id"])
     assert run.info.artifact_uri.startswith("mlflow-artifacts:"), run.info.artifact_uri
     names = {a.path for a in c.list_artifacts(job["run_id"])}
@@ -434,6 +537,30 @@ def test_serving_on_two_nodes_audits_to_shared_storage(cluster):
         assert set(df[df.request_id.isin(answered)].replica) == {x["id"] for x in reps}
     finally:
         ml_prod("serve", "down", check=False)
+
+
+def test_tracking_server_needs_a_user_and_the_reader_cannot_write(cluster, job):
+    "The store lives in PostgreSQL; anonymous calls are refused; the read-only user reads the job's run and model but writes nothing."
+    url, pw, run_id = cluster["tracking_uri"], cluster["passwords"], job["run_id"]
+    status, body = api(url, f"/api/2.0/mlflow/runs/get?run_id={run_id}")
+    assert status == 401, (status, body[:200])
+    status, body = api(url, f"/api/2.0/mlflow/runs/get?run_id={run_id}", READER, "wrong password")
+    assert status == 401, (status, body[:200])
+    status, body = api(url, f"/api/2.0/mlflow/runs/get?run_id={run_id}", READER, pw[READER])
+    assert status == 200 and json.loads(body)["run"]["info"]["status"] == "FINISHED", (status, body[:200])
+    experiment = json.loads(body)["run"]["info"]["experiment_id"]
+    for path, data in [("/api/2.0/mlflow/runs/create", {"experiment_id": experiment}),
+                       ("/api/2.0/mlflow/runs/set-tag", {"run_id": run_id, "key": "forged", "value": "1"}),
+                       ("/api/2.0/mlflow/runs/update", {"run_id": run_id, "status": "FAILED"})]:
+        status, body = api(url, path, READER, pw[READER], data)
+        assert status == 403, (path, status, body[:200])
+    assert operator_client(cluster).get_run(run_id).info.status == "FINISHED" and "forged" not in operator_client(cluster).get_run(run_id).data.tags
+    # the runs are rows of PostgreSQL, not of a SQLite file
+    import psycopg
+    with psycopg.connect(cluster["postgres"].uri("mlflow").replace("+psycopg", "")) as conn:
+        rows = conn.execute("SELECT status FROM runs WHERE run_uuid = %s", (run_id,)).fetchall()
+    assert rows == [("FINISHED",)], rows
+    assert not list(cluster["tmp"].glob("*.db")), "a SQLite store appeared next to the tracking server"
 
 
 def problems(e: ConfigError) -> set[str]:

@@ -58,8 +58,8 @@ def test_ports_match_the_cluster_profile(config):
     mlflow_port = re.fullmatch(r"https?://[^:/]+:(\d+)/?", s.tracking_uri).group(1)
     assert f"--ray-client-server-port={ray_port}" in head
     assert "RAY_AUTH_MODE=token" in head and "--head --port=6379" in head
-    assert re.search(rf"mlflow server --host 0\.0\.0\.0 --port {mlflow_port}\b", head)
-    assert "--serve-artifacts" in head and "--artifacts-destination" in head and "--backend-store-uri sqlite:///" in head
+    assert re.search(rf"mlflow server( --app-name basic-auth)? --host 0\.0\.0\.0 --port {mlflow_port}\b", head)
+    assert "--serve-artifacts" in head and "--artifacts-destination" in head
     assert s.artifact_location.startswith("mlflow-artifacts:")  # needs the --serve-artifacts above
     host = re.fullmatch(r"ray://([^:/]+):\d+", s.ray_address).group(1)
     assert host in head.split("--allowed-hosts", 1)[1], "MLflow must accept requests addressed to the head's name"
@@ -70,3 +70,19 @@ def test_ports_match_the_cluster_profile(config):
 def test_token_is_copied_to_every_node(config):
     "With token auth, workers and ray:// clients need the head's token: the file mount carries it."
     assert config["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+
+
+def test_tracking_server_needs_a_user_and_keeps_its_store_in_postgresql(config):
+    "The head's MLflow server runs MLflow's basic-auth app on PostgreSQL; no secret is written in the file itself."
+    head = " ".join(config["head_start_ray_commands"])
+    server = head[head.index("mlflow server"):]
+    assert "--app-name basic-auth" in server
+    assert re.search(r"--backend-store-uri postgresql\+psycopg://mlflow:\$\(cat [^)]+\)@127\.0\.0\.1:5432/mlflow\b", server), server
+    assert "MLFLOW_AUTH_CONFIG_PATH=" in head and "MLFLOW_FLASK_SERVER_SECRET_KEY=$(cat" in head
+    assert "sqlite" not in head
+    setup = " ".join(config["head_setup_commands"])
+    assert "apt-get install" in setup and "postgresql" in setup and "createdb -O mlflow" in setup
+    assert config["file_mounts"]["~/.mlflow/credentials"].startswith("~/.ml_prod/")  # jobs' user, outside the project copy
+    assert not re.search(r"password\s*[=:]\s*\w", yaml.safe_dump(config), re.I), "a password written into ray_cluster.yaml"
+    installs = " ".join(config["setup_commands"])
+    assert "mlflow[auth]" in installs and "psycopg[binary]" in installs
