@@ -77,7 +77,6 @@ WORKER_PATCHES = {
                      ("_trial_run", "tune._trial_run (create the child run)"),
                      ("_Bridge.supervise", "tune._Bridge.supervise (supervisor thread)"),
                      ("_Bridge.__call__", "tune._Bridge: queue a report for Tune"),
-                     ("_wait_for_trials", "tune._wait_for_trials (stop/cleanup)"),
                      ("_end_trials", "tune._end_trials (reset/stop: end this actor's trial)")],
     "ray.tune": [("report", "ray.tune.report (waits for the driver)")],
     # a function is patched where its caller looks it up: the supervisor imports the kernel's functions by name
