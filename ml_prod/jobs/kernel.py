@@ -9,6 +9,7 @@ from __future__ import annotations
 import json, os, shutil, signal, sys, tempfile, threading, time
 from pathlib import Path
 from ..errors import MlProdError
+from ..redact import redact
 
 # %% auto #0
 __all__ = ['KERNEL_NAME', 'Kernel', 'acquire_kernel', 'describe_failure']
@@ -28,10 +29,31 @@ def _kernel_spec_dir() -> str:
         _spec_dir = str(d.parent)
     return _spec_dir
 
+# %% ../../nbs/api/20_jobs_kernel.ipynb #33943c10
+_WATCHDOG = """import os, signal, sys
+if sys.stdin.buffer.read() != b"done":  # EOF without "done": the supervisor died
+    try: os.killpg(int(sys.argv[1]), signal.SIGKILL)
+    except OSError: pass
+"""
+
+def _watch_over(pgid:int):
+    "A watchdog process that kills process group `pgid` when this process dies without releasing it."
+    import subprocess
+    return subprocess.Popen([sys.executable, "-I", "-S", "-c", _WATCHDOG, str(pgid)], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+def _release(watchdog):
+    "Tell `watchdog` its group was stopped by this process, and reap it."
+    if watchdog is None: return
+    try: watchdog.stdin.write(b"done"); watchdog.stdin.close()
+    except OSError: pass
+    try: watchdog.wait(10)
+    except Exception: watchdog.kill()
+
 # %% ../../nbs/api/20_jobs_kernel.ipynb #3a0b78a2
 class Kernel:
     "A kernel for one job, started with `env` in `cwd`; killed with its process group on exit."
-    def __init__(self, env:dict, cwd:str|None=None): self.env, self.cwd, self.km, self.pid = env, cwd, None, None
+    def __init__(self, env:dict, cwd:str|None=None): self.env, self.cwd, self.km, self.pid, self.watchdog = env, cwd, None, None, None
 
     def start(self):
         from jupyter_client.manager import AsyncKernelManager
@@ -42,6 +64,7 @@ class Kernel:
                                      connection_file=str(Path(tempfile.mkdtemp(prefix="ml_prod-kernel-"))/"kernel.json"))
         run_sync(self.km.start_kernel)(env=self.env, cwd=self.cwd)
         self.pid = self.km.provisioner.process.pid
+        self.watchdog = _watch_over(self.pid)
         return self
 
     def __enter__(self): return self if self.km else self.start()
@@ -90,6 +113,7 @@ class Kernel:
         try: run_sync(self.km.shutdown_kernel)(now=self.exit_code is not None)
         except Exception: pass
         self.kill()
+        _release(self.watchdog)
         try: run_sync(self.km.cleanup_resources)()
         except Exception: pass
         shutil.rmtree(Path(self.km.connection_file).parent, ignore_errors=True)  # connection file and ipc sockets
@@ -126,9 +150,10 @@ def acquire_kernel(env:dict, cwd:str|None) -> Kernel:
 
 # %% ../../nbs/api/20_jobs_kernel.ipynb #8b09ea47
 class _Tee:
-    "A file-like object writing to several streams."
+    "A file-like object writing to several streams, known secrets masked (`ml_prod.redact`)."
     def __init__(self, *streams): self.streams = streams
     def write(self, s):
+        s = redact(s)
         for f in self.streams: f.write(s); f.flush()
         return len(s)
     def flush(self):

@@ -29,6 +29,7 @@ class JobResult:
     output_notebook: str = ""     # URI of the executed notebook in the run's artifacts
     metrics: dict = field(default_factory=dict)
     duration_s: float = 0.0
+    late_outcome: str|None = None # what the supervisor ended with after the run had been ended by another (reaped); the status stands
 
     @property
     def ok(self) -> bool: return self.status == "FINISHED"
@@ -37,6 +38,7 @@ class JobResult:
         "A readable one-paragraph account."
         head = f"{self.notebook}: {self.status} in {self.duration_s:.1f} s (run {self.run_id})"
         lines = [head] + ([f"  error: {self.error}"] if self.error else [])
+        if self.late_outcome: lines.append(f"  late outcome: its supervisor ended {self.late_outcome} after the run had been ended")
         lines.append(f"  executed notebook: {self.output_notebook}")
         if self.metrics: lines.append("  metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(self.metrics.items())))
         return "\n".join(lines)
@@ -48,7 +50,7 @@ def run_result(r) -> JobResult:
     return JobResult(r.info.run_id, Path(nb).name, r.info.status, r.data.tags.get(keys.ERROR),
                      f"{r.info.artifact_uri}/{Path(nb).name}",
                      {k: v for k, v in r.data.metrics.items() if k != keys.HEARTBEAT},
-                     (end - r.info.start_time) / 1000)
+                     (end - r.info.start_time) / 1000, r.data.tags.get(keys.LATE_OUTCOME))
 
 def job_result(s:ResolvedSettings, run_id:str) -> JobResult:
     "The result of job `run_id`, read back from MLflow."

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from ..runtime import _compat
 
 # %% auto #0
-__all__ = ['JobHandle', 'submit_notebook', 'run_notebook', 'run_notebooks']
+__all__ = ['DETACH_START_TIMEOUT_S', 'JobHandle', 'submit_notebook', 'run_notebook', 'run_notebooks']
 
 # %% ../../nbs/api/23_jobs_submit.ipynb #29e41909
 @dataclass
@@ -37,9 +37,12 @@ class JobHandle:
         "Block until the job ends (Ray's retries included) and return its result."
         import ray
         from ray.exceptions import GetTimeoutError, TaskCancelledError, RayError
+        from ray.exceptions import RayTaskError
         try: ray.get(self.ref, timeout=timeout)
         except GetTimeoutError: raise
         except TaskCancelledError: _close_if_running(self.settings, self.run_id, "cancelled", "KILLED")
+        except RayTaskError as e:  # the supervisor raised: not a lost worker (e.g. the store stayed down past its retries)
+            _close_if_running(self.settings, self.run_id, f"the job's supervisor failed: {str(e.cause if e.cause else e).splitlines()[0][:500]}")
         except RayError as e:
             _close_if_running(self.settings, self.run_id, f"the job's Ray worker was lost and retries ran out: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
         return job_result(self.settings, self.run_id)
@@ -54,6 +57,34 @@ def _close_if_running(s, run_id, reason, status="FAILED"):
     "End the run with `reason` unless the supervisor already wrote its final status."
     c = store.client(s)
     if c.get_run(run_id).info.status == "RUNNING": store.fail_run(c, run_id, reason, status)
+
+# %% ../../nbs/api/23_jobs_submit.ipynb #dc485be9
+_waiting, _waiting_lock = {}, threading.Lock()  # run id -> [settings, next beat time] of this process's jobs not yet started
+
+def _beat_while_waiting(s:ResolvedSettings, run_id:str):
+    "Beat for job `run_id` from this process until its supervisor records its first attempt (or the run ends)."
+    with _waiting_lock:
+        _waiting[run_id] = [s, 0.0]
+        if not any(t.name == "ml_prod-waiting-beats" for t in threading.enumerate()):
+            threading.Thread(target=_waiting_beats, name="ml_prod-waiting-beats", daemon=True).start()
+
+def _waiting_beats():
+    while True:
+        time.sleep(0.5)
+        with _waiting_lock: due = [(r, w) for r, w in _waiting.items() if w[1] <= time.time()]
+        for run_id, w in due:
+            w[1] = time.time() + w[0].job_heartbeat_s
+            try: started = _beat_unless_started(store.client(w[0]), run_id)
+            except Exception: continue  # best effort: the store may be busy; the next round tries again
+            if started:
+                with _waiting_lock: _waiting.pop(run_id, None)
+
+def _beat_unless_started(c, run_id:str) -> bool:
+    "Beat for `run_id` unless its supervisor has started (or the run ended); whether it has."
+    r = c.get_run(run_id)
+    if r.info.status != "RUNNING" or keys.ATTEMPTS in r.data.tags: return True
+    store.beat(c, run_id)
+    return False
 
 # %% ../../nbs/api/23_jobs_submit.ipynb #0ace52d5
 def _load_notebook(notebook:str|Path) -> tuple[Path, bytes]:
@@ -87,16 +118,31 @@ class _DetachedJob:
         try: return supervise(spec)
         finally: ray.actor.exit_actor()
 
-def _start_detached(spec:JobSpec, opts:dict):
+DETACH_START_TIMEOUT_S = 300.0  # how long `detach` waits for its actor to start (resources free, runtime environment built)
+
+def _start_detached(spec:JobSpec, opts:dict, timeout:float|None=None):
     "Supervise `spec` in a detached actor named after the run, so the job survives its caller."
     import ray
+    from ray.exceptions import GetTimeoutError
     opts = {k: v for k, v in opts.items() if k not in ("retry_exceptions", "max_retries", "name")}
     from ml_prod.jobs import submit  # by reference, as above
+    timeout = submit.DETACH_START_TIMEOUT_S if timeout is None else timeout
     actor = ray.remote(submit._DetachedJob).options(name=f"ml_prod-job-{spec.run_id}", lifetime="detached", max_restarts=0, **opts).remote()
     # The `run` call is held by this process until the actor is up: a caller that exits at once (`ml_prod run --detach`)
     # would take it along while the actor's worker still starts (slower with a runtime environment). Send it to a live actor.
-    _compat.wait_actor_ready(actor)
+    try: _compat.wait_actor_ready(actor, timeout=timeout)
+    except GetTimeoutError:
+        ray.kill(actor)  # a detached actor outlives us: never leave one waiting for resources that may never come
+        raise MlProdError(f"the job's detached Ray actor did not start within {timeout:g} s: the cluster has no free "
+                          f"{_wants(opts)} for it, or its runtime environment is still being built. Its run is FAILED and the "
+                          "actor removed; free resources or ask for fewer (see `ray status`), then submit again.") from None
     return actor.run.remote(spec)
+
+def _wants(opts:dict) -> str:
+    "The resources a task asks for, in words."
+    want = [f"{opts.get('num_cpus', 1):g} CPU"] + ([f"{opts['num_gpus']:g} GPU"] if opts.get("num_gpus") else [])
+    want += [f"{opts['memory']} bytes of memory"] if opts.get("memory") else []
+    return ", ".join(want + [f"{v:g} {k}" for k, v in opts.get("resources", {}).items()])
 
 # %% ../../nbs/api/23_jobs_submit.ipynb #a3359836
 def submit_notebook(notebook:str|Path, # the .ipynb to run
@@ -138,8 +184,10 @@ def submit_notebook(notebook:str|Path, # the .ipynb to run
     try:
         connect(s)
         opts = _task_options(s, cpus, gpus, memory, resources, runtime_env, max_retries, f"job:{path.name}")
+        _beat_while_waiting(s, run_id)  # until its supervisor starts: it may wait long for a worker
         ref = _start_detached(spec, opts) if detach else _remote_supervise().options(**opts).remote(spec)
     except BaseException as e:
+        with _waiting_lock: _waiting.pop(run_id, None)
         store.fail_run(store.client(s), run_id, f"could not start the job on Ray: {type(e).__name__}: {e}")
         raise
     return JobHandle(run_id, path.name, s, ref)

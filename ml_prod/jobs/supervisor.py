@@ -14,11 +14,12 @@ from ..settings import ResolvedSettings, load_settings
 from ..tracking import store
 from ..tracking import tags as keys
 from ..report import REPORT_FILE_ENV, ReportReader
+from .. import redact
 from .kernel import Kernel, _base_env, _boot_spare, acquire_kernel, describe_failure
 from .kernel import _execute, _add_banner, _failed_cell
 
 # %% auto #0
-__all__ = ['JobSpec', 'supervise']
+__all__ = ['START_WRITE_S', 'FINAL_WRITE_S', 'UPLOAD_S', 'BACKOFF_MAX_S', 'JobSpec', 'supervise']
 
 # %% ../../nbs/api/21_jobs_supervisor.ipynb #94557906
 @dataclass
@@ -62,11 +63,24 @@ def _job_dir(spec:JobSpec) -> Path:
 def _cwd(spec:JobSpec) -> str:
     return spec.cwd if spec.cwd and Path(spec.cwd).is_dir() else os.getcwd()
 
+# %% ../../nbs/api/21_jobs_supervisor.ipynb #2d1193b1
+START_WRITE_S = 120.0   # how long the supervisor keeps trying to record an attempt's start before it gives up
+FINAL_WRITE_S = 600.0   # how long it keeps trying to store the outputs and write the final status (the store may be down)
+UPLOAD_S = 120.0        # of that, how long it keeps trying to upload the executed notebook and log
+BACKOFF_MAX_S = 30.0    # longest pause between two failed best-effort calls of a running job
+
 # %% ../../nbs/api/21_jobs_supervisor.ipynb #649c9e59
-def _start_attempt(c, spec:JobSpec, attempt_dir:Path) -> int:
-    "Record a new attempt of the job on this node; returns its number."
-    from mlflow.entities import RunTag
-    attempt = int(c.get_run(spec.run_id).data.tags.get(keys.ATTEMPTS, "0")) + 1
+def _ended_by_another(run) -> bool:
+    """Whether `run` was ended by the reaper or the caller (`store.fail_run`, which always says why in ERROR).
+    The job's own kernel may end it too: MLflow in the notebook ends its active run, FINISHED, when the kernel exits."""
+    return run.info.status != "RUNNING" and keys.ERROR in run.data.tags
+
+def _start_attempt(c, spec:JobSpec, attempt_dir:Path) -> tuple[int, str]:
+    "Record a new attempt of the job on this node, with its first beat; its number and the run's status (RUNNING, unless the run was ended meanwhile)."
+    from mlflow.entities import Metric, RunTag
+    run = store.retrying(c.get_run, spec.run_id, within=START_WRITE_S)
+    attempt = int(run.data.tags.get(keys.ATTEMPTS, "0")) + 1
+    if _ended_by_another(run): return attempt - 1, run.info.status  # reaped or closed by its caller before it got a worker
     node = os.environ.get("RAY_NODE_ID", "")
     try:
         import ray
@@ -74,42 +88,95 @@ def _start_attempt(c, spec:JobSpec, attempt_dir:Path) -> int:
     except Exception: pass
     tags = {keys.ATTEMPTS: attempt, keys.HOST: socket.gethostname(), keys.RAY_NODE: node,
             keys.SUPERVISOR_PID: os.getpid(), keys.OUTPUT_DIR: str(attempt_dir)}
-    c.log_batch(spec.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-    return attempt
+    beat = Metric(keys.HEARTBEAT, time.time(), int(time.time() * 1000), 0)  # from now on this supervisor beats, not the submitter
+    store.retrying(c.log_batch, spec.run_id, metrics=[beat], tags=[RunTag(k, str(v)) for k, v in tags.items()], within=START_WRITE_S)
+    return attempt, "RUNNING"
+
+# %% ../../nbs/api/21_jobs_supervisor.ipynb #d4459e8b
+class _Tracker:
+    """A running job's best-effort tracking calls (heartbeats, report metrics, cancel polls) on a thread of their own.
+    A slow or failing store delays them (with backoff) but never the watch loop: timeouts and cancellation stay on time."""
+    def __init__(self, c, spec:JobSpec):
+        self.c, self.spec, self.lock, self.stopped = c, spec, threading.Lock(), threading.Event()
+        self.metrics, self.failures, self.last_error = [], 0, None
+        self.cancel_requested, self.ended_as = False, None  # what the polls found: a cancel request; the run ended by another
+        self.thread = threading.Thread(target=self._loop, name=f"ml_prod-tracker-{spec.run_id}", daemon=True)
+
+    def start(self): self.thread.start(); return self
+
+    def log(self, metrics:list):
+        "Queue MLflow `Metric`s for the run; they are logged in order, retried until the store takes them."
+        with self.lock: self.metrics.extend(metrics)
+
+    def _loop(self):
+        base = min(0.5, self.spec.heartbeat_s)
+        next_beat, wait = time.time() + self.spec.heartbeat_s, base
+        while not self.stopped.wait(wait):
+            ok = self._try(self.flush)
+            if time.time() >= next_beat:  # beats go on even when a metric is refused: a silent job would be reaped
+                if self._try(self._beat_and_poll): next_beat = time.time() + self.spec.heartbeat_s
+                else: ok = False
+            wait = base if ok else min(max(2 * wait, self.spec.heartbeat_s), BACKOFF_MAX_S)  # the store is struggling: back off
+
+    def _try(self, fn) -> bool:
+        try: fn(); return True
+        except Exception as e: self._note(e); return False
+
+    def _note(self, e:Exception):
+        self.failures, self.last_error = self.failures + 1, f"{type(e).__name__}: {str(e)[:300]}"
+
+    def flush(self):
+        "Log the queued metrics (in batches, oldest first); a batch is dropped from the queue only once logged."
+        while True:
+            with self.lock: batch = self.metrics[:1000]
+            if not batch: return
+            self.c.log_batch(self.spec.run_id, metrics=batch)
+            with self.lock: del self.metrics[:len(batch)]
+
+    def _beat_and_poll(self):
+        store.beat(self.c, self.spec.run_id)
+        r = self.c.get_run(self.spec.run_id)
+        if r.data.tags.get(keys.CANCEL_REQUESTED): self.cancel_requested = True
+        if r.info.status != "RUNNING": self.ended_as = r.info.status
+
+    def close(self, within:float):
+        "Stop the thread, then keep trying to log what is still queued for up to `within` seconds; the number of metrics lost."
+        self.stopped.set()
+        if self.thread.ident: self.thread.join(min(within, 5))  # a call hanging there is left to its thread (a late beat on an ended run is harmless)
+        try: store.retrying(self.flush, within=within)
+        except Exception as e: self._note(e)
+        with self.lock: return len(self.metrics)
 
 # %% ../../nbs/api/21_jobs_supervisor.ipynb #c06e12be
-def _forward_reports(c, spec:JobSpec, reports:ReportReader, on_report) -> str|None:
-    "Log the job's new `ml_prod.report` metrics to its run and pass them to `on_report`; a reason to stop, if it gives one."
+def _forward_reports(tracker:_Tracker, reports:ReportReader, on_report) -> str|None:
+    "Queue the job's new `ml_prod.report` metrics for its run and pass them to `on_report`; a reason to stop, if it gives one."
     from mlflow.entities import Metric
     for i, m in enumerate(reports.new()):
         t, step = int(m.pop("_time") * 1000), int(m.get("step", m.get("epoch", reports.offset + i)))
-        c.log_batch(spec.run_id, metrics=[Metric(k, float(v), t, step) for k, v in m.items()])
+        tracker.log([Metric(k, float(v), t, step) for k, v in m.items()])
         if on_report and (why := on_report(m)): return why
     return None
 
-def _watch(c, spec:JobSpec, kernel:Kernel, thread:threading.Thread, reports:ReportReader, on_report=None, should_stop=None) -> str|None:
-    "Wait for `thread`, beating, forwarding reports, enforcing deadline and cancellation; the reason if the kernel was killed."
+def _cancel_requested(tracker:_Tracker) -> bool:
+    "Whether a cancel was asked for: as the polls found, or read now (best effort, for a kernel that `jobs cancel` killed directly)."
+    if tracker.cancel_requested: return True
+    try: return bool(store.retrying(tracker.c.get_run, tracker.spec.run_id, within=10).data.tags.get(keys.CANCEL_REQUESTED))
+    except Exception: return False
+
+def _watch(tracker:_Tracker, spec:JobSpec, kernel:Kernel, thread:threading.Thread, reports:ReportReader, on_report=None, should_stop=None) -> str|None:
+    "Wait for `thread`, forwarding reports, enforcing deadline and cancellation; the reason if the kernel was killed. Makes no tracking call itself."
     deadline = time.time() + spec.timeout if spec.timeout else None
-    next_beat = time.time() + spec.heartbeat_s  # the reaper counts from the run's start until the first beat
+    def stop(why): kernel.kill(); thread.join(30); return why
     try:
         while thread.is_alive():
             thread.join(0.2)
-            if why := _forward_reports(c, spec, reports, on_report):
-                kernel.kill(); thread.join(30); return why
-            if should_stop and (why := should_stop()):
-                kernel.kill(); thread.join(30); return why
-            now = time.time()
-            if now >= next_beat:
-                store.beat(c, spec.run_id)
-                next_beat = now + spec.heartbeat_s
-                if c.get_run(spec.run_id).data.tags.get(keys.CANCEL_REQUESTED):
-                    kernel.kill(); thread.join(30); return "cancelled"
-            if deadline and now > deadline:
-                kernel.kill(); thread.join(30); return f"timed out after {spec.timeout:g} s (job timeout)"
+            if why := _forward_reports(tracker, reports, on_report): return stop(why)
+            if should_stop and (why := should_stop()): return stop(why)
+            if tracker.cancel_requested: return stop("cancelled")
+            if deadline and time.time() > deadline: return stop(f"timed out after {spec.timeout:g} s (job timeout)")
     except KeyboardInterrupt:  # ray.cancel, or Ctrl-C when supervising in-process
-        kernel.kill(); thread.join(30); return "cancelled"
-    if kernel.exit_code is not None and c.get_run(spec.run_id).data.tags.get(keys.CANCEL_REQUESTED):
-        return "cancelled"  # `jobs cancel` killed the kernel directly
+        return stop("cancelled")
+    if kernel.exit_code is not None and _cancel_requested(tracker): return "cancelled"  # `jobs cancel` killed the kernel directly
     return None
 
 # %% ../../nbs/api/21_jobs_supervisor.ipynb #17f50a2c
@@ -123,24 +190,28 @@ def supervise(spec:JobSpec,
     from ml_prod.params import notebook_schema, inject_parameters
     c = store.client(_spec_settings(spec))
     out_dir = _job_dir(spec)
-    attempt = _start_attempt(c, spec, out_dir)
+    attempt, status = _start_attempt(c, spec, out_dir)
     out_path, log_path = out_dir/Path(spec.notebook).name, out_dir/"job.log"
+    if status != "RUNNING": return dict(status=status, error=f"not started: the run was already {status}", attempt=attempt, output_path="")
     nb = nbformat.reads(spec.nb_json, as_version=4)
     nb, secret_env = inject_parameters(nb, spec.values, notebook_schema(nb, Path(spec.notebook).name))
+    redact.register(*secret_env.values())  # masked in what this worker prints or stores: the job's log, notebook, error
     outcome = {}
     reports = ReportReader(out_dir/"reports.jsonl")
     reports.path.unlink(missing_ok=True)  # an earlier attempt's reports (same run, same folder) are not this one's
+    tracker = _Tracker(c, spec)
     with open(log_path, "w") as log, acquire_kernel(_kernel_env(spec, secret_env, reports.path), _cwd(spec)) as kernel:
-        c.set_tag(spec.run_id, keys.KERNEL_PGID, str(kernel.pid))
+        store.retrying(c.set_tag, spec.run_id, keys.KERNEL_PGID, str(kernel.pid), within=START_WRITE_S)  # what `jobs cancel` kills
         if boot_spare == "ahead": _boot_spare()  # the next job's kernel boots while this one runs
         t = threading.Thread(target=_execute, args=(nb, out_path, kernel, spec.cell_timeout, log, outcome), daemon=True)
         t.start()
-        reason = _watch(c, spec, kernel, t, reports, on_report, should_stop)
-        reason = reason or _forward_reports(c, spec, reports, on_report)  # what was reported at the very end
+        tracker.start()
+        reason = _watch(tracker, spec, kernel, t, reports, on_report, should_stop)
+        reason = reason or _forward_reports(tracker, reports, on_report)  # what was reported at the very end
         if reason is None and kernel.exit_code is not None and outcome.get("error") is not None:
             reason = f"the kernel died (exit code {kernel.exit_code})"
     if boot_spare: _boot_spare()
-    return _finish(c, spec, outcome.get("error"), reason, out_path, log_path, attempt)
+    return _finish(c, spec, outcome.get("error"), reason, out_path, log_path, attempt, tracker)
 
 def _spec_settings(spec:JobSpec):
     "The minimal settings a supervisor needs to reach MLflow."
@@ -152,15 +223,49 @@ def _cell_timeout_reason(error) -> str|None:
     name = type(error).__name__
     return "a cell ran past the cell timeout" if name in ("CellTimeoutError", "TimeoutError") else None
 
-def _finish(c, spec:JobSpec, error, reason:str|None, out_path:Path, log_path:Path, attempt:int) -> dict:
-    "Write the final status, error and outputs of the job; called after the kernel has exited."
+def _outcome(spec:JobSpec, error, reason:str|None, out_path:Path) -> tuple[str, str|None]:
+    "The job's status and, unless FINISHED, its one-line error."
     reason = reason or (_cell_timeout_reason(error) if error is not None else None)
     stopped = reason is not None and (reason == "cancelled" or reason.startswith("stopped"))
     status = "KILLED" if stopped else ("FAILED" if error is not None or reason else "FINISHED")
     msg = describe_failure(Path(spec.notebook).name, error, out_path, reason) if status != "FINISHED" else None
     if reason: _add_banner(out_path, f"this job {status}: {msg}")
-    for p in (out_path, log_path):
-        if p.exists(): c.log_artifact(spec.run_id, str(p))
-    if msg: c.set_tag(spec.run_id, keys.ERROR, keys.clip(msg))
-    c.set_terminated(spec.run_id, status)
+    return status, msg
+
+def _upload(c, spec:JobSpec, paths:list[Path]) -> str|None:
+    "Store `paths` (those that exist) in the run's artifacts, retried for up to UPLOAD_S; why it failed, or None."
+    try:
+        for p in [p for p in paths if p.exists()]: store.retrying(c.log_artifact, spec.run_id, str(p), within=UPLOAD_S)
+    except Exception as e: return f"{type(e).__name__}: {e}"
+    return None
+
+def _with_upload_error(spec:JobSpec, status:str, msg:str|None, upload_error:str, out_path:Path) -> tuple[str, str]:
+    "A job whose executed notebook could not be stored has not delivered its record: FAILED, saying where its copy is."
+    note = (f"its executed notebook could not be stored in the run's artifacts ({upload_error}); "
+            f"a copy is kept at {socket.gethostname()}:{out_path}")
+    if status == "FINISHED": return "FAILED", f"{Path(spec.notebook).name}: the notebook ran to the end, but {note}"
+    return status, f"{msg}; {note}"
+
+def _finish(c, spec:JobSpec, error, reason:str|None, out_path:Path, log_path:Path, attempt:int, tracker:_Tracker) -> dict:
+    "Store the outputs, then write the error and, last, the final status (each retried); called after the kernel has exited."
+    status, msg = _outcome(spec, error, reason, out_path)
+    msg = redact.redact(msg)  # an exception may quote a secret, and the notebook may print one: masked before they are stored
+    for p in (out_path, log_path): redact.redact_file(p)
+    lost = tracker.close(within=60)
+    if upload_error := _upload(c, spec, [out_path, log_path]):
+        status, msg = _with_upload_error(spec, status, msg, upload_error, out_path)
+    tags = {keys.ERROR: msg, keys.ARTIFACTS_ERROR: upload_error,
+            keys.TRACKING_ERRORS: str(tracker.failures + lost) if tracker.failures or lost else None}
+    tags = {k: keys.clip(v) for k, v in tags.items() if v is not None}
+    run = store.retrying(c.get_run, spec.run_id, within=FINAL_WRITE_S)
+    if _ended_by_another(run):  # meanwhile (reaped): its status stands, what this attempt ended with is recorded
+        tags = {k: v for k, v in tags.items() if k != keys.ERROR} | {keys.LATE_OUTCOME: status}
+        _write_tags(c, spec.run_id, tags)
+        return dict(status=run.info.status, error=run.data.tags.get(keys.ERROR), attempt=attempt, output_path=str(out_path), late_outcome=status)
+    _write_tags(c, spec.run_id, tags)
+    store.retrying(c.set_terminated, spec.run_id, status, within=FINAL_WRITE_S)  # last: a reader that sees it sees everything else
     return dict(status=status, error=msg, attempt=attempt, output_path=str(out_path))
+
+def _write_tags(c, run_id:str, tags:dict):
+    from mlflow.entities import RunTag
+    if tags: store.retrying(c.log_batch, run_id, tags=[RunTag(k, v) for k, v in tags.items()], within=FINAL_WRITE_S)

@@ -168,10 +168,10 @@ def delete_apps(client, names:list[str], blocking:bool=True):
 
 # %% ../../nbs/api/10_runtime_compat.ipynb #61a91d27
 @_hook("call", "ray.actor:_modify_class")
-def wait_actor_ready(actor):
-    "Block until `actor` is up, with the `__ray_ready__` method Ray adds to every actor class."
+def wait_actor_ready(actor, timeout:float|None=None):
+    "Block until `actor` is up (at most `timeout` seconds: then `GetTimeoutError`), with the `__ray_ready__` method Ray adds to every actor class."
     import ray
-    ray.get(actor.__ray_ready__.remote())
+    ray.get(actor.__ray_ready__.remote(), timeout=timeout)
 
 @_hook("call", "ray.tune.trainable.function_trainable:wrap_function")
 def function_trainable(fn):

@@ -15,8 +15,8 @@ from . import tags as keys
 from .provenance import environment_freeze, git_state, input_fingerprints, package_versions, sha256_bytes
 
 # %% auto #0
-__all__ = ['REAP_AFTER_BEATS', 'client', 'ensure_experiment', 'job_run_tags', 'create_job_run', 'beat', 'fail_run',
-           'reap_stale_jobs']
+__all__ = ['REAP_AFTER_BEATS', 'client', 'ensure_experiment', 'job_run_tags', 'create_job_run', 'beat', 'fail_run', 'retrying',
+           'job_heartbeat_s', 'reap_stale_jobs']
 
 # %% ../../nbs/api/14_tracking_store.ipynb #40eaa87b
 REAP_AFTER_BEATS = 6                   # a job silent this many heartbeats is reaped
@@ -66,7 +66,8 @@ def create_job_run(s:ResolvedSettings, experiment_id:str, notebook:str|Path, nb_
     from mlflow.entities import Param
     c, notebook = client(s), Path(notebook)
     git = {} if shared else git_state(notebook)
-    t = {**({} if shared else job_run_tags(s, notebook, nb_bytes, git)), keys.VERSIONS: json.dumps(package_versions()), **(tags or {})}
+    t = {**({} if shared else job_run_tags(s, notebook, nb_bytes, git)), keys.VERSIONS: json.dumps(package_versions()),
+         keys.HEARTBEAT_S: str(float(s.job_heartbeat_s)), **(tags or {})}  # the reaper goes by the job's own interval, not its reader's
     for k, v in input_fingerprints(params, cwd or Path.cwd()).items(): t[keys.input_key(k)] = v
     run = c.create_run(experiment_id, tags=t, run_name=run_name or notebook.stem)
     ps = [Param(k, keys.param_value(v)) for k, v in params.items()]
@@ -92,17 +93,42 @@ def fail_run(c, run_id:str, reason:str, status:str="FAILED"):
     c.set_tag(run_id, keys.ERROR, keys.clip(reason))
     c.set_terminated(run_id, status)
 
+def retrying(fn, *args, within:float=60.0, **kwargs):
+    "`fn(*args, **kwargs)`, tried again with backoff (0.5 s doubling to 8 s) until it succeeds or `within` seconds passed; then its last error is raised."
+    end, delay = time.time() + within, 0.5
+    while True:
+        try: return fn(*args, **kwargs)
+        except Exception:
+            if time.time() + delay > end: raise
+            time.sleep(delay); delay = min(2 * delay, 8.0)
+
+# %% ../../nbs/api/14_tracking_store.ipynb #c07f33c4
+def job_heartbeat_s(r, default:float) -> float:
+    "Seconds between the heartbeats of job run `r`, as it recorded them (a run from before they were recorded: `default`)."
+    try: return float(r.data.tags[keys.HEARTBEAT_S])
+    except (KeyError, ValueError): return default
+
+def _silent_for(r, now:float) -> float:
+    "Seconds since run `r` last beat (since it started, when it never did)."
+    return now - r.data.metrics.get(keys.HEARTBEAT, r.info.start_time / 1000)
+
+def _stale(c, run_id:str, now:float, default_s:float) -> float|None:
+    "How long job `run_id` has been silent, if it is still RUNNING and silent for more than REAP_AFTER_BEATS of its beats; else None."
+    r = c.get_run(run_id)  # read right before reaping: a run that ended or beat since the search is left alone
+    silent, interval = _silent_for(r, now), job_heartbeat_s(r, default_s)
+    return silent if r.info.status == "RUNNING" and silent > REAP_AFTER_BEATS * interval else None
+
 def reap_stale_jobs(s:ResolvedSettings, now:float|None=None) -> list[str]:
-    "Mark FAILED the RUNNING job runs whose supervisor stopped beating; returns their ids."
+    "Mark FAILED the RUNNING job runs whose supervisor (or, while they wait for a worker, their submitter) stopped beating; returns their ids."
     c, now = client(s), now or time.time()
     exps = [e.experiment_id for e in c.search_experiments()]
     if not exps: return []
     runs = c.search_runs(exps, f"attributes.status = 'RUNNING' and tags.`{keys.JOB}` = 'true'", max_results=1000)
-    limit, reaped = REAP_AFTER_BEATS * s.job_heartbeat_s, []
+    reaped = []
     for r in runs:
-        last = r.data.metrics.get(keys.HEARTBEAT, r.info.start_time / 1000)
-        if now - last > limit:
-            fail_run(c, r.info.run_id, f"reaped: no heartbeat from the job's supervisor for {now - last:.0f} s "
-                     "(the caller or its Ray node was lost)")
-            reaped.append(r.info.run_id)
+        if _silent_for(r, now) <= REAP_AFTER_BEATS * job_heartbeat_s(r, s.job_heartbeat_s): continue
+        if (silent := _stale(c, r.info.run_id, now, s.job_heartbeat_s)) is None: continue
+        fail_run(c, r.info.run_id, f"reaped: no heartbeat from the job's supervisor for {silent:.0f} s, {REAP_AFTER_BEATS} of its "
+                 f"{job_heartbeat_s(r, s.job_heartbeat_s):g} s beats (the caller or its Ray node was lost)")
+        reaped.append(r.info.run_id)
     return reaped

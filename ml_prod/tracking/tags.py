@@ -11,16 +11,17 @@ import json
 # %% auto #0
 __all__ = ['PREFIX', 'ERROR_MAX', 'STEP_ERROR_MAX', 'JOB', 'PROFILE', 'CWD', 'RESOURCES', 'RUNTIME_ENV', 'DETACHED',
            'SECRET_PARAMS', 'ATTEMPTS', 'HOST', 'RAY_NODE', 'SUPERVISOR_PID', 'OUTPUT_DIR', 'KERNEL_PGID',
-           'CANCEL_REQUESTED', 'ERROR', 'HEARTBEAT', 'NOTEBOOK', 'NOTEBOOK_SHA256', 'VERSIONS', 'SUBMITTED_FROM',
-           'GIT_DIRTY', 'INPUT_SHA256', 'ENVIRONMENT', 'GIT_DIFF', 'REPRODUCES', 'PIPELINE', 'PIPELINE_FILE',
-           'PIPELINE_OPTIONS', 'STEP_FIELD', 'STEP_FIELDS', 'PIPELINE_STEP', 'PIPELINE_RUN', 'CACHE_KEY', 'SWEEP',
-           'TUNE_PATH', 'TUNE_RESUMES', 'BEST_RUN_ID', 'BEST_PARAMS', 'SWEEP_RUN_ID', 'TUNE_TRIAL_ID',
-           'TUNE_ATTEMPT_START', 'REGISTRY_EVENTS_EXPERIMENT', 'REGISTRATION', 'REGISTERED_BY', 'REASON', 'MODEL',
-           'ALIAS', 'VERSION', 'PURPOSE', 'EVENT', 'FROM_VERSION', 'TO_VERSION', 'TIME', 'ACTOR', 'ACTION',
-           'EVALUATION_RUN', 'DECISION', 'METRIC', 'MODE', 'CHALLENGER_SCORE', 'CHAMPION_SCORE',
-           'CHAMPION_EVALUATION_RUN', 'UNDOES', 'REGISTERED_MODEL', 'EVENTS_EXPERIMENT', 'STREAM', 'KIND', 'PAYLOAD',
-           'PAYLOAD_PARTS', 'PAYLOAD_PART_MAX', 'LEASE_BEAT', 'flag', 'clip', 'param_value', 'input_key', 'step_key',
-           'millis', 'prefixed', 'unprefixed', 'seconds', 'payload_key']
+           'CANCEL_REQUESTED', 'ERROR', 'HEARTBEAT', 'HEARTBEAT_S', 'TRACKING_ERRORS', 'ARTIFACTS_ERROR',
+           'LATE_OUTCOME', 'NOTEBOOK', 'NOTEBOOK_SHA256', 'VERSIONS', 'SUBMITTED_FROM', 'GIT_DIRTY', 'INPUT_SHA256',
+           'ENVIRONMENT', 'GIT_DIFF', 'REPRODUCES', 'PIPELINE', 'PIPELINE_FILE', 'PIPELINE_OPTIONS', 'STEP_FIELD',
+           'STEP_FIELDS', 'PIPELINE_STEP', 'PIPELINE_RUN', 'CACHE_KEY', 'SWEEP', 'TUNE_PATH', 'TUNE_RESUMES',
+           'BEST_RUN_ID', 'BEST_PARAMS', 'SWEEP_RUN_ID', 'TUNE_TRIAL_ID', 'TUNE_ATTEMPT_START',
+           'REGISTRY_EVENTS_EXPERIMENT', 'REGISTRATION', 'REGISTERED_BY', 'REASON', 'MODEL', 'ALIAS', 'VERSION',
+           'PURPOSE', 'EVENT', 'FROM_VERSION', 'TO_VERSION', 'TIME', 'ACTOR', 'ACTION', 'EVALUATION_RUN', 'DECISION',
+           'METRIC', 'MODE', 'CHALLENGER_SCORE', 'CHAMPION_SCORE', 'CHAMPION_EVALUATION_RUN', 'UNDOES',
+           'REGISTERED_MODEL', 'EVENTS_EXPERIMENT', 'STREAM', 'KIND', 'PAYLOAD', 'PAYLOAD_PARTS', 'PAYLOAD_PART_MAX',
+           'LEASE_BEAT', 'flag', 'clip', 'param_value', 'input_key', 'step_key', 'millis', 'prefixed', 'unprefixed',
+           'seconds', 'payload_key']
 
 # %% ../../nbs/api/12_tracking_tags.ipynb #3f9ac1a3
 PREFIX = "ml_prod."       # the start of every key below; metrics with it are ml_prod's own (left out of a model's metrics)
@@ -44,6 +45,12 @@ KERNEL_PGID = "ml_prod.kernel_pgid"            # decimal process group id of the
 CANCEL_REQUESTED = "ml_prod.cancel_requested"  # "true" once a cancel was asked for (only its presence is read)
 ERROR = "ml_prod.error"                        # why the run did not FINISH: text, clipped to ERROR_MAX
 HEARTBEAT = "ml_prod.heartbeat"                # metric: unix time in seconds (float) of the supervisor's last beat
+
+# %% ../../nbs/api/12_tracking_tags.ipynb #6371bfab
+HEARTBEAT_S = "ml_prod.heartbeat_s"            # the job's own seconds between heartbeats, str(float); the reaper goes by it (a run without it: the reader's job_heartbeat_s)
+TRACKING_ERRORS = "ml_prod.tracking_errors"    # decimal count of the job's best-effort tracking calls (beats, reports, cancel polls) that failed; absent when none
+ARTIFACTS_ERROR = "ml_prod.artifacts_error"    # why the executed notebook or job.log could not be stored in the run's artifacts, clipped to ERROR_MAX; absent when stored
+LATE_OUTCOME = "ml_prod.late_outcome"          # the status (FINISHED, FAILED, KILLED) a supervisor ended with after its run had been ended by another (reaped): the run's status is left as it was
 
 # %% ../../nbs/api/12_tracking_tags.ipynb #388c9dad
 def flag(b:bool) -> str:
