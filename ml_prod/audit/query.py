@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from .writer import AuditError
 from .writer import _root
-from .store import _day, _writer_alive
+from .store import _day, _writer_alive, _conform
 from .store import _apps, _epoch, _read_segments, _partitions, _read_partition, _schema, _dedup, _to_table, _segment_files, _read_segment, _REQUESTS, _FEEDBACK
 import json
 
@@ -25,10 +25,13 @@ def _ids(request_id) -> list[str]|None:
     return ids
 
 def _read(root:Path, stream, apps:list[str], t0, t1, ids, uncompacted:bool):
-    "Deduplicated rows of `stream` with `t0 <= ts < t1` (None: open-ended) and request id in `ids`."
+    "Deduplicated rows of `stream` with `t0 <= ts < t1` (None: open-ended) and request id in `ids`, read one file at a time."
     import pyarrow as pa, pyarrow.compute as pc
-    def keep(t):
+    lo, hi = (None if t0 is None else t0 - 86400), (None if t1 is None else t1 + 86400)  # a day's slack, as for partitions
+    def keep(t):  # only the rows that can matter stay in memory: one segment or partition is read at a time
         if ids is not None: t = t.filter(pc.is_in(t["request_id"], pa.array(ids, pa.string())))
+        if lo is not None: t = t.filter(pc.greater_equal(t["ts"], lo))
+        if hi is not None: t = t.filter(pc.less(t["ts"], hi))
         return t
     tables = []
     for a in apps:
@@ -36,9 +39,10 @@ def _read(root:Path, stream, apps:list[str], t0, t1, ids, uncompacted:bool):
             for path, is_open in _segment_files(root/a/stream.segments):
                 recs, _ = _read_segment(path, is_open and _writer_alive(path))
                 if recs: tables.append(keep(_to_table(recs, stream, path)[0]))
+                del recs
         for d, p in _partitions(root/a/stream.parquet).items():
             if (t0 is None or d >= _day(t0) - 1) and (t1 is None or d <= _day(t1) + 1):
-                try: tables.append(keep(_read_partition(p)))
+                try: tables.append(keep(_read_partition(p, stream=stream)))
                 except FileNotFoundError: pass  # removed by a compaction meanwhile
     t, _ = _dedup(pa.concat_tables(tables) if tables else _schema(stream).empty_table(), stream)
     if t0 is not None: t = t.filter(pc.greater_equal(t["ts"], t0))
@@ -95,6 +99,16 @@ def join_feedback(audit_dir,  # folder of the audit log
     "Audit rows of a time window joined with their ground-truth labels by request id."
     if how not in ("inner", "left"): raise AuditError(f"how = {how!r}: must be 'inner' or 'left'")
     req = query(audit_dir, app, start, end, include_shadow=include_shadow, include_uncompacted=include_uncompacted, parse_json=parse_json)
-    fb = read_feedback(audit_dir, app, request_id=list(req["request_id"].unique()), include_uncompacted=include_uncompacted, parse_json=parse_json)
+    ids = list({*req["request_id"], *req["client_request_id"].dropna()})
+    fb = read_feedback(audit_dir, app, request_id=ids, include_uncompacted=include_uncompacted, parse_json=parse_json)
     fb = fb[["app", "request_id", "label", "ts"]].rename(columns={"ts": "feedback_ts"})
+    fb["request_id"] = _server_ids(req, fb)
+    fb = fb.sort_values("feedback_ts", kind="stable").drop_duplicates(["app", "request_id"], keep="last")
     return req.merge(fb, on=["app", "request_id"], how=how)
+
+def _server_ids(req, fb) -> list[str]:
+    "The server's request id each label in `fb` is for: its own id if a server id, else that of the answered attempt with that client id."
+    server = set(zip(req["app"], req["request_id"]))
+    ok = req[req["status"].between(200, 299) & ~req["shadow"].astype(bool) & req["client_request_id"].notna()].sort_values("ts", kind="stable")
+    by_client = dict(zip(zip(ok["app"], ok["client_request_id"]), ok["request_id"]))  # the latest answered attempt wins
+    return [r if (a, r) in server else by_client.get((a, r), r) for a, r in zip(fb["app"], fb["request_id"])]

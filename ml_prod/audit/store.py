@@ -10,14 +10,14 @@ import json, math, os, re, time, warnings
 from pathlib import Path
 from types import SimpleNamespace
 from ..errors import MlProdError
-from .writer import AUDIT_SCHEMA_VERSION, AuditError, AuditWarning, FEEDBACK_COLUMNS, REQUEST_COLUMNS, _NAME
+from .writer import AUDIT_SCHEMA_VERSION, READABLE_VERSIONS, MAX_TS, AuditError, AuditWarning, FEEDBACK_COLUMNS, REQUEST_COLUMNS, _NAME
 from .writer import _root, _name
 
 try: import fcntl  # POSIX: the lock a writer holds on its open segment says that it is alive
 except ImportError: fcntl = None
 
 # %% auto #0
-__all__ = ['CompactionSummary', 'compact']
+__all__ = ['CompactionSummary', 'compact', 'apply_retention']
 
 # %% ../../nbs/api/16_audit_store.ipynb #83592d59
 def _writer_alive(path:Path) -> bool:
@@ -37,10 +37,10 @@ def _segment_files(d:Path) -> list[tuple[Path, bool]]:
     except FileNotFoundError: return []
     return [(d/n, n.endswith(".open.jsonl")) for n in names if n.endswith(".jsonl") and not n.startswith(".")]
 
-def _read_segment(path:Path, live:bool) -> tuple[list[dict]|None, int]:
-    "The records of one segment (None if it vanished) and the number of lines skipped."
+def _read_segment(path:Path, live:bool) -> tuple[list[dict]|None, list[bytes]]:
+    "The records of one segment (None if it vanished) and the lines skipped, as they are."
     try: data = path.read_bytes()
-    except FileNotFoundError: return None, 0  # renamed by its writer or deleted by a compaction meanwhile
+    except FileNotFoundError: return None, []  # renamed by its writer or deleted by a compaction meanwhile
     *lines, tail = data.split(b"\n")
     recs, bad = [], []
     for i, line in enumerate(lines, 1):
@@ -48,7 +48,7 @@ def _read_segment(path:Path, live:bool) -> tuple[list[dict]|None, int]:
         try: r = json.loads(line)
         except ValueError: bad.append(i); continue
         if not isinstance(r, dict) or not isinstance(r.get("request_id"), str): bad.append(i); continue
-        if (v := r.get("schema_version")) != AUDIT_SCHEMA_VERSION:
+        if (v := r.get("schema_version")) not in READABLE_VERSIONS:
             if isinstance(v, int) and v > AUDIT_SCHEMA_VERSION:
                 raise MlProdError(f"{path}, line {i}: audit record of schema version {v}; this ml_prod reads "
                                   f"version {AUDIT_SCHEMA_VERSION}. Upgrade ml_prod to read it.")
@@ -58,11 +58,11 @@ def _read_segment(path:Path, live:bool) -> tuple[list[dict]|None, int]:
     partial = bool(tail.strip()) and not live
     if partial: warnings.warn(f"{path}: skipped its partly written last line ({len(tail)} bytes): the writer "
                               "died while writing it, before that request was answered", AuditWarning)
-    return recs, len(bad) + partial
+    return recs, [lines[i - 1] for i in bad] + ([tail] if partial else [])
 
 # %% ../../nbs/api/16_audit_store.ipynb #46a75e09
 _REQUESTS = SimpleNamespace(name="requests", segments="segments", parquet="requests", columns=REQUEST_COLUMNS,
-                           order=("attempt", "ts"))
+                           order=("_answered", "attempt", "ts"))
 _FEEDBACK = SimpleNamespace(name="feedback", segments="feedback-segments", parquet="feedback", columns=FEEDBACK_COLUMNS,
                            order=("ts",))
 
@@ -71,26 +71,51 @@ def _schema(stream):
     ty = {"str": pa.string(), "json": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
     return pa.schema([(c, ty[t]) for c, t in stream.columns.items()])
 
+def _get(r:dict, c:str):
+    "Field `c` of record `r`, in the version 2 shape (a version 1 record's client id is its `request_id`)."
+    if c == "client_request_id" and r.get("schema_version") == 1: return r.get("request_id")
+    return r.get(c)
+
+def _fits(r:dict) -> bool:
+    "Whether a record's `ts` is a time the log can store and show."
+    ts = r.get("ts")
+    return isinstance(ts, (int, float)) and not isinstance(ts, bool) and math.isfinite(ts) and 0 <= ts <= MAX_TS
+
 def _columns(recs:list[dict], stream) -> dict:
     out = {}
     for c, t in stream.columns.items():
-        vs = [r.get(c) for r in recs]
+        vs = [_get(r, c) for r in recs]
         if t == "json": vs = [None if v is None else json.dumps(v, separators=(",", ":")) for v in vs]
         out[c] = vs
     return out
 
 def _to_table(recs:list[dict], stream, path=None):
-    "An Arrow table of `recs`; records whose fields have the wrong types are skipped with a warning."
+    "An Arrow table of `recs`, and the records left out (fields of the wrong type or out of range), with a warning."
     import pyarrow as pa
-    schema = _schema(stream)
-    try: return pa.table(_columns(recs, stream), schema=schema), 0
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError): pass
-    good = []
+    schema, errors = _schema(stream), (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError)
+    if all(map(_fits, recs)):
+        try: return pa.table(_columns(recs, stream), schema=schema), []
+        except errors: pass
+    good, bad = [], []
     for r in recs:
-        try: pa.table(_columns([r], stream), schema=schema); good.append(r)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError): pass
-    warnings.warn(f"{path}: skipped {len(recs) - len(good)} record(s) with fields of the wrong type", AuditWarning)
-    return pa.table(_columns(good, stream), schema=schema), len(recs) - len(good)
+        try:
+            if not _fits(r): raise TypeError("ts")
+            pa.table(_columns([r], stream), schema=schema); good.append(r)
+        except errors: bad.append(r)
+    warnings.warn(f"{path}: skipped {len(bad)} record(s) with fields of the wrong type or out of range", AuditWarning)
+    return pa.table(_columns(good, stream), schema=schema), bad
+
+def _conform(t, stream):
+    "A table read from Parquet in the version 2 columns (a version 1 file has no `client_request_id`)."
+    import pyarrow as pa, pyarrow.compute as pc
+    schema = _schema(stream)
+    if t.schema.equals(schema): return t
+    cols = {}
+    for f in schema:
+        if f.name in t.column_names: cols[f.name] = t[f.name].cast(f.type)
+        elif f.name == "client_request_id": cols[f.name] = t["request_id"]
+        else: cols[f.name] = pa.nulls(t.num_rows, f.type)
+    return pa.table(cols, schema=schema)
 
 def _keys(t, stream):
     "The dedup key of each row: app and request id, and for a shadow record also its arm."
@@ -106,11 +131,13 @@ def _dedup(t, stream):
     n = t.num_rows
     if n == 0: return t, 0
     t = t.append_column("_k", _keys(t, stream)).append_column("_n", pa.array(range(n), pa.int64()))
+    if stream is _REQUESTS:  # an answered record is never replaced by a rejected one (version 1 keys are the client's)
+        t = t.append_column("_answered", pc.fill_null(pc.and_(pc.greater_equal(t["status"], 200), pc.less(t["status"], 300)), False))
     t = t.sort_by([("_k", "ascending"), *[(c, "ascending") for c in stream.order], ("_n", "ascending")])
     k = t["_k"].combine_chunks()
     last = pa.concat_arrays([pc.not_equal(k.slice(0, n - 1), k.slice(1)), pa.array([True])])
     t = t.filter(last).sort_by([("ts", "ascending"), ("_k", "ascending")])
-    return t.drop_columns(["_k", "_n"]), n - t.num_rows
+    return t.drop_columns([c for c in ("_k", "_n", "_answered") if c in t.column_names]), n - t.num_rows
 
 # %% ../../nbs/api/16_audit_store.ipynb #a0b54370
 def _day(ts:float) -> int: return int(ts // 86400)
@@ -130,9 +157,11 @@ def _partitions(d:Path) -> dict[int, Path]:
             except ValueError: pass
     return out
 
-def _read_partition(path:Path, columns=None):
+def _read_partition(path:Path, columns=None, stream=None):
+    "A day partition's table; with `stream`, in that stream's version 2 columns."
     import pyarrow.parquet as pq
-    return pq.read_table(path, columns=columns).replace_schema_metadata(None)
+    t = pq.read_table(path, columns=columns).replace_schema_metadata(None)
+    return t if stream is None else _conform(t, stream)
 
 def _write_partition(path:Path, t):
     import pyarrow.parquet as pq
@@ -148,10 +177,10 @@ def _remove_partition(path:Path):
 
 # %% ../../nbs/api/16_audit_store.ipynb #1048f2b0
 _SUMMARY = ("records_read", "labels_read", "rows_written", "partitions_written", "duplicates_dropped",
-            "bad_lines", "expired", "segments_deleted", "partitions_deleted")
+            "bad_lines", "quarantined", "expired", "segments_deleted", "partitions_deleted")
 
 class CompactionSummary(SimpleNamespace):
-    "What one `compact` run did (counts over all applications; `labels_read` counts feedback records)."
+    "What one `compact` or `apply_retention` run did (counts over all applications; `labels_read` counts feedback records)."
     def __init__(self, **kw): super().__init__(**{"apps": [], **dict.fromkeys(_SUMMARY, 0), **kw})
 
 class _AppLock:
@@ -173,21 +202,42 @@ def _mtime(p:Path) -> float|None:
     try: return p.stat().st_mtime
     except FileNotFoundError: return None
 
-def _read_segments(d:Path, stream, cutoff, s) -> tuple[list, list[Path]]:
-    "Arrow tables of the segments in `d` and the segments to delete once they are compacted."
+_BATCH_BYTES = 64 * 2**20  # segments read into memory at once by a compaction (at least one)
+
+def _batches(files:list, limit:int):
+    "`files` (path, is_open) in consecutive batches of about `limit` bytes of segments."
+    batch, size = [], 0
+    for f in files:
+        batch.append(f); size += os.stat(f[0]).st_size if f[0].exists() else 0
+        if size >= limit: yield batch; batch, size = [], 0
+    if batch: yield batch
+
+def _quarantine(app_dir:Path, stream, path:Path, lines:list[bytes]) -> int:
+    "Append `lines` skipped from segment `path` to its quarantine file, durably; how many."
+    if not lines: return 0
+    q = app_dir/"quarantine"/f"{stream.name}-{path.name}"
+    q.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(q, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    try: os.write(fd, b"".join(l.rstrip(b"\n") + b"\n" for l in lines)); os.fsync(fd)
+    finally: os.close(fd)
+    warnings.warn(f"{path}: {len(lines)} line(s) that cannot be compacted copied to {q}", AuditWarning)
+    return len(lines)
+
+def _read_segments(files:list, stream, s, app_dir:Path|None=None) -> tuple[list, list[Path]]:
+    "Arrow tables of the segments `files` and the segments to delete once they are compacted (their skipped lines quarantined)."
     tables, consumed = [], []
-    for path, is_open in _segment_files(d):
+    for path, is_open in files:
         live = is_open and _writer_alive(path)
-        if not live and cutoff is not None and (m := _mtime(path)) is not None and m < cutoff:
-            path.unlink(missing_ok=True); s.segments_deleted += 1; continue
-        recs, nbad = _read_segment(path, live)
+        recs, bad = _read_segment(path, live)
         if recs is None: continue
-        t, nwrong = _to_table(recs, stream, path)
-        s.bad_lines += nbad + nwrong
+        t, wrong = _to_table(recs, stream, path)
+        s.bad_lines += len(bad) + len(wrong)
         if stream is _REQUESTS: s.records_read += len(recs)
         else: s.labels_read += len(recs)
         tables.append(t)
-        if not live: consumed.append(path)
+        if not live:
+            if app_dir is not None: s.quarantined += _quarantine(app_dir, stream, path, bad + [json.dumps(r).encode() for r in wrong])
+            consumed.append(path)
     return tables, consumed
 
 # %% ../../nbs/api/16_audit_store.ipynb #af08c23a
@@ -201,20 +251,35 @@ def _affected_days(parts:dict, new, stream) -> set[int]:
            if pc.any(pc.is_in(_read_partition(parts[d], ["request_id"])["request_id"], ids)).as_py()}
     return days | hit
 
+def _expire(app_dir:Path, stream, cutoff:float, s):
+    "Delete the day partitions, and the closed or abandoned segments, of `stream` older than `cutoff` (listing only, nothing read)."
+    for d, p in _partitions(app_dir/stream.parquet).items():
+        if d < _day(cutoff): _remove_partition(p); s.partitions_deleted += 1
+    for path, is_open in _segment_files(app_dir/stream.segments):
+        if is_open and _writer_alive(path): continue
+        if (m := _mtime(path)) is not None and m < cutoff: path.unlink(missing_ok=True); s.segments_deleted += 1
+
 def _compact_stream(app_dir:Path, stream, cutoff:float|None, s):
+    pq_dir = app_dir/stream.parquet
+    if cutoff is not None: _expire(app_dir, stream, cutoff, s)
+    for p in pq_dir.glob("date=*/.*.tmp"): p.unlink(missing_ok=True)  # left by a compaction that died
+    for batch in _batches(_segment_files(app_dir/stream.segments), _BATCH_BYTES): _compact_batch(app_dir, stream, batch, cutoff, s)
+    for p in (app_dir/stream.segments).glob(".*.tmp"):  # a writer died between creating and naming its segment
+        if (m := _mtime(p)) is not None and m < time.time() - 3600: p.unlink(missing_ok=True)
+
+def _compact_batch(app_dir:Path, stream, batch:list, cutoff:float|None, s):
+    "Merge one batch of segments into the day partitions, then delete the segments it consumed."
     import pyarrow as pa, pyarrow.compute as pc
     pq_dir, parts = app_dir/stream.parquet, _partitions(app_dir/stream.parquet)
-    if cutoff is not None:
-        for d in [d for d in parts if d < _day(cutoff)]: _remove_partition(parts.pop(d)); s.partitions_deleted += 1
-    for p in pq_dir.glob("date=*/.*.tmp"): p.unlink(missing_ok=True)  # left by a compaction that died
-    tables, consumed = _read_segments(app_dir/stream.segments, stream, cutoff, s)
+    tables, consumed = _read_segments(batch, stream, s, app_dir)
     new = pa.concat_tables(tables) if tables else _schema(stream).empty_table()
+    del tables
     if cutoff is not None and new.num_rows:
         keep = pc.greater_equal(new["ts"], cutoff)
         s.expired += new.num_rows - pc.sum(keep).as_py(); new = new.filter(keep)
     if new.num_rows:
         days = _affected_days(parts, new, stream)
-        old = {d: _read_partition(parts[d]) for d in sorted(days & parts.keys())}
+        old = {d: _read_partition(parts[d], stream=stream) for d in sorted(days & parts.keys())}
         merged, dropped = _dedup(pa.concat_tables([*old.values(), new]), stream)
         s.duplicates_dropped += dropped
         mday = pc.floor(pc.divide(merged["ts"], 86400.0))
@@ -227,8 +292,6 @@ def _compact_stream(app_dir:Path, stream, cutoff:float|None, s):
             _write_partition(pq_dir/f"date={_day_name(d)}"/"part-0.parquet", rows)
             s.partitions_written += 1; s.rows_written += rows.num_rows
     for p in consumed: p.unlink(missing_ok=True); s.segments_deleted += 1
-    for p in (app_dir/stream.segments).glob(".*.tmp"):  # a writer died between creating and naming its segment
-        if (m := _mtime(p)) is not None and m < time.time() - 3600: p.unlink(missing_ok=True)
 
 # %% ../../nbs/api/16_audit_store.ipynb #bb7732f8
 _RELATIVE = re.compile(r"-(\d+(?:\.\d+)?)([smhd])")
@@ -255,6 +318,11 @@ def _apps(root:Path, app:str|None) -> list[str]:
     try: return sorted(n for n in os.listdir(root) if _NAME.fullmatch(n) and (root/n).is_dir())
     except FileNotFoundError: return []
 
+def _check_days(field:str, v):
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+        raise AuditError(f"{field} = {v!r}: must be a positive number of days, or None to keep everything")
+    return v
+
 def compact(audit_dir,  # folder of the audit log
             app:str|None=None,  # one application (default: every application in `audit_dir`)
             retention_days:float|None=None,  # delete what is older than this many days (None: keep all)
@@ -262,9 +330,7 @@ def compact(audit_dir,  # folder of the audit log
            ) -> CompactionSummary:
     "Compact segments into day partitions with one row per request id, and apply retention."
     root = _root(audit_dir)
-    if retention_days is not None and (isinstance(retention_days, bool) or not isinstance(retention_days, (int, float))
-                                       or not retention_days > 0):
-        raise AuditError(f"retention_days = {retention_days!r}: must be a positive number of days, or None to keep everything")
+    _check_days("retention_days", retention_days)
     now = time.time() if now is None else _epoch("now", now)
     cutoff = None if retention_days is None else now - retention_days * 86400
     s = CompactionSummary()
@@ -272,5 +338,24 @@ def compact(audit_dir,  # folder of the audit log
         if not (root/a).is_dir(): continue
         with _AppLock(root/a):
             for stream in (_REQUESTS, _FEEDBACK): _compact_stream(root/a, stream, cutoff, s)
+        s.apps.append(a)
+    return s
+
+def apply_retention(audit_dir,  # folder of the audit log
+                    retention_days,  # days to keep: one number for every application, or {app: days or None}; None keeps all
+                    app:str|None=None,  # one application (default: every application in `audit_dir`, or the keys of the dict)
+                    now=None,  # the time retention counts back from (default: now)
+                   ) -> CompactionSummary:
+    "Delete audit data older than each application's retention (`audit.retention_days`): day partitions and uncompacted segments."
+    root = _root(audit_dir)
+    per_app = retention_days if isinstance(retention_days, dict) else None
+    for a, d in (per_app or {"retention_days": retention_days}).items(): _check_days(f"retention_days[{a!r}]" if per_app else a, d)
+    now = time.time() if now is None else _epoch("now", now)
+    s = CompactionSummary()
+    for a in ([_name("app", app)] if app else sorted(per_app) if per_app is not None else _apps(root, None)):
+        days = per_app.get(a) if per_app is not None else retention_days
+        if days is None or not (root/a).is_dir(): continue
+        with _AppLock(root/a):
+            for stream in (_REQUESTS, _FEEDBACK): _expire(root/a, stream, now - days * 86400, s)
         s.apps.append(a)
     return s

@@ -6,7 +6,7 @@ Docs: https://ml-prod.github.io/ml_prod/api/audit_writer.html.md"""
 
 # %% ../../nbs/api/15_audit_writer.ipynb #41d8fc02
 from __future__ import annotations
-import json, math, os, re, threading, time, warnings
+import errno, json, math, os, re, shutil, threading, time, warnings
 from pathlib import Path
 from types import SimpleNamespace
 from ..errors import ConfigError, MlProdError
@@ -15,18 +15,23 @@ try: import fcntl  # POSIX: the lock a writer holds on its open segment says tha
 except ImportError: fcntl = None
 
 # %% auto #0
-__all__ = ['AUDIT_SCHEMA_VERSION', 'SALT_ENV', 'OUTCOMES', 'DEFAULT_ROTATE_BYTES', 'REQUEST_COLUMNS', 'FEEDBACK_COLUMNS',
-           'AuditError', 'AuditWarning', 'outcome_for_status', 'default_replica', 'Privacy', 'AuditWriter',
-           'FeedbackWriter']
+__all__ = ['AUDIT_SCHEMA_VERSION', 'READABLE_VERSIONS', 'SALT_ENV', 'OUTCOMES', 'DEFAULT_ROTATE_BYTES', 'MAX_ATTEMPT', 'MAX_TS',
+           'DEFAULT_MIN_FREE_BYTES', 'SPACE_CHECK_S', 'REQUEST_COLUMNS', 'FEEDBACK_COLUMNS', 'AuditError',
+           'AuditWarning', 'outcome_for_status', 'default_replica', 'Privacy', 'AuditWriter', 'FeedbackWriter']
 
 # %% ../../nbs/api/15_audit_writer.ipynb #d90f6dae
-AUDIT_SCHEMA_VERSION = 1
+AUDIT_SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 logs are read as version 2 (see "Version 1 logs and the migration")
 SALT_ENV = "ML_PROD_AUDIT_SALT"  # the secret key of hashed fields; never written anywhere
 OUTCOMES = ("ok", "invalid", "unauthorized", "timeout", "overloaded", "error")
 DEFAULT_ROTATE_BYTES = 64 * 2**20
+MAX_ATTEMPT = 100  # the largest `attempt` (`x-attempt`): a client's retries are few, and the column is int64
+MAX_TS = 7258118400.0  # 2200-01-01: no later `ts` is written (pandas' datetimes end in 2262; queries show `ts` as one)
+DEFAULT_MIN_FREE_BYTES = 2**30  # a writer warns when its file system has less free space than this
+SPACE_CHECK_S = 5.0  # how often (seconds) a writer looks at the free space
 
 # column -> type; "json" columns hold any JSON value, stored as JSON text in Parquet
-REQUEST_COLUMNS = {"schema_version": "int", "request_id": "str", "attempt": "int", "ts": "float", "app": "str",
+REQUEST_COLUMNS = {"schema_version": "int", "request_id": "str", "client_request_id": "str", "attempt": "int", "ts": "float", "app": "str",
                    "arm": "str", "model_name": "str", "model_version": "str", "inputs": "json", "outputs": "json",
                    "latency_ms": "float", "status": "int", "outcome": "str", "shadow": "bool", "replica": "str",
                    "error": "str"}
@@ -37,7 +42,7 @@ class AuditError(ConfigError, ValueError):
     "A bad argument or setting of the audit log; the message names the field and quotes the value."
 
 class AuditWarning(UserWarning):
-    "Something in the audit log was skipped (an unreadable or partly written line)."
+    "Something in the audit log was skipped (an unreadable or partly written line), or its disk is nearly full."
 
 # %% ../../nbs/api/15_audit_writer.ipynb #a23a8519
 _STATUS_OUTCOMES = {401: "unauthorized", 403: "unauthorized", 408: "timeout", 504: "timeout",
@@ -132,12 +137,28 @@ def _write_all(fd:int, b:bytes):
 class _SegmentWriter:
     "Appends JSON lines to this replica's own segment files, rotating them by size."
     folder = "segments"
-    def __init__(self, audit_dir, app:str, replica:str|None=None, rotate_bytes:int=DEFAULT_ROTATE_BYTES):
+    def __init__(self, audit_dir, app:str, replica:str|None=None, rotate_bytes:int=DEFAULT_ROTATE_BYTES,
+                 min_free_bytes:int=DEFAULT_MIN_FREE_BYTES):
         self.app, self.replica = _name("app", app), _name("replica", replica or default_replica())
-        if isinstance(rotate_bytes, bool) or not isinstance(rotate_bytes, int) or rotate_bytes < 1:
-            raise AuditError(f"rotate_bytes = {rotate_bytes!r}: must be a positive whole number of bytes")
-        self.dir, self.rotate_bytes = _root(audit_dir)/self.app/self.folder, rotate_bytes
+        for k, v in (("rotate_bytes", rotate_bytes), ("min_free_bytes", min_free_bytes)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise AuditError(f"{k} = {v!r}: must be a positive whole number of bytes")
+        self.dir, self.rotate_bytes, self.min_free_bytes = _root(audit_dir)/self.app/self.folder, rotate_bytes, min_free_bytes
         self._lock, self._fd, self._path, self._size = threading.Lock(), None, None, 0
+        self.space_warning: str|None = None  # set while the file system has less than `min_free_bytes` free
+        self._space_checked = 0.0
+
+    def _check_space(self):
+        "Look at the free space; warn once when it falls below `min_free_bytes` (a full disk stops the writes)."
+        self._space_checked = time.monotonic()
+        try: free = shutil.disk_usage(self.dir).free
+        except OSError: return
+        msg = None
+        if free < self.min_free_bytes:
+            msg = (f"audit log {self.dir}: only {free / 2**20:.0f} MiB free (warning below {self.min_free_bytes / 2**20:.0f} MiB). "
+                   "When the disk is full, predictions are answered 503 and feedback 503 (nothing stored): "
+                   "compact the audit log, apply retention or add space")
+        if msg and not self.space_warning: warnings.warn(msg, AuditWarning, stacklevel=3)
+        self.space_warning = msg
 
     @property
     def path(self) -> Path|None: return self._path  # the segment being written, if any
@@ -154,6 +175,7 @@ class _SegmentWriter:
         self._path = self.dir/f"{name}.open.jsonl"
         os.rename(tmp, self._path)
         self._fd, self._size = fd, 0
+        self._check_space()
 
     def _seal(self):
         "Close the current segment: fsync it, rename it to `*.jsonl`, then release its lock."
@@ -165,16 +187,27 @@ class _SegmentWriter:
                 os.rename(path, path.with_name(path.name[:-len(".open.jsonl")] + ".jsonl"))
         finally: os.close(fd)
 
-    def _append(self, rec:dict):
-        line = (_encode(rec) + "\n").encode()
+    def _append(self, *recs:dict):
+        "Append `recs` with one write: all of them, or (when the write fails) none."
+        data = "".join(_encode(r) + "\n" for r in recs).encode()
         with self._lock:
             if self._fd is None: self._open()
-            elif self._size and self._size + len(line) > self.rotate_bytes: self._seal(); self._open()
-            try: _write_all(self._fd, line)
-            except OSError:  # e.g. disk full: leave the segment (maybe with a partial line) to compaction, start afresh next time
+            elif self._size and self._size + len(data) > self.rotate_bytes: self._seal(); self._open()
+            elif time.monotonic() - self._space_checked > SPACE_CHECK_S: self._check_space()
+            try: _write_all(self._fd, data)
+            except OSError as e:  # e.g. disk full: cut off what was written, leave the segment to compaction, start afresh next time
                 fd, self._fd, self._path = self._fd, None, None
-                os.close(fd); raise
-            self._size += len(line)
+                self._undo(fd, e)
+                raise
+            self._size += len(data)
+
+    def _undo(self, fd:int, e:OSError):
+        "Truncate the segment back to its whole records after a failed write, then close it."
+        try:
+            if e.errno != errno.EBADF: os.ftruncate(fd, self._size)
+        except OSError: pass  # the segment keeps a partial last line, which compaction skips
+        try: os.close(fd)
+        except OSError: pass
 
     def close(self):
         "Close the current segment (a later write opens a new one)."
@@ -189,7 +222,7 @@ class _SegmentWriter:
 _SETTABLE = frozenset(REQUEST_COLUMNS) - {"schema_version", "app", "replica"}
 
 def _bad(field, v, want): raise AuditError(f"audit record: {field} = {v!r}: {want}")
-def _is_time(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+def _is_time(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= MAX_TS
 
 class AuditWriter(_SegmentWriter):
     "One replica's writer of audit records: one JSON line per request attempt, flushed before it returns."
@@ -198,8 +231,9 @@ class AuditWriter(_SegmentWriter):
                  app:str,  # the serving application; a folder under `audit_dir`
                  replica:str|None=None,  # this replica's name (default: host and process id)
                  privacy:Privacy|None=None,  # input fields to drop or hash before writing
-                 rotate_bytes:int=DEFAULT_ROTATE_BYTES):  # a segment is closed and a new one started past this size
-        super().__init__(audit_dir, app, replica, rotate_bytes)
+                 rotate_bytes:int=DEFAULT_ROTATE_BYTES,  # a segment is closed and a new one started past this size
+                 min_free_bytes:int=DEFAULT_MIN_FREE_BYTES):  # warn (`space_warning`) below this much free disk space
+        super().__init__(audit_dir, app, replica, rotate_bytes, min_free_bytes)
         if privacy is not None and not isinstance(privacy, Privacy): _bad("privacy", privacy, "must be a Privacy")
         self.privacy = privacy or None
 
@@ -210,7 +244,9 @@ class AuditWriter(_SegmentWriter):
         rid, status, attempt = f.get("request_id"), f.get("status"), f.get("attempt", 1)
         if not isinstance(rid, str) or not rid: _bad("request_id", rid, "must be a non-empty string")
         if type(status) is not int or not 100 <= status <= 599: _bad("status", status, "must be an HTTP status code")
-        if type(attempt) is not int or attempt < 1: _bad("attempt", attempt, "must be a whole number >= 1")
+        if type(attempt) is not int or not 1 <= attempt <= MAX_ATTEMPT: _bad("attempt", attempt, f"must be a whole number from 1 to {MAX_ATTEMPT}")
+        cid = f.get("client_request_id")
+        if cid is not None and (not isinstance(cid, str) or not 0 < len(cid) <= 256): _bad("client_request_id", cid, "must be 1-256 characters or None")
         outcome = f.get("outcome") or outcome_for_status(status)
         if outcome not in OUTCOMES: _bad("outcome", outcome, f"must be one of {', '.join(OUTCOMES)}")
         ts, lat, err, mv = f.get("ts"), f.get("latency_ms"), f.get("error"), f.get("model_version")
@@ -221,7 +257,7 @@ class AuditWriter(_SegmentWriter):
         arm, model = f.get("arm"), f.get("model_name")
         inputs = f.get("inputs")
         if self.privacy: inputs = self.privacy.apply(inputs)
-        rec = {"schema_version": AUDIT_SCHEMA_VERSION, "request_id": rid, "attempt": attempt, "ts": ts, "app": self.app,
+        rec = {"schema_version": AUDIT_SCHEMA_VERSION, "request_id": rid, "client_request_id": cid, "attempt": attempt, "ts": ts, "app": self.app,
                "arm": None if arm is None else str(arm), "model_name": None if model is None else str(model),
                "model_version": None if mv is None else str(mv),
                "inputs": inputs, "outputs": f.get("outputs"), "latency_ms": lat, "status": status, "outcome": outcome,
@@ -233,14 +269,21 @@ class AuditWriter(_SegmentWriter):
 class FeedbackWriter(_SegmentWriter):
     "One replica's writer of ground-truth labels, by request id."
     folder = "feedback-segments"
+    def _record(self, request_id, label, ts=None) -> dict:
+        if not isinstance(request_id, str) or not request_id: _bad("request_id", request_id, "must be a non-empty string")
+        if ts is not None and not _is_time(ts): _bad("ts", ts, "must be Unix epoch seconds")
+        return {"schema_version": AUDIT_SCHEMA_VERSION, "request_id": request_id, "ts": time.time() if ts is None else ts,
+                "app": self.app, "label": label, "replica": self.replica}
+
     def write(self,
               request_id:str,  # the id of the request the label is for
               label,  # the ground truth: any JSON value
               ts:float|None=None) -> dict:  # when the label was received (default: now)
         "Append one label; returns the record written."
-        if not isinstance(request_id, str) or not request_id: _bad("request_id", request_id, "must be a non-empty string")
-        if ts is not None and not _is_time(ts): _bad("ts", ts, "must be Unix epoch seconds")
-        rec = {"schema_version": AUDIT_SCHEMA_VERSION, "request_id": request_id, "ts": time.time() if ts is None else ts,
-               "app": self.app, "label": label, "replica": self.replica}
-        self._append(rec)
-        return rec
+        return self.write_batch([dict(request_id=request_id, label=label, ts=ts)])[0]
+
+    def write_batch(self, items:list[dict]) -> list[dict]:
+        "Append labels `{request_id, label, ts}`, all checked before any is written, in one write; returns the records."
+        recs = [self._record(**x) for x in items]
+        if recs: self._append(*recs)
+        return recs
