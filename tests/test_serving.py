@@ -101,18 +101,21 @@ def test_request_path_update_and_audit(project):
     assert c.post("/predict", json=RECORD).status_code == 401
     assert c.post("/predict", json=RECORD, headers={"x-api-key": "k-123"}).status_code == 200
 
-    # rollback returns to the previous versions; auth stays on although this shell has no keys
-    cli("serve", "rollback", "fraud")
+    # revert returns to the previous versions and pins them; auth stays on although this shell has no keys
+    cli("serve", "revert", "fraud")
     st = status("fraud")
-    assert st["arms"]["champion"]["pinned"] == f"models:/tiny/{v2}"
+    assert st["arms"]["champion"]["pinned"] == f"models:/tiny/{v2}" and st["pinned"] is True
     assert c.post("/predict", json=RECORD).status_code == 401
 
-    # moving an alias from the CLI updates the endpoints that serve it: here back to the broken v3, which is refused
-    r = cli("models", "rollback", "tiny", "--alias", "champion", check=False)
-    assert r.returncode == 1 and "serving was not updated" in r.stderr and "failed its health check" in r.stderr, r.stderr
+    # an alias move (here back to the broken v3) waits while the application is pinned; `serve follow` then tries it, and it is refused
+    r = cli("models", "rollback", "tiny", "--alias", "champion")
+    assert f"-> {v3}" in r.stdout, r.stdout
+    assert [m["now"] for m in status("fraud")["pending"]] == [f"models:/tiny/{v3}"]
+    r = cli("serve", "follow", "fraud", check=False)
+    assert r.returncode == 1 and "failed its health check" in r.stderr, r.stderr
     assert c.post("/predict", json=RECORD, headers={"x-api-key": "k-123"}).json()["version"] == str(v2)
-    r = cli("models", "rollback", "tiny", "--alias", "champion")  # undoes the move to v3: back to v2
-    assert f"champion=models:/tiny/{v2}" in r.stdout and "serving: fraud now answers with" in r.stdout, r.stdout
+    r = cli("models", "rollback", "tiny", "--alias", "champion")  # undoes the move to v3: back to v2, which is served
+    assert f"-> {v2}" in r.stdout and status("fraud")["pending"] == [], r.stdout
 
     # feedback, then the audit log: every answered request once, shadow answers recorded apart
     ok = c.post("/predict", json=RECORD, headers={"x-api-key": "k-123", "x-request-id": "labelled"})

@@ -44,7 +44,6 @@ def models_register(run_id:str=typer.Argument(..., help="The run that logged the
     try: v = register(s, run_id, name, alias=alias, reason=reason)
     except MlProdError as e: _fail(e)
     typer.echo(f"registered {name} version {v}" + (f"; models:/{name}@{alias} -> version {v}" if alias else ""))
-    if alias: _serve_moved(s, name, alias)
 
 # %% ../../nbs/api/92_cli_models.ipynb #73a0792c
 @models_app.command("list")
@@ -92,7 +91,6 @@ def models_promote(name:str=typer.Argument(..., help="Registered model name"),
     try: e = promote.promote(s, name, from_alias, to_alias, metric, mode, str(data) if data else None, force=force, reason=reason, **kw)
     except MlProdError as e: _fail(e)
     typer.echo(e.summary())
-    _serve_moved(s, name, to_alias)
 
 @models_app.command("rollback")
 def models_rollback(name:str=typer.Argument(..., help="Registered model name"),
@@ -105,14 +103,6 @@ def models_rollback(name:str=typer.Argument(..., help="Registered model name"),
     try: e = rollback(s, name, alias, reason)
     except MlProdError as e: _fail(e)
     typer.echo(e.summary())
-    _serve_moved(s, name, alias)
-
-def _serve_moved(s, name:str, alias:str):
-    "Put the version `name@alias` now points to into service wherever an endpoint serves that alias."
-    from ml_prod.serving import control
-    try: updated = control.follow_alias(name, alias, s)
-    except MlProdError as e: err.print(f"error: the alias moved, but serving was not updated: {e}"); raise typer.Exit(1)
-    for u in updated: typer.echo(f"serving: {u['app']} now answers with " + ", ".join(f"{n}={x['pinned']}" for n, x in u["arms"].items()))
 
 # %% ../../nbs/api/92_cli_models.ipynb #404437c3
 @models_app.command("history")

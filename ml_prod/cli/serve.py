@@ -17,8 +17,8 @@ from .common import ProfileOpt, app, console, err
 from .common import _fail, _settings
 
 # %% auto #0
-__all__ = ['serve_app', 'audit_app', 'SpecArg', 'serve_up', 'serve_build', 'serve_status', 'serve_update', 'serve_rollback',
-           'serve_down', 'serve_logs', 'audit_query', 'audit_compact']
+__all__ = ['serve_app', 'audit_app', 'SpecArg', 'serve_up', 'serve_build', 'serve_status', 'serve_update', 'serve_revert',
+           'serve_rollback', 'serve_down', 'serve_logs', 'audit_query', 'audit_compact']
 
 # %% ../../nbs/api/94_cli_serve.ipynb #20472c3c
 serve_app = typer.Typer(help="Serving: registered models behind HTTP endpoints on Ray Serve.", no_args_is_help=True)
@@ -35,13 +35,21 @@ def _weights(pairs:list[str]|None) -> dict[str, float]:
         if out[arm] is None: _fail(ParameterError(f"--weight {p!r}: write ARM=WEIGHT, e.g. --weight canary=10"))
     return out
 
+def _ensure_control(s):
+    "Start the control service if it is not running (endpoints follow their aliases through it); a warning when it cannot."
+    from ml_prod.control import service
+    try: service.ensure(s)
+    except MlProdError as e: err.print(f"warning: the control service is not running, so endpoints do not follow alias moves: {e}")
+
 @serve_app.command("up")
 def serve_up(spec:Path=SpecArg, profile:Optional[str]=ProfileOpt,
              timeout:float=typer.Option(180, help="Seconds to wait for the applications to serve")):
     "Deploy the spec's applications and wait until they answer."
     from ml_prod.serving import control
-    try: urls = control.deploy(spec, _settings(profile), timeout_s=timeout)
+    s = _settings(profile)
+    try: urls = control.deploy(spec, s, timeout_s=timeout)
     except MlProdError as e: _fail(e)
+    _ensure_control(s)
     for app_name, e in urls.items():
         console.print(f"[bold]{app_name}[/bold] serving at {e['url']}/predict")
         if e["replica_urls"]: console.print("  fast path, straight to its replicas: " + ", ".join(f"{u}/predict" for u in e["replica_urls"]))
@@ -82,6 +90,17 @@ def serve_status(profile:Optional[str]=ProfileOpt, as_json:bool=typer.Option(Fal
         for x in a.get("steps", []):
             console.print(f"  step {x['deployment']} {x['status']}: " + ", ".join(f"replica {r['id']} {r['state']} pid {r['pid']}" for r in x["replicas"]))
         if a["last_refusal"]: console.print(f"  [red]last update refused at {a['last_refusal']['time']:.0f}[/red]")
+        _print_follow(a)
+
+def _print_follow(a:dict):
+    "Whether `a` follows its aliases, the moves a revert holds back, and its recent history."
+    import time
+    console.print("  [yellow]pinned by `serve revert`: alias moves wait for `ml_prod serve follow " + a["app"] + "`[/yellow]" if a.get("pinned") else "  follows its aliases")
+    for m in a.get("pending", []): console.print(f"  alias moved, not applied{' (pinned)' if a.get('pinned') else ''}: {m['arm']} {m['model']} -> {m['now']} (serving {m['serving']})", soft_wrap=True)
+    for h in a.get("history", []):
+        arms = ", ".join(f"{n}={x['pinned']} weight {x['weight']:g}" for n, x in h["arms"].items())
+        moves = ", ".join(f"{m['model']} -> {m['now']}" for m in h.get("moves", []))
+        console.print(f"  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(h['time']))} {h['event']} by {h['actor']}: {arms or moves or h.get('detail', '')}", soft_wrap=True)
 
 @serve_app.command("update")
 def serve_update(app_name:str=typer.Argument(..., metavar="APP", help="The application"),
@@ -93,13 +112,20 @@ def serve_update(app_name:str=typer.Argument(..., metavar="APP", help="The appli
     except MlProdError as e: _fail(e)
     console.print(f"{app_name}: " + ", ".join(f"{n} {x['pinned']} weight {x['weight']:g}" for n, x in r["arms"].items()))
 
-@serve_app.command("rollback")
-def serve_rollback(app_name:str=typer.Argument(..., metavar="APP", help="The application"), profile:Optional[str]=ProfileOpt):
-    "Go back to the model versions served before the current ones."
+@serve_app.command("revert")
+def serve_revert(app_name:str=typer.Argument(..., metavar="APP", help="The application"), profile:Optional[str]=ProfileOpt):
+    "Go back to the model versions served before the current ones, and pin them: alias moves wait for `serve follow APP`."
     from ml_prod.serving import control
-    try: r = control.rollback(app_name, _settings(profile))
+    try: r = control.revert(app_name, _settings(profile))
     except MlProdError as e: _fail(e)
-    console.print(f"{app_name} rolled back: " + ", ".join(f"{n} {x['pinned']}" for n, x in r["arms"].items()))
+    console.print(f"{app_name} reverted and pinned: " + ", ".join(f"{n} {x['pinned']}" for n, x in r["arms"].items())
+                  + f"; alias moves wait for `ml_prod serve follow {app_name}`")
+
+@serve_app.command("rollback", hidden=True)
+def serve_rollback(app_name:str=typer.Argument("APP", metavar="APP"), profile:Optional[str]=ProfileOpt):
+    "Renamed: `serve revert` (the served versions); `models rollback` moves an alias back."
+    _fail(ParameterError(f"`ml_prod serve rollback` is now `ml_prod serve revert {app_name}` (back to the versions served before, pinned there); "
+                         "to move an alias back to its previous version, use `ml_prod models rollback NAME --alias ALIAS`"))
 
 # %% ../../nbs/api/94_cli_serve.ipynb #3b6eaeb4
 @serve_app.command("down")

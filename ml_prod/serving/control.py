@@ -1,4 +1,4 @@
-"""The driver's side of serving: build the Ray Serve config, deploy, status, zero-downtime update, rollback, logs and undeploy.
+"""The driver's side of serving: build the Ray Serve config, deploy, status, zero-downtime update, revert and follow, the served history, logs and undeploy.
 
 Docs: https://ml-prod.github.io/ml_prod/api/serving_control.html.md"""
 
@@ -6,7 +6,8 @@ Docs: https://ml-prod.github.io/ml_prod/api/serving_control.html.md"""
 
 # %% auto #0
 __all__ = ['ServingError', 'resolver', 'auth_config', 'replica_settings', 'build', 'serve_client', 'wait_running', 'deploy',
-           'endpoints', 'replica_states', 'status', 'logs', 'undeploy', 'update', 'follow_alias', 'rollback']
+           'endpoints', 'replica_states', 'status', 'logs', 'undeploy', 'update', 'is_pinned', 'history', 'alias_moves',
+           'revert', 'follow', 'follow_aliases']
 
 # %% ../../nbs/api/55_serving_control.ipynb #afb0344f
 import asyncio, hashlib, hmac, json, math, os, sys, time, uuid
@@ -93,12 +94,18 @@ def _apply(client, apps:dict[str, dict], http_options:dict):
     from ray.serve.schema import ServeDeploySchema
     _compat.deploy_apps(client, ServeDeploySchema.model_validate(dict(http_options=http_options, applications=list(apps.values()))))
 
-def _history(s:ResolvedSettings, app:str) -> Path: return Path(s.state_dir)/"serving"/f"{app}.jsonl"
+def _stream(app:str) -> str: return f"serving/{app}"  # the application's served history: events in the tracking store
 
-def _remember(s:ResolvedSettings, app_cfg:dict, reason:str):
-    p = _history(s, app_cfg["name"])
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with p.open("a") as f: f.write(json.dumps(dict(time=time.time(), reason=reason, config=app_cfg)) + "\n")
+def _note(s:ResolvedSettings, app:str, reason:str, **details):
+    "Append an event to `app`'s served history, which every operator sees (the tracking store, not this machine's disk)."
+    from ml_prod.tracking import events
+    events.append(s, _stream(app), reason, details)
+
+def _remember(s:ResolvedSettings, app_cfg:dict, reason:str, **details):
+    "Append what `app_cfg` puts into service (or refused to) to its history; without the API keys' digests, which stay in Ray's config only."
+    cfg = json.loads(json.dumps(app_cfg))
+    for d in cfg.get("deployments", []): d.get("user_config", {}).pop("auth", None)
+    _note(s, app_cfg["name"], reason, config=cfg, **details)
 
 def wait_running(client, names:list[str], timeout_s:float=180) -> None:
     "Block until every application in `names` is RUNNING; raise `ServingError` with Ray's message if one fails."
@@ -158,8 +165,9 @@ def replica_states(s:ResolvedSettings, app:str, replica_ids:list[str]|None=None)
     return [x for x in states if replica_ids is None or x["replica"] in replica_ids]
 
 def _events(s:ResolvedSettings, app:str) -> list[dict]:
-    p = _history(s, app)
-    return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
+    "`app`'s served history from the tracking store, oldest first: the event's details with its time, reason (kind), actor and id."
+    from ml_prod.tracking import events
+    return [dict(e.data, time=e.time, reason=e.kind, actor=e.actor, event_id=e.event_id) for e in events.read(s, _stream(app))]
 
 _value = lambda x: getattr(x, "value", x)  # Ray's status enums as plain strings
 
@@ -170,7 +178,7 @@ def _replicas(dep:dict, urls:dict) -> list[dict]:
 
 # %% ../../nbs/api/55_serving_control.ipynb #292ffbb0
 def status(s:ResolvedSettings|None=None) -> list[dict]:
-    "Applications, their state, replicas, the version and weight of each arm, separate steps' deployments, and the last refused update."
+    "Applications, their state, replicas, the version and weight of each arm, separate steps, the last refused update, pin, alias moves held back, recent history."
     s = s or load_settings()
     client = serve_client(s, start=False)
     details, out = _compat.serve_details(client), []
@@ -179,12 +187,14 @@ def status(s:ResolvedSettings|None=None) -> list[dict]:
         urls = _replica_urls(details, name)
         replicas = _replicas(dep, urls)
         cfg = (a.get("deployed_app_config") or {}).get("deployments", [{}])[0].get("user_config", {})
-        last = (_events(s, name) or [None])[-1]  # the history is appended in time order
+        evs = _events(s, name)
+        last = ([e for e in evs if e["reason"] in _CONFIGS] or [None])[-1]  # the history is appended in time order
         steps = [dict(deployment=n, status=_value(d.get("status")), replicas=_replicas(d, urls))
                  for n, d in sorted(a.get("deployments", {}).items()) if n != DEPLOYMENT]
         out.append(dict(app=name, status=_value(a.get("status")), message=a.get("message", ""), deployment=_value(dep.get("status")), **endpoints(client, name, details),
                         arms=cfg.get("arms", {}), replicas=replicas, serving=replica_states(s, name, [r["id"] for r in replicas]), steps=steps,
-                        last_refusal=last if last and last["reason"] == "refused" else None))
+                        last_refusal=last if last and last["reason"] == "refused" else None, pinned=is_pinned(evs),
+                        pending=alias_moves(s, a["deployed_app_config"]) if a.get("deployed_app_config") else [], history=_summaries(evs)[-10:]))
     return out
 
 def logs(app:str, s:ResolvedSettings|None=None, lines:int=50) -> dict[str, str]:
@@ -261,28 +271,86 @@ def update(app:str, # the application
     uc["auth"] = auth_config(s, uc.get("auth"))
     return _apply_update(s, client, app, cfg, "update", timeout_s)
 
-def follow_alias(name:str, # registered model name
-                 alias:str, # the alias that moved
-                 s:ResolvedSettings|None=None, # settings (default: the active profile)
-                ) -> list[dict]:
-    "Update every deployed application with an arm on `models:/NAME@ALIAS`; [] when nothing is served. The CLI calls it after moving an alias."
-    s = s or load_settings()
-    try: client = serve_client(s, start=False)
-    except ServingError: return []
-    uri = f"models:/{name}@{alias}"
-    apps = [n for n, c in _deployed(client).items() if any(a["model"] == uri for a in c["deployments"][0]["user_config"]["arms"].values())]
-    return [update(n, s) for n in sorted(apps)]
+# %% ../../nbs/api/55_serving_control.ipynb #f0110a01
+_CONFIGS = ("deploy", "update", "revert", "refused")  # the events that carry a configuration
+_PINS = ("deploy", "revert", "follow")                # the events that set or clear the pin
+
+def _arms(cfg:dict) -> dict:
+    "The arms of an application's config ({} for an application that is not ml_prod's)."
+    return (cfg.get("deployments") or [{}])[0].get("user_config", {}).get("arms", {})
+
+def is_pinned(evs:list[dict]) -> bool:
+    "Whether a `revert` pinned the application with history `evs`: its last deploy, revert or follow event is a revert."
+    marks = [e["reason"] for e in evs if e["reason"] in _PINS]
+    return bool(marks) and marks[-1] == "revert"
+
+def _summaries(evs:list[dict]) -> list[dict]:
+    "Each event as people read it: time, event, actor, the arms' pinned versions and weights, and its details."
+    out = []
+    for e in evs:
+        arms = {n: dict(pinned=a["pinned"], weight=a["weight"]) for n, a in _arms(e["config"]).items()} if e.get("config") else {}
+        out.append(dict(time=e["time"], event=e["reason"], actor=e["actor"], arms=arms, **{k: v for k, v in e.items() if k in ("moves", "detail")}))
+    return out
+
+def history(app:str, s:ResolvedSettings|None=None) -> list[dict]:
+    "The served history of `app`, oldest first, from the tracking store (needs no cluster)."
+    return _summaries(_events(s or load_settings(), app))
+
+# %% ../../nbs/api/55_serving_control.ipynb #f0110a04
+def alias_moves(s:ResolvedSettings, cfg:dict, resolve=None) -> list[dict]:
+    "The arms of deployed config `cfg` whose alias points elsewhere now than the version they serve: arm, model, serving, now."
+    resolve, out = resolve or resolver(s), []
+    for arm, a in _arms(cfg).items():
+        if "@" not in a["model"]: continue
+        try: now = resolve(a["model"])
+        except ServingError: continue  # the alias was deleted: nothing to follow
+        if now != a["pinned"]: out.append(dict(arm=arm, model=a["model"], serving=a["pinned"], now=now))
+    return out
 
 # %% ../../nbs/api/55_serving_control.ipynb #cde82779
-def rollback(app:str, s:ResolvedSettings|None=None, timeout_s:float=180) -> dict:
-    "Go back to the configuration `app` had before its current one."
+def revert(app:str, s:ResolvedSettings|None=None, timeout_s:float=180) -> dict:
+    "Go back to the model versions `app` served before its current ones, and pin it there: alias moves wait for `follow`."
     s = s or load_settings()
     client = serve_client(s, start=False)
     current = _app_config(client, app)
-    pinned = lambda c: {n: a["pinned"] for n, a in c["deployments"][0]["user_config"]["arms"].items()}
-    applied = [e["config"] for e in _events(s, app) if e["reason"] != "refused"]
+    pinned = lambda c: {n: a["pinned"] for n, a in _arms(c).items()}
+    applied = [e["config"] for e in _events(s, app) if e["reason"] in ("deploy", "update", "revert")]
     previous = [c for c in applied if pinned(c) != pinned(current)]
-    if not previous: raise ServingError(f"{app} has no earlier model versions to roll back to (history: {_history(s, app)})")
+    if not previous: raise ServingError(f"{app} has no earlier model versions to go back to (its history: `ml_prod serve status`)")
     cfg = previous[-1]
     cfg["deployments"][0]["user_config"]["auth"] = auth_config(s, current["deployments"][0]["user_config"].get("auth"))
-    return _apply_update(s, client, app, cfg, "rollback", timeout_s)
+    return _apply_update(s, client, app, cfg, "revert", timeout_s)
+
+def follow(app:str, s:ResolvedSettings|None=None, timeout_s:float=180) -> dict:
+    "Unpin `app` after a `revert`: it follows its aliases again, starting with the versions they point to now."
+    s = s or load_settings()
+    cfg = _app_config(serve_client(s, start=False), app)
+    _remember(s, cfg, "follow", detail="follows its aliases again")
+    return update(app, s, timeout_s=timeout_s)
+
+# %% ../../nbs/api/55_serving_control.ipynb #f0110a07
+def _refused(evs:list[dict], target:dict) -> bool:
+    "Whether the last configuration event refused exactly the versions `target` (arm -> pinned URI)."
+    last = ([e for e in evs if e["reason"] in _CONFIGS] or [None])[-1]
+    return bool(last and last["reason"] == "refused" and all(_arms(last["config"]).get(a, {}).get("pinned") == u for a, u in target.items()))
+
+def _follow_app(s:ResolvedSettings, app:str, moves:list[dict]) -> dict:
+    evs, target = _events(s, app), {m["arm"]: m["now"] for m in moves}
+    if is_pinned(evs):
+        if not any(e["reason"] == "alias_held" and e.get("target") == target for e in evs): _note(s, app, "alias_held", moves=moves, target=target)
+        return dict(app=app, action="held", moves=moves)
+    if _refused(evs, target): return dict(app=app, action="refused before", moves=moves)
+    _note(s, app, "alias_moved", moves=moves, target=target)
+    try: return dict(app=app, action="updated", moves=moves, arms=update(app, s)["arms"])
+    except MlProdError as e: return dict(app=app, action="refused", moves=moves, error=str(e))
+
+def follow_aliases(s:ResolvedSettings|None=None) -> list[dict]:
+    "Update every deployed application whose aliases moved (unless pinned); what was done, per application. [] when nothing is served."
+    s = s or load_settings()
+    try: client = serve_client(s, start=False)
+    except ServingError: return []
+    resolve, out = resolver(s), []
+    for app, cfg in sorted(_deployed(client).items()):
+        if "arms" not in cfg.get("deployments", [{}])[0].get("user_config", {}): continue  # not an ml_prod application
+        if moves := alias_moves(s, cfg, resolve): out.append(_follow_app(s, app, moves))
+    return out
