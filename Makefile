@@ -24,7 +24,7 @@ endif
 help:
 	@echo "make demo     set up .venv and run the fraud example as tracked jobs on a local Ray (ml_prod demo)"
 	@echo "make test     set up .venv and run all tests: nbdev-test on nbs/, then pytest tests (SKIP_SLOW=1: skip slow ones)"
-	@echo "make venv     create .venv and install ml_prod with its dev extras (re-runs only when pyproject.toml changes)"
+	@echo "make venv     create .venv and install ml_prod with every extra: lab, example, dev (re-runs only when pyproject.toml changes)"
 	@echo "make export   write ml_prod/ from the notebooks in nbs/"
 	@echo "make normalize  nbdev-clean the notebooks in nbs/ and $(EXAMPLES)/ (metadata, execution counts; outputs kept)"
 	@echo "make clean    remove build outputs (docs site, wheels, caches); sources and .ml_prod/ are left alone"
@@ -39,11 +39,11 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[lab,example,dev]"
 	@touch $@
 
 $(VENV)/.docs-installed: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e ".[dev,docs]"
+	$(PY) -m pip install --quiet -e ".[lab,example,dev,docs]"
 	@touch $@
 
 export: venv

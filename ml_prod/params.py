@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 import yaml
-from fastcore.basics import patch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .errors import ParameterError
 if TYPE_CHECKING: from nbformat import NotebookNode  # nbformat itself is imported when needed: it takes a second
@@ -206,8 +205,7 @@ def _unknown(schema:ParamSchema, names) -> list[str]:
 def _raise(schema:ParamSchema, errors:list[str], what:str="parameters"):
     if errors: raise ParameterError(f"Invalid {what} for {Path(schema.path).name}:\n  - " + "\n  - ".join(errors))
 
-@patch
-def validate(self:ParamSchema,
+def _validate(self:ParamSchema,
              values:dict, # parameter name -> value
              from_strings:bool=False, # values are strings from a command line: read non-str ones as YAML
             ) -> dict:
@@ -219,6 +217,8 @@ def validate(self:ParamSchema,
         except ValueError as e: errors.append(f"{n} = {_show(self[n], v)}: {e}")
     _raise(self, errors)
     return out
+
+ParamSchema.validate = _validate  # a method of ParamSchema, defined once the checks it uses exist (a job's kernel imports this module: no fastcore here)
 
 # %% ../nbs/api/02_params.ipynb #f3845b7b
 def _parameters_cell(nb) -> int|None:

@@ -6,15 +6,15 @@ Docs: https://ml-prod.github.io/ml_prod/api/settings.html.md"""
 
 # %% ../nbs/api/01_settings.ipynb #8c5ef3cc
 from __future__ import annotations
-import configparser, os
+import configparser, os, warnings
 from pathlib import Path
 from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from .errors import ConfigError
 
 # %% auto #0
-__all__ = ['SETTINGS_FILE', 'DEFAULT_PROFILE', 'Settings', 'setting_keys', 'find_settings_file', 'ResolvedSettings',
-           'load_settings', 'settings_table']
+__all__ = ['SETTINGS_FILE', 'DEFAULT_PROFILE', 'NBDEV_KEYS', 'Settings', 'setting_keys', 'foreign_settings', 'find_settings_file',
+           'ResolvedSettings', 'load_settings', 'settings_table']
 
 # %% ../nbs/api/01_settings.ipynb #d726c9b7
 class Settings(BaseModel):
@@ -52,12 +52,34 @@ def setting_keys() -> list[str]:
 # %% ../nbs/api/01_settings.ipynb #80298fc7
 SETTINGS_FILE = "settings.ini"
 DEFAULT_PROFILE = "default"
+NBDEV_KEYS = frozenset({"lib_name", "lib_path", "nbs_path", "doc_path", "repo"})  # nbdev 2 writes these into its settings.ini
 
-def find_settings_file(start:str|Path|None=None) -> Path|None:
-    "The nearest `settings.ini` in `start` (default: the working directory) or a parent folder."
+def foreign_settings(path:Path) -> str|None:
+    "Why the `settings.ini` at `path` is not ml_prod's (nbdev's, or only keys ml_prod does not know), or None when it is."
+    import difflib
+    cp = configparser.ConfigParser(default_section="\0no-default", interpolation=None, inline_comment_prefixes=("#", ";"))
+    try: cp.read_string(path.read_text(), source=str(path))
+    except (configparser.Error, OSError, UnicodeDecodeError): return None  # ours, or meant to be: load_settings says what is wrong
+    keys = {k for sec in cp.sections() for k in cp[sec]}
+    if nbdev := sorted(keys & NBDEV_KEYS): return f"it is nbdev's (it sets {', '.join(nbdev)})"
+    ours = setting_keys()
+    # a file with a misspelt key of ours is still ours: load_settings names the key and suggests the right one
+    if keys and not keys & set(ours) and not any(difflib.get_close_matches(k, ours, n=1) for k in keys):
+        return f"none of its keys ({', '.join(sorted(keys)[:4])}) is ml_prod's"
+    return None
+
+def find_settings_file(start:str|Path|None=None, # where to start (default: the working directory)
+                       passed_over:list|None=None, # gets a note for each settings.ini found that is not ml_prod's
+                      ) -> Path|None:
+    "The nearest ml_prod `settings.ini` in `start` or a parent folder; another tool's (nbdev's) is passed over."
     p = Path(start or Path.cwd()).resolve()
     for d in [p, *p.parents]:
-        if (d/SETTINGS_FILE).is_file(): return d/SETTINGS_FILE
+        f = d/SETTINGS_FILE
+        if not f.is_file(): continue
+        if why := foreign_settings(f):
+            if passed_over is not None: passed_over.append(f"passed over {f}: {why}")
+            continue
+        return f
     return None
 
 # %% ../nbs/api/01_settings.ipynb #386ca969
@@ -119,6 +141,7 @@ class ResolvedSettings(Settings):
     profile: str = Field(DEFAULT_PROFILE, description="Name of the profile these settings come from")
     project_dir: Path = Field(Path("."), description="Folder of settings.ini (or the working directory)")
     sources: dict[str, str] = Field(default_factory=dict, description="Where each value came from", repr=False)
+    notes: list[str] = Field(default_factory=list, description="What loading noticed, e.g. a settings.ini passed over", repr=False)
 
     @property
     def is_multi_node(self) -> bool:
@@ -173,7 +196,9 @@ def load_settings(profile:str|None=None, # profile name; default: $ML_PROD_PROFI
     "Settings of `profile`, merged from built-in defaults, `settings.ini` and `ML_PROD_*` variables, validated."
     env = dict(os.environ if env is None else env)
     profile = profile or env.get("ML_PROD_PROFILE") or DEFAULT_PROFILE
-    path = Path(path) if path else find_settings_file()
+    notes = []
+    path = Path(path) if path else find_settings_file(passed_over=notes)
+    for n in notes: warnings.warn(f"ml_prod settings: {n}", stacklevel=2)
     if path is not None and not path.is_file(): raise ConfigError(f"Settings file {path} does not exist.")
     sections = _read_ini(path) if path else {}
     path = path or Path.cwd()/SETTINGS_FILE
@@ -185,7 +210,7 @@ def load_settings(profile:str|None=None, # profile name; default: $ML_PROD_PROFI
     try: resolved = _resolve_paths(raw, project_dir)
     except ValueError as e: raise ConfigError(str(e)) from None
     resolved = {k: (None if v == "" and Settings.model_fields[k].annotation != str else v) for k, v in resolved.items()}
-    try: s = ResolvedSettings(**resolved, profile=profile, project_dir=project_dir, sources=sources)
+    try: s = ResolvedSettings(**resolved, profile=profile, project_dir=project_dir, sources=sources, notes=notes)
     except ValidationError as e: raise _format_validation_error(e, sources, raw) from None
     _check_audit_dir(s)
     _check_shared_storage(s)

@@ -8,19 +8,21 @@ Docs: https://ml-prod.github.io/ml_prod/api/cli_flows.html.md"""
 from __future__ import annotations
 import json, os, re, sys
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 import typer
 from rich.table import Table
 from ..errors import MlProdError, ParameterError
 from ..settings import load_settings, settings_table
-from .common import PairOpt, PairsCommand, ProfileOpt, app, console, err, gather_parameters
+from .common import PairOpt, PairsCommand, ProfileOpt, app, console, emit, err, gather_parameters, group
+from .jobs import NotebookArg, _job
 from .common import _fail, _settings
 
 # %% auto #0
-__all__ = ['pipeline_app', 'PipelineArg', 'pipeline_run', 'pipeline_check', 'pipeline_show', 'tune', 'reproduce']
+__all__ = ['pipeline_app', 'PipelineArg', 'pipeline_run', 'pipeline_check', 'pipeline_state', 'pipeline_show', 'tune',
+           'reproduce']
 
 # %% ../../nbs/api/93_cli_flows.ipynb #f3718eda
-pipeline_app = typer.Typer(help="Pipelines: DAGs of notebook jobs declared in YAML, cached by content hash.", no_args_is_help=True)
+pipeline_app = group("Pipelines: DAGs of notebook jobs declared in YAML, cached by content hash.")
 app.add_typer(pipeline_app, name="pipeline")
 PipelineArg = typer.Argument(..., help="The pipeline's YAML file")
 
@@ -50,23 +52,34 @@ def pipeline_check(pipeline:Path=PipelineArg):
     except MlProdError as e: _fail(e)
     typer.echo(render_pipeline(p, header=f"pipeline {p.name}: ok ({len(p.steps)} steps)"))
 
+def pipeline_state(pipeline:Path, s) -> dict:
+    "PIPELINE's steps, what each runs after, and each step's status in the latest run (None: never run)."
+    from ml_prod.flows.pipelines import dependencies, latest_pipeline_run, load_pipeline
+    from ml_prod.tracking import tags as keys
+    p = load_pipeline(pipeline)
+    run = latest_pipeline_run(s, p)
+    tags = run.data.tags if run else {}
+    pending = "PENDING" if run and run.info.status == "RUNNING" else "not run"
+    return {"pipeline": p.name, "run_id": run.info.run_id if run else None, "status": run.info.status if run else None,
+            "steps": [{"step": n, "after": [d for d in dependencies(p, n) if d in p.steps],
+                       "status": tags.get(keys.step_key(n, "status"), pending)} for n in p.steps]}
+
 @pipeline_app.command("show")
 def pipeline_show(pipeline:Path=PipelineArg, profile:Optional[str]=ProfileOpt):
-    "Draw PIPELINE's DAG with each step's status in its latest run."
+    "Draw PIPELINE's DAG with each step's status in its latest run (`--json`: the steps and their status)."
     from ml_prod.flows.pipelines import show_pipeline
     s = _settings(profile)
-    try: typer.echo(show_pipeline(pipeline, s))
-    except MlProdError as e: _fail(e)
+    emit(pipeline_state(pipeline, s), lambda _: typer.echo(show_pipeline(pipeline, s)))
 
 # %% ../../nbs/api/93_cli_flows.ipynb #c439c8a1
 @app.command(cls=PairsCommand)
-def tune(notebook:Path=typer.Argument(..., help="The job notebook (.ipynb) whose parameters to tune"),
-         space:Optional[Path]=typer.Option(None, "--space", help="Search space, YAML or JSON, e.g. {lr: {loguniform: [1e-4, 1e-1]}} (default: the notebook's metadata ml_prod.search_space)"),
+def tune(notebook:Path=typer.Argument(..., exists=True, dir_okay=False, help="The job notebook (.ipynb) whose parameters to tune"),
+         space:Optional[Path]=typer.Option(None, "--space", exists=True, dir_okay=False, help="Search space, YAML or JSON, e.g. {lr: {loguniform: [1e-4, 1e-1]}} (default: the notebook's metadata ml_prod.search_space)"),
          metric:str=typer.Option(..., "--metric", help="The metric the notebook reports with ml_prod.report(...) to optimise"),
-         mode:str=typer.Option("max", "--mode", help="max or min"),
-         samples:int=typer.Option(1, "--samples", help="Samples drawn from the space (each grid point runs this often)"),
-         scheduler:str=typer.Option("asha", "--scheduler", help="asha (stops bad trials early) or fifo"),
-         max_concurrent:Optional[int]=typer.Option(None, "--max-concurrent", help="Trials running at once (default: as CPUs allow)"),
+         mode:Literal["max", "min"]=typer.Option("max", "--mode", help="max or min"),
+         samples:int=typer.Option(1, "--samples", min=1, help="Samples drawn from the space (each grid point runs this often)"),
+         scheduler:Literal["asha", "fifo"]=typer.Option("asha", "--scheduler", help="asha (stops bad trials early) or fifo"),
+         max_concurrent:Optional[int]=typer.Option(None, "--max-concurrent", min=1, help="Trials running at once (default: as CPUs allow)"),
          cpus:float=typer.Option(1, "--cpus", help="CPUs reserved per trial"),
          max_t:int=typer.Option(100, "--max-t", help="ASHA: most reports a trial makes (set it to the notebook's epochs)"),
          grace_period:int=typer.Option(1, "--grace-period", help="ASHA: reports every trial gets before it can be stopped"),
@@ -80,9 +93,8 @@ def tune(notebook:Path=typer.Argument(..., help="The job notebook (.ipynb) whose
     from ml_prod.flows.tune import tune_notebook
     s = _settings(profile)
     try:
-        if mode not in ("max", "min"): raise ParameterError(f"--mode {mode!r}: use max or min")
         pairs = list(param or [])
-        fixed = gather_parameters(pairs, None, notebook) if pairs and notebook.is_file() else {}
+        fixed = gather_parameters(pairs, None, notebook) if pairs else {}
         fixed = {k: v for k, v in fixed.items() if k in dict(pairs)}
         res = tune_notebook(notebook, space, metric=metric, mode=mode, samples=samples, scheduler=scheduler,
                             max_concurrent=max_concurrent, settings=s, experiment=experiment, resume=resume, name=name,
@@ -103,7 +115,7 @@ def reproduce(run_id:str=typer.Argument(..., help="The job run to re-run"),
     "Re-run a past job from its record as a new linked run, and compare their metrics."
     from ml_prod.flows.reproduce import reproduce as _reproduce
     s = _settings(profile)
-    try: rep = _reproduce(s, run_id, secrets=dict(secret or []))
+    try: rep = _job(s, run_id, lambda s, run_id: _reproduce(s, run_id, secrets=dict(secret or [])))
     except MlProdError as e: _fail(e)
     typer.echo(rep.summary())
     raise typer.Exit(0 if rep.result.ok else 1)

@@ -13,17 +13,18 @@ import typer
 from rich.table import Table
 from ..errors import MlProdError, ParameterError
 from ..settings import load_settings, settings_table
-from .common import PairOpt, PairsCommand, ProfileOpt, app, console, err, gather_parameters, parse_size
+from .common import (EXIT_UNHEALTHY, PairOpt, PairsCommand, ProfileOpt, app, console, emit, err, gather_parameters,
+                                group, parse_size, wants_json)
 from .common import _fail, _settings
 
 # %% auto #0
-__all__ = ['jobs_app', 'cluster_app', 'config_app', 'config_show', 'run', 'jobs_list', 'jobs_show', 'jobs_logs', 'jobs_cancel',
-           'jobs_reap', 'cluster_up_cmd', 'cluster_status_cmd', 'cluster_down_cmd']
+__all__ = ['jobs_app', 'cluster_app', 'config_app', 'NotebookArg', 'STATUSES', 'config_show', 'run', 'jobs_list', 'jobs_show',
+           'jobs_logs', 'jobs_cancel', 'jobs_reap', 'cluster_up_cmd', 'cluster_status_cmd', 'cluster_down_cmd']
 
 # %% ../../nbs/api/91_cli_jobs.ipynb #6b4dd024
-jobs_app = typer.Typer(help="Inspect and control notebook jobs (MLflow runs).", no_args_is_help=True)
-cluster_app = typer.Typer(help="A persistent local Ray that later commands reuse.", no_args_is_help=True)
-config_app = typer.Typer(help="Runtime profiles from settings.ini.", no_args_is_help=True)
+jobs_app = group("Inspect and control notebook jobs (MLflow runs).")
+cluster_app = group("A persistent local Ray that later commands reuse.")
+config_app = group("Runtime profiles from settings.ini.")
 app.add_typer(jobs_app, name="jobs"); app.add_typer(cluster_app, name="cluster"); app.add_typer(config_app, name="config")
 
 # %% ../../nbs/api/91_cli_jobs.ipynb #1f741bab
@@ -31,33 +32,39 @@ app.add_typer(jobs_app, name="jobs"); app.add_typer(cluster_app, name="cluster")
 def config_show(profile:Optional[str]=ProfileOpt):
     "Print the effective settings and where each value came from."
     s = _settings(profile)
-    t = Table(title=f"profile: {s.profile}   (project: {s.project_dir})")
-    for col in ("key", "value", "source"): t.add_column(col)
-    for row in settings_table(s): t.add_row(*row)
-    console.print(t)
+    rows = [dict(zip(("key", "value", "source"), row)) for row in settings_table(s)]
+    def table(d):
+        t = Table(title=f"profile: {d['profile']}   (project: {d['project_dir']})")
+        for col in ("key", "value", "source"): t.add_column(col)
+        for r in d["settings"]: t.add_row(r["key"], r["value"], r["source"])
+        console.print(t)
+        for n in d["notes"]: err.print(f"note: {n}")
+    emit({"profile": s.profile, "project_dir": str(s.project_dir), "settings": rows, "notes": s.notes}, table)
 
 # %% ../../nbs/api/91_cli_jobs.ipynb #7a4fbb1b
+NotebookArg = typer.Argument(..., exists=True, dir_okay=False, help="The notebook (.ipynb) to run as a job")
+
 @app.command(cls=PairsCommand)
-def run(notebook:Path=typer.Argument(..., help="The notebook (.ipynb) to run as a job"),
+def run(notebook:Path=NotebookArg,
         param:Optional[list[str]]=PairOpt("-p", "--param", help="A parameter value, as NAME VALUE or NAME=VALUE (repeatable)"),
-        file:Optional[Path]=typer.Option(None, "-f", "--file", help="YAML file of parameter values"),
+        file:Optional[Path]=typer.Option(None, "-f", "--file", exists=True, dir_okay=False, help="YAML file of parameter values"),
         profile:Optional[str]=ProfileOpt,
-        cpus:float=typer.Option(1, help="CPUs reserved for the job"),
-        gpus:float=typer.Option(0, help="GPUs reserved for the job"),
+        cpus:float=typer.Option(1, min=0, help="CPUs reserved for the job"),
+        gpus:float=typer.Option(0, min=0, help="GPUs reserved for the job"),
         memory:Optional[str]=typer.Option(None, help="Memory reserved, e.g. 2GiB"),
         resources:Optional[str]=typer.Option(None, help='Custom Ray resources as JSON, e.g. \'{"trainer": 1}\''),
         runtime_env:Optional[str]=typer.Option(None, "--runtime-env", help="Ray runtime environment as JSON (pip, env_vars, working_dir)"),
-        timeout:Optional[float]=typer.Option(None, help="Seconds before the whole job is killed and FAILED"),
-        cell_timeout:Optional[float]=typer.Option(None, help="Seconds one cell may run"),
+        timeout:Optional[float]=typer.Option(None, min=0, help="Seconds before the whole job is killed and FAILED"),
+        cell_timeout:Optional[float]=typer.Option(None, min=0, help="Seconds one cell may run"),
         experiment:Optional[str]=typer.Option(None, help="MLflow experiment (default: the profile's)"),
-        retries:Optional[int]=typer.Option(None, help="Retries when the job's Ray worker is lost"),
+        retries:Optional[int]=typer.Option(None, min=0, help="Retries when the job's Ray worker is lost"),
         detach:bool=typer.Option(False, "--detach", help="Start the job and return; it runs on (needs `ml_prod cluster up` or a remote cluster)"),
        ):
     "Run NOTEBOOK as a tracked job on Ray; cell output streams here."
     from ml_prod.jobs.submit import run_notebook, submit_notebook
     s = _settings(profile)
     try:
-        values = gather_parameters(param, file, notebook) if notebook.is_file() else {}
+        values = gather_parameters(param, file, notebook)
         kw = dict(settings=s, cpus=cpus, gpus=gpus, memory=parse_size(memory) if memory else None,
                   resources=_json_opt("--resources", resources), runtime_env=_json_opt("--runtime-env", runtime_env),
                   timeout=timeout, cell_timeout=cell_timeout, experiment=experiment, max_retries=retries)
@@ -78,46 +85,63 @@ def _json_opt(name:str, text:str|None):
     except json.JSONDecodeError as e: raise ParameterError(f"{name} {text!r}: not valid JSON ({e})") from None
 
 # %% ../../nbs/api/91_cli_jobs.ipynb #95d8770d
-@jobs_app.command("list")
-def jobs_list(profile:Optional[str]=ProfileOpt, limit:int=typer.Option(20, help="How many jobs"),
-              status:Optional[str]=typer.Option(None, help="Only jobs in this state (RUNNING, FINISHED, FAILED, KILLED)")):
-    "Recent jobs, newest first (stale RUNNING jobs are reaped first)."
-    from ml_prod.jobs.query import list_jobs
+STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED")
+
+def _job(s, run_id:str, fn):
+    "`fn(s, run_id)`, with a run id the store does not know refused as bad input."
+    from mlflow.exceptions import MlflowException
+    try: return fn(s, run_id)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST": raise
+        raise ParameterError(f"no job with run id {run_id!r}; `ml_prod jobs list` shows the recent ones") from None
+
+def _job_table(jobs:list[dict]):
     t = Table()
     for col in ("run id", "notebook", "status", "duration s", "error"): t.add_column(col)
-    for j in list_jobs(_settings(profile), limit, status):
-        t.add_row(j.run_id, j.notebook, j.status, f"{j.duration_s:.1f}", (j.error or "")[:80])
+    for j in jobs: t.add_row(j["run_id"], j["notebook"], j["status"], f"{j['duration_s']:.1f}", (j["error"] or "")[:80])
     console.print(t)
+
+@jobs_app.command("list")
+def jobs_list(profile:Optional[str]=ProfileOpt, limit:int=typer.Option(20, min=1, help="How many jobs"),
+              status:Optional[str]=typer.Option(None, help="Only jobs in this state (RUNNING, FINISHED, FAILED, KILLED)")):
+    "Recent jobs, newest first (stale RUNNING jobs are reaped first)."
+    from dataclasses import asdict
+    from ml_prod.jobs.query import list_jobs
+    if status and status.upper() not in STATUSES: raise ParameterError(f"--status {status!r}: use one of {', '.join(STATUSES)}")
+    emit([asdict(j) for j in list_jobs(_settings(profile), limit, status)], _job_table)
 
 @jobs_app.command("show")
 def jobs_show(run_id:str, profile:Optional[str]=ProfileOpt):
     "Status, error, executed notebook and metrics of one job."
+    from dataclasses import asdict
     from ml_prod.jobs.query import job_result
-    try: typer.echo(job_result(_settings(profile), run_id).summary())
-    except Exception as e: _fail(MlProdError(f"no job with run id {run_id!r}: {e}"))
+    res = _job(_settings(profile), run_id, job_result)
+    emit(asdict(res), lambda _: typer.echo(res.summary()))
 
 @jobs_app.command("logs")
 def jobs_logs(run_id:str, profile:Optional[str]=ProfileOpt):
     "The cell output captured from a job."
     from ml_prod.jobs.query import job_log
-    sys.stdout.write(job_log(_settings(profile), run_id))
+    sys.stdout.write(_job(_settings(profile), run_id, job_log))
 
 @jobs_app.command("cancel")
 def jobs_cancel(run_id:str, profile:Optional[str]=ProfileOpt):
     "Cancel a running job: its kernel's process group is killed and the run ends KILLED."
-    from ml_prod.jobs.query import cancel_job
-    if not cancel_job(_settings(profile), run_id): _fail(MlProdError(f"job {run_id} is not running"))
+    from ml_prod.jobs.query import cancel_job, job_result
+    s = _settings(profile)
+    res = _job(s, run_id, job_result)
+    if not cancel_job(s, run_id): _fail(MlProdError(f"job {run_id} is not running (it is {res.status})"))
     console.print(f"cancelling {run_id}")
 
 @jobs_app.command("reap")
 def jobs_reap(profile:Optional[str]=ProfileOpt):
     "Mark FAILED the RUNNING jobs whose supervisor stopped beating."
     from ml_prod.tracking.store import reap_stale_jobs
-    for r in reap_stale_jobs(_settings(profile)): console.print(f"reaped {r}")
+    emit(list(reap_stale_jobs(_settings(profile))), lambda runs: [console.print(f"reaped {r}") for r in runs])
 
 # %% ../../nbs/api/91_cli_jobs.ipynb #a3d4cf90
 @cluster_app.command("up")
-def cluster_up_cmd(profile:Optional[str]=ProfileOpt, num_cpus:Optional[int]=typer.Option(None, help="CPUs of the head")):
+def cluster_up_cmd(profile:Optional[str]=ProfileOpt, num_cpus:Optional[int]=typer.Option(None, min=1, help="CPUs of the head")):
     "Start a persistent local Ray that later commands reuse."
     from ml_prod.runtime.cluster import cluster_up
     try: info = cluster_up(_settings(profile), num_cpus=num_cpus)
@@ -126,12 +150,14 @@ def cluster_up_cmd(profile:Optional[str]=ProfileOpt, num_cpus:Optional[int]=type
 
 @cluster_app.command("status")
 def cluster_status_cmd(profile:Optional[str]=ProfileOpt):
-    "Which Ray the profile uses, and whether it is up."
+    "Which Ray the profile uses, and whether it is up (exit 3 when the profile has no Ray to reach)."
     from ml_prod.runtime.cluster import cluster_address, local_cluster
     s = _settings(profile)
-    addr = cluster_address(s)
-    console.print(f"profile {s.profile}: " + (f"Ray at {addr}" if addr else "no persistent cluster; commands start a local Ray for their own duration"))
-    if not s.ray_address and local_cluster(s) is None and addr is None: raise typer.Exit(3)
+    addr, persistent = cluster_address(s), local_cluster(s)
+    state = {"profile": s.profile, "address": addr, "ray_address": s.ray_address or None, "persistent_local": persistent is not None}
+    emit(state, lambda d: console.print(f"profile {d['profile']}: " + (f"Ray at {d['address']}" if d["address"]
+                                        else "no persistent cluster; commands start a local Ray for their own duration")))
+    if not s.ray_address and persistent is None and addr is None: raise typer.Exit(EXIT_UNHEALTHY)
 
 @cluster_app.command("down")
 def cluster_down_cmd(profile:Optional[str]=ProfileOpt):

@@ -6,21 +6,21 @@ Docs: https://ml-prod.github.io/ml_prod/api/cli_models.html.md"""
 
 # %% ../../nbs/api/92_cli_models.ipynb #5a2abb2b
 from __future__ import annotations
-import json, os, re, sys
+import dataclasses, json, os, re, sys
 from pathlib import Path
 from typing import Optional
 import typer
 from rich.table import Table
 from ..errors import MlProdError, ParameterError
 from ..settings import load_settings, settings_table
-from .common import ProfileOpt, app, console, err
+from .common import ProfileOpt, app, console, emit, err, group, wants_json
 from .common import _fail, _settings
 
 # %% auto #0
 __all__ = ['models_app', 'models_register', 'models_list', 'models_show', 'models_promote', 'models_rollback', 'models_history']
 
 # %% ../../nbs/api/92_cli_models.ipynb #0ddcc300
-models_app = typer.Typer(help="Model registry: versions, aliases (models:/NAME@ALIAS), guarded promotion, history.", no_args_is_help=True)
+models_app = group("Model registry: versions, aliases (models:/NAME@ALIAS), guarded promotion, history.")
 app.add_typer(models_app, name="models")
 
 def _when(text:str|None):
@@ -51,12 +51,14 @@ def models_list(profile:Optional[str]=ProfileOpt):
     "List registered models with their latest version and aliases."
     from ml_prod.models.registry import list_models
     s = _settings(profile)
-    t = Table()
-    for col in ("model", "latest", "aliases", "updated"): t.add_column(col)
-    for m in list_models(s):
-        t.add_row(m["name"], str(m["latest_version"] or "-"), ", ".join(f"{a}={v}" for a, v in m["aliases"].items()),
-                  f"{m['updated']:%Y-%m-%d %H:%M:%S}" if m["updated"] else "")
-    console.print(t)
+    def table(models):
+        t = Table()
+        for col in ("model", "latest", "aliases", "updated"): t.add_column(col)
+        for m in models:
+            t.add_row(m["name"], str(m["latest_version"] or "-"), ", ".join(f"{a}={v}" for a, v in m["aliases"].items()),
+                      f"{m['updated']:%Y-%m-%d %H:%M:%S}" if m["updated"] else "")
+        console.print(t)
+    emit(list_models(s), table)
 
 @models_app.command("show")
 def models_show(name:str=typer.Argument(..., help="Registered model name"), profile:Optional[str]=ProfileOpt):
@@ -65,6 +67,7 @@ def models_show(name:str=typer.Argument(..., help="Registered model name"), prof
     s = _settings(profile)
     try: m = show_model(s, name)
     except MlProdError as e: _fail(e)
+    if wants_json(): return emit(m)
     t = Table(title=f"{name}   " + "  ".join(f"{a} -> {v}" for a, v in m["aliases"].items()))
     for col in ("version", "aliases", "run", "created", "metrics"): t.add_column(col)
     for v in m["versions"]:
@@ -120,7 +123,9 @@ def models_history(name:str=typer.Argument(..., help="Registered model name"),
         if when is not None:
             if not alias: raise ParameterError("--at needs --alias: which alias to look up")
             v = registry.version_at(s, name, alias, when)
-            typer.echo(f"{name}@{alias} at {when.isoformat()}: " + (f"version {v}" if v is not None else "not set"))
-            return
-        for e in registry.alias_history(s, name, alias, refusals=refusals): typer.echo(e.summary())
+            return emit({"model": name, "alias": alias, "at": when, "version": v},
+                        lambda d: typer.echo(f"{name}@{alias} at {when.isoformat()}: " + (f"version {v}" if v is not None else "not set")))
+        events = registry.alias_history(s, name, alias, refusals=refusals)
+        if not events: registry.show_model(s, name)  # an unknown model is bad input, not an empty history
+        emit([dataclasses.asdict(e) for e in events], lambda _: [typer.echo(e.summary()) for e in events])
     except MlProdError as e: _fail(e)

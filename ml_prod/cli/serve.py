@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 from ..errors import MlProdError, ParameterError
 from ..settings import load_settings, settings_table
-from .common import ProfileOpt, app, console, err
+from .common import ProfileOpt, app, console, err, group, wants_json
 from .common import _fail, _settings
 
 # %% auto #0
@@ -21,8 +21,8 @@ __all__ = ['serve_app', 'audit_app', 'SpecArg', 'serve_up', 'serve_build', 'serv
            'serve_rollback', 'serve_down', 'serve_logs', 'audit_query', 'audit_compact']
 
 # %% ../../nbs/api/94_cli_serve.ipynb #20472c3c
-serve_app = typer.Typer(help="Serving: registered models behind HTTP endpoints on Ray Serve.", no_args_is_help=True)
-audit_app = typer.Typer(help="The prediction audit log: query and compact.", no_args_is_help=True)
+serve_app = group("Serving: registered models behind HTTP endpoints on Ray Serve.")
+audit_app = group("The prediction audit log: query and compact.")
 app.add_typer(serve_app, name="serve"); app.add_typer(audit_app, name="audit")
 SpecArg = typer.Argument(..., help="The serving spec (YAML)")
 
@@ -76,7 +76,7 @@ def serve_status(profile:Optional[str]=ProfileOpt, as_json:bool=typer.Option(Fal
     from ml_prod.serving import control
     try: apps = control.status(_settings(profile))
     except MlProdError as e: _fail(e)
-    if as_json: return typer.echo(json.dumps(apps, indent=1, default=str))
+    if wants_json(as_json): return typer.echo(json.dumps(apps, indent=1, default=str))
     if not apps: console.print("no applications deployed")
     for a in apps:
         console.print(f"[bold]{a['app']}[/bold] {a['status']}  {a['url']}  replicas: {' '.join(a['replica_urls']) or '-'}" + (f"\n  {a['message']}" if a["message"] else ""))
@@ -155,6 +155,8 @@ def audit_query(app_name:Optional[str]=typer.Option(None, "--app", help="One app
     "Audit records of a time window, one row per request id."
     from ml_prod.audit import query, store
     s = _settings(profile)
+    if fmt not in ("table", "csv", "json"): _fail(ParameterError(f"--format {fmt!r}: use table, csv or json"))
+    fmt = "json" if wants_json() else fmt  # the root --json: one JSON record a line
     try: df = query.query(s.audit_dir, app_name, since, until, request_id=request_id or None)
     except MlProdError as e: _fail(e)
     if fmt == "csv": return typer.echo(df.to_csv(index=False), nl=False)
