@@ -1,6 +1,10 @@
 """A tiny MLflow model for serving tests, logged as code (MLflow's models-from-code), so replicas
 load it without importing the tests. Its `model_config` makes it different (`offset`), slow (`delay`
-seconds per call) or broken (fails to score)."""
+seconds per call, `load_delay` seconds to load, except in the process `logged_by`) or broken (fails to score: always with `broken`, only
+inside a Ray Serve replica with `broken_in_replica`, like a model whose dependency the cluster's nodes
+lack). With `pid_file` every load appends "PID PARENT_PID" to that file; with `calls_file` every
+predict call appends the number of rows it scored."""
+import os
 import time
 
 import mlflow
@@ -8,12 +12,29 @@ import numpy as np
 import pandas as pd
 
 
+def _in_replica() -> bool:
+    try:
+        from ray import serve
+        serve.get_replica_context()  # raises outside a replica
+        return True
+    except Exception:
+        return False
+
+
+def _append(path, line):
+    with open(path, "a") as f: f.write(line + "\n")
+
+
 class Tiny(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         self.cfg = context.model_config or {}
+        if self.cfg.get("pid_file"): _append(self.cfg["pid_file"], f"{os.getpid()} {os.getppid()}")
+        if self.cfg.get("logged_by") != os.getpid(): time.sleep(self.cfg.get("load_delay", 0.0))  # MLflow loads it while logging it
 
     def predict(self, context, model_input, params=None):
+        if self.cfg.get("calls_file"): _append(self.cfg["calls_file"], str(len(model_input)))
         if self.cfg.get("broken"): raise ValueError("weights are corrupt")
+        if self.cfg.get("broken_in_replica") and _in_replica(): raise ImportError("a dependency this model needs is missing on the cluster's nodes")
         time.sleep(self.cfg.get("delay", 0.0))
         x = model_input["amount"].to_numpy(dtype=float)
         return pd.DataFrame({"score": (1 / (1 + np.exp(-(x / 100 - 1)))) * (1 - self.cfg.get("offset", 0.0))})

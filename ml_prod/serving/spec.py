@@ -14,7 +14,7 @@ from ..errors import ConfigError, field_errors
 
 # %% auto #0
 __all__ = ['SERVE_ENV', 'DEPLOYMENT', 'Arm', 'Batching', 'Autoscaling', 'Limits', 'Decision', 'Audit', 'Step', 'Application',
-           'ServeSpec', 'spec_from_dict', 'load_spec', 'pick_arm', 'user_config', 'step_args', 'app_config',
+           'ServeSpec', 'spec_from_dict', 'load_spec', 'pick_arm', 'pin_arm', 'user_config', 'step_args', 'app_config',
            'build_config']
 
 # %% ../../nbs/api/50_serving_spec.ipynb #82e8324b
@@ -22,7 +22,7 @@ class _Strict(BaseModel): model_config = ConfigDict(extra="forbid")
 
 class Arm(_Strict):
     "One model behind the endpoint, bound to a model URI."
-    model: str = Field(min_length=1, description="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/PATH or a local model folder")
+    model: str = Field(min_length=1, description="models:/NAME@ALIAS or models:/NAME/VERSION (other URIs only with the application's allow_unregistered_models)")
     weight: float = Field(0, ge=0, description="Share of traffic (relative to the other arms' weights)")
     shadow: bool = Field(False, description="Gets a copy of every request; its answers are audited but never returned")
 
@@ -70,7 +70,10 @@ class Audit(_Strict):
     "What the audit log keeps of each request."
     drop: list[str] = Field([], description="Input fields never written")
     hash: list[str] = Field([], description="Input fields written as a salted sha256 ($ML_PROD_AUDIT_SALT)")
-    retention_days: float|None = Field(None, gt=0, description="Compaction deletes audit data older than this")
+    retention_days: float|None = Field(None, gt=0, description="Audit data older than this many days is deleted (`ml_prod.audit.store.apply_retention`)")
+    rejected_per_s: float = Field(10.0, gt=0, description="Records a second, on average, of requests refused before the model (4xx, 503 overload); the rest are counted, not written")
+    rejected_burst: int = Field(100, ge=1, description="Records of refused requests written at once before `rejected_per_s` applies")
+    min_free_bytes: int = Field(2**30, ge=1, description="The replica warns (log and status) when the audit log's disk has less free space than this")
 
     @model_validator(mode="after")
     def _disjoint(self):
@@ -113,11 +116,18 @@ _FUSED, _SEPARATE = "(fused step)", "(separate step)"  # tags pydantic puts into
 # a step is a string (fused) or an object (a Step: its own deployment); anything else is refused as a string
 _StepSpec = Annotated[Annotated[str, Tag(_FUSED)] | Annotated[Step, Tag(_SEPARATE)],
                       Discriminator(lambda v: _SEPARATE if isinstance(v, (dict, Step)) else _FUSED)]
+_REGISTERED = r"^models:/[^/@\s]+(/[0-9]+|@[A-Za-z0-9_.-]+)$"  # models:/NAME/VERSION or models:/NAME@ALIAS of the profile's registry
 
 # %% ../../nbs/api/50_serving_spec.ipynb #0e4c9ea0
+_UNREGISTERED = ("arm {arm!r}: model {uri!r} is not a registered model version: serve models:/NAME@ALIAS or models:/NAME/VERSION "
+                 "(register it with `ml_prod models register RUN --name NAME`), or set allow_unregistered_models: true on the application "
+                 "(unsafe: every replica runs that model's code)")
+
 class Application(_Strict):
     "One HTTP endpoint: its arms, traffic, steps and scaling."
     name: str = Field(pattern=_NAME, description="Application name; also its URL prefix /NAME")
+    allow_unregistered_models: bool = Field(False, description="UNSAFE: also serve runs:/ URIs, local folders and other URIs. Loading a model runs its code "
+                                            "(unpickling) in every replica; outside the registry nothing says who wrote it or pins its version")
     arms: dict[str, Arm] = Field(min_length=1, description="Arm name -> arm")
     sticky_key: str|None = Field(None, min_length=1, description="Input field whose value pins a request to an arm")
     preprocess: list[_StepSpec] = Field([], description="Steps applied to the records before the model, in order: module:function (fused) or a Step (own deployment)")
@@ -138,6 +148,15 @@ class Application(_Strict):
     def _arms(cls, v):
         if bad := [n for n in v if not re.match(_NAME, n)]: raise ValueError(f"arm name {bad[0]!r} must match {_NAME}")
         if not any(a.weight > 0 for a in v.values()): raise ValueError("no arm takes traffic: give at least one non-shadow arm a weight > 0")
+        return v
+
+    @field_validator("arms")
+    @classmethod
+    def _registered(cls, v, info):
+        "Only registry versions unless the application opts out (`allow_unregistered_models` is validated before `arms`)."
+        if info.data.get("allow_unregistered_models"): return v
+        if bad := [(n, a.model) for n, a in v.items() if not re.match(_REGISTERED, a.model)]:
+            raise ValueError(_UNREGISTERED.format(arm=bad[0][0], uri=bad[0][1]))
         return v
 
     @field_validator("preprocess", "postprocess")
@@ -225,9 +244,29 @@ def _scaling(a:Application|Step) -> dict:
                                         upscale_delay_s=x.upscale_delay_s, downscale_delay_s=x.downscale_delay_s,
                                         look_back_period_s=x.look_back_period_s))
 
-def user_config(a:Application, resolve=lambda uri: uri, auth:dict|None=None) -> dict:
-    "What the replicas of `a` may change without restarting: arms (pinned model URIs), traffic, decision, batching, API keys."
-    arms = {n: dict(model=arm.model, pinned=resolve(arm.model), weight=arm.weight, shadow=arm.shadow) for n, arm in a.arms.items()}
+def pin_arm(arm:dict, # an arm of a user config: model, weight, shadow (and pinned, digest, last_good once pinned)
+            pinned:str, # the version it serves from now on
+            digest:str|None, # the content digest of that version's files
+           ) -> dict:
+    "`arm` pinned to `pinned`; the version it was pinned to before, if another, becomes its last good one (a fresh replica's fallback)."
+    before = arm.get("pinned")
+    last = arm.get("last_good") if before in (None, pinned) else dict(pinned=before, digest=arm.get("digest"))
+    return dict(arm, pinned=pinned, digest=digest, last_good=last)
+
+_PINS = ("pinned", "digest", "last_good")
+
+def user_config(a:Application, # the application
+                resolve=lambda uri: uri, # model URI -> pinned model URI
+                auth:dict|None=None, # {required, digests} of the API keys
+                digest=lambda pinned: None, # pinned model URI -> content digest of its files
+                deployed:dict|None=None, # the user config deployed now, if any: its pins become the arms' last good versions
+               ) -> dict:
+    "What the replicas of `a` may change without restarting: arms (pinned versions, digests), traffic, decision, batching, API keys."
+    before = (deployed or {}).get("arms", {})
+    arms = {}
+    for n, arm in a.arms.items():
+        pinned, was = resolve(arm.model), {k: v for k, v in before.get(n, {}).items() if k in _PINS}
+        arms[n] = pin_arm(dict(model=arm.model, weight=arm.weight, shadow=arm.shadow, **was), pinned, digest(pinned))
     return dict(arms=arms, sticky_key=a.sticky_key, decision=a.decision.model_dump(), batching=a.batching.model_dump(),
                 auth=auth or dict(required=False, digests=[]))
 
@@ -257,12 +296,13 @@ def step_args(a:Application) -> tuple[dict, list[dict]]:
     return args, deployments
 
 # %% ../../nbs/api/50_serving_spec.ipynb #6460d42d
-def app_config(a:Application, resolve=lambda uri: uri, settings:dict|None=None, auth:dict|None=None) -> dict:
-    "Ray Serve's config of one application."
+def app_config(a:Application, resolve=lambda uri: uri, settings:dict|None=None, auth:dict|None=None,
+               digest=lambda pinned: None, deployed:dict|None=None) -> dict:
+    "Ray Serve's config of one application (`deployed`: its config deployed now, if any)."
     steps, step_deployments = step_args(a)
     args = dict(name=a.name, **steps, limits=a.limits.model_dump(), audit=a.audit.model_dump(), settings=settings or {})
     deployment = dict(name=DEPLOYMENT, max_ongoing_requests=a.max_ongoing_requests, max_queued_requests=a.max_queued_requests,
-                      ray_actor_options=dict(num_cpus=a.num_cpus), user_config=user_config(a, resolve, auth),
+                      ray_actor_options=dict(num_cpus=a.num_cpus), user_config=user_config(a, resolve, auth, digest, deployed and deployed["deployments"][0].get("user_config")),
                       backpressure_config=dict(status_code=503, retry_after_s=a.limits.retry_after_s),
                       health_check_period_s=5, graceful_shutdown_timeout_s=5, logging_config=dict(enable_access_log=a.access_log),
                       **_scaling(a))
@@ -275,7 +315,9 @@ def build_config(spec:ServeSpec, # the serving spec
                  resolve=lambda uri: uri, # model URI -> pinned model URI
                  settings:dict|None=None, # what the replicas need to reach MLflow and the audit log
                  auth:dict|None=None, # {required, digests}: sha256 digests of the API keys requests must carry
+                 digest=lambda pinned: None, # pinned model URI -> content digest of its files
+                 deployed:dict|None=None, # application name -> its config deployed now (its pins become the last good ones)
                 ) -> dict:
     "Ray Serve's `ServeDeploySchema` for `spec`, as plain data."
     return dict(http_options=dict(host=host, port=port),
-                applications=[app_config(a, resolve, settings, auth) for a in spec.applications])
+                applications=[app_config(a, resolve, settings, auth, digest, (deployed or {}).get(a.name)) for a in spec.applications])
