@@ -124,7 +124,9 @@ def test_job_timeout_is_enforced_while_a_tracking_call_hangs(proj, monkeypatch):
     finally:
         release.set(); t.join(120)
     assert hung  # the fault was met
-    assert out["status"] == "FAILED" and out["error"] == "slow.ipynb: cell 2: timed out after 3 s (job timeout)", out
+    # the cell it was in depends on how far the kernel got in 3 s on a loaded machine; the reason does not
+    assert out["status"] == "FAILED" and out["error"].startswith("slow.ipynb: cell "), out
+    assert out["error"].endswith(": timed out after 3 s (job timeout)"), out
     assert client(s).get_run(run_id).info.status == "FAILED"
 
 

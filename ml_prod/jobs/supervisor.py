@@ -99,7 +99,7 @@ class _Tracker:
     def __init__(self, c, spec:JobSpec):
         self.c, self.spec, self.lock, self.stopped = c, spec, threading.Lock(), threading.Event()
         self.metrics, self.failures, self.last_error = [], 0, None
-        self.cancel_requested, self.ended_as = False, None  # what the polls found: a cancel request; the run ended by another
+        self.cancel_requested = False  # what the polls found
         self.thread = threading.Thread(target=self._loop, name=f"ml_prod-tracker-{spec.run_id}", daemon=True)
 
     def start(self): self.thread.start(); return self
@@ -137,7 +137,6 @@ class _Tracker:
         store.beat(self.c, self.spec.run_id)
         r = self.c.get_run(self.spec.run_id)
         if r.data.tags.get(keys.CANCEL_REQUESTED): self.cancel_requested = True
-        if r.info.status != "RUNNING": self.ended_as = r.info.status
 
     def close(self, within:float):
         "Stop the thread, then keep trying to log what is still queued for up to `within` seconds; the number of metrics lost."
@@ -206,8 +205,12 @@ def supervise(spec:JobSpec,
         t = threading.Thread(target=_execute, args=(nb, out_path, kernel, spec.cell_timeout, log, outcome), daemon=True)
         t.start()
         tracker.start()
-        reason = _watch(tracker, spec, kernel, t, reports, on_report, should_stop)
-        reason = reason or _forward_reports(tracker, reports, on_report)  # what was reported at the very end
+        try:
+            reason = _watch(tracker, spec, kernel, t, reports, on_report, should_stop)
+            reason = reason or _forward_reports(tracker, reports, on_report)  # what was reported at the very end
+        except BaseException:
+            tracker.stopped.set()  # a supervisor that failed must not go on beating: its run would never be reaped
+            raise
         if reason is None and kernel.exit_code is not None and outcome.get("error") is not None:
             reason = f"the kernel died (exit code {kernel.exit_code})"
     if boot_spare: _boot_spare()
