@@ -169,3 +169,33 @@ def test_serve_up_persistent_cluster(project):
     out = json.loads(lines[-1].removeprefix("RESULT "))
     assert out["node_ip"] == "127.0.0.1" and out["cpus"], out
     assert out["listeners"] and all(is_loopback_ip(ip) for _, _, ip, _ in out["listeners"]), out["listeners"]
+
+
+def test_loopback_rule():
+    "Serving without API keys is allowed only on a loopback bind address, given as an address or `localhost`."
+    from ml_prod.serving.replica import is_loopback
+    assert all(map(is_loopback, ["127.0.0.1", "127.0.0.2", "127.255.255.254", "::1", "[::1]", "localhost", "LOCALHOST", " 127.0.0.1 "]))
+    assert not any(map(is_loopback, ["0.0.0.0", "::", "", "10.0.0.1", "192.168.1.5", "::ffff:10.0.0.1", "localhost.example.com",
+                                     "127.0.0.1.nip.io", "128.0.0.1", "[::2]"]))
+
+
+def test_auth_required_on_loopback_closes_every_route(project):
+    "With API keys configured, an endpoint on 127.0.0.1 answers nothing but /healthz without a key, over real HTTP."
+    log_version("lbauth")
+    url = deploy(project, {"name": "lbauth", "arms": {"main": {"model": "models:/tiny@lbauth", "weight": 1}}},
+                 env={"ML_PROD_API_KEY": "lb-key-1"})
+    assert url.startswith("http://127.0.0.1:"), url
+    key = {"x-api-key": "lb-key-1"}
+    with httpx.Client(base_url=url, timeout=30) as c:
+        assert c.post("/predict", json=RECORD).status_code == 401
+        assert c.post("/predict", json=RECORD, headers={"x-api-key": "wrong"}).status_code == 401
+        assert c.post("/predict", json=RECORD, headers=key).status_code == 200
+        assert c.post("/feedback", json={"request_id": "x", "label": 1}).status_code == 401
+        closed = {p: c.get(p).status_code for p in ("/-/status", "/docs", "/openapi.json")}
+        assert closed == dict.fromkeys(closed, 401), closed
+        opened = {p: c.get(p, headers=key).status_code for p in ("/-/status", "/docs", "/openapi.json")}
+        assert opened == dict.fromkeys(opened, 200), opened
+        assert c.get("/healthz").json() == {"ok": True}  # says only that a model is loaded
+    stable = status("lbauth")["url"].removesuffix("/predict")  # through Ray's proxy too
+    assert httpx.get(f"{stable}/-/status", timeout=30).status_code == 401
+    assert httpx.get(f"{stable}/-/status", headers=key, timeout=30).status_code == 200

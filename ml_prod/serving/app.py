@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from ..errors import ConfigError, MlProdError
-from .replica import EndpointCore, StepRunner
+from .replica import EndpointCore, StepRunner, authorized
 from .replica import _State
 
 # %% ../../nbs/api/54_serving_app.ipynb #a30b8b9b
@@ -25,22 +25,27 @@ class _FastRoutes:
     """ASGI middleware in front of FastAPI's router: `POST /predict` and `POST /feedback` go straight to the
     replica's `EndpointCore`, skipping FastAPI's routing, dependency and exception layers, which cost more CPU
     per request than ml_prod's own path; FastAPI keeps everything else (OpenAPI, docs, health, status)."""
-    def __init__(self, app, endpoint:dict): self.app, self.endpoint = app, endpoint  # endpoint: {routes, max_body}, set by the replica
+    # endpoint, set by the replica: {routes: {path: handler}, max_body, rejects: {path: reject}, guard: fn(headers) -> allowed}
+    def __init__(self, app, endpoint:dict): self.app, self.endpoint = app, endpoint
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST" and self.endpoint:
+        if scope["type"] == "http" and self.endpoint:
             path, root = scope["path"], scope.get("root_path", "")
             if root and path.startswith(root): path = path[len(root):]
-            if handler := self.endpoint["routes"].get(path):
-                return await _answer(receive, send, {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]},
-                                     self.endpoint["max_body"], handler)
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            if scope["method"] == "POST" and (handler := self.endpoint["routes"].get(path)):
+                return await _answer(receive, send, headers, self.endpoint["max_body"], handler, self.endpoint.get("rejects", {}).get(path))
+            guard = self.endpoint.get("guard")
+            if path != "/healthz" and guard and not guard(headers):  # status and OpenAPI pages need the key too
+                return await _send(send, 401, {"error": "missing or invalid API key: send it in the x-api-key header"}, {"www-authenticate": "ApiKey"})
         await self.app(scope, receive, send)
 
-async def _answer(receive, send, headers:dict, max_body:int, handler):
-    "Read the body (413 beyond `max_body`, declared or not), call `handler(body, headers)`, send its JSON answer."
-    too_big = {"error": f"body over this endpoint's limit of {max_body} bytes; split the batch"}
+async def _answer(receive, send, headers:dict, max_body:int, handler, reject=None):
+    "Read the body (413 beyond `max_body`, declared or not, recorded by `reject`), call `handler(body, headers)`, send its JSON answer."
+    too_big = f"body over this endpoint's limit of {max_body} bytes; split the batch"
+    refuse = (lambda: reject(413, too_big, headers)) if reject else (lambda: (413, {"error": too_big}, {}))
     n = headers.get("content-length", "")
-    if n.isdigit() and int(n) > max_body: status, body, extra = 413, too_big, {}
+    if n.isdigit() and int(n) > max_body: status, body, extra = refuse()
     else:
         chunks, size, more = [], 0, True
         while more:
@@ -48,9 +53,13 @@ async def _answer(receive, send, headers:dict, max_body:int, handler):
             if m["type"] == "http.disconnect": return
             chunks.append(m.get("body", b"")); size += len(chunks[-1]); more = m.get("more_body", False)
             if size > max_body: break
-        if size > max_body: status, body, extra = 413, too_big, {}
+        if size > max_body: status, body, extra = refuse()
         else: status, body, extra = await handler(b"".join(chunks), headers)
-    extra.pop("x-request-id", None)  # Ray Serve sets it (from the request's, or a new one) on every response
+    await _send(send, status, body, extra)
+
+async def _send(send, status:int, body:dict, extra:dict):
+    "Send a JSON answer with the headers `extra`."
+    extra = {k: v for k, v in extra.items() if k != "x-request-id"}  # Ray Serve sets it (from the request's, or a new one) on every response
     data = json.dumps(body, allow_nan=False).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
@@ -110,10 +119,16 @@ def endpoint_deployment():
             _flush_logs_every(1.0)  # `ml_prod serve logs` shows what happened a second ago, not after 1000 more lines
             self.core = EndpointCore(args, serve.get_replica_context().replica_id.unique_id, on_done=_metrics(args["name"]),
                                      steps={n: h.remote for n, h in (steps or {}).items()})
-            live.update(routes={"/predict": self.core.predict, "/feedback": self.core.feedback}, max_body=args["limits"]["max_body_bytes"])
+            live.update(routes={"/predict": self.core.predict, "/feedback": self.core.feedback}, max_body=args["limits"]["max_body_bytes"],
+                        rejects={"/predict": self.core.reject}, guard=self._allowed)
             api.openapi = lambda: _openapi(api, self.core)
 
         async def reconfigure(self, config:dict): await self.core.reconfigure(config)
+
+        def _allowed(self, headers) -> bool:
+            "Whether a request may see this replica's other routes: always without keys, else with a valid one."
+            s = self.core.state
+            return s is None or not s.auth_required or authorized(headers, s.digests, s.salt)
 
         def check_health(self):
             if self.core.state is None: raise RuntimeError("no model loaded")
