@@ -18,7 +18,7 @@ from .common import _fail, _settings
 from . import jobs, models, flows, serve, control  # each registers its commands on `app`
 
 # %% auto #0
-__all__ = ['main', 'tutorial_notebook', 'run_tutorial', 'demo']
+__all__ = ['main', 'tutorial_notebook', 'check_example_installed', 'run_tutorial', 'demo']
 
 # %% ../../nbs/api/95_cli_main.ipynb #fe2348fc
 def main():
@@ -45,9 +45,17 @@ def _stream_cell_output():
         log.addHandler(h)
     log.setLevel(logging.INFO)
 
+def check_example_installed():
+    "Refuse to start the tutorial when the example's packages (the `example` extra) are missing: its cells would fail one by one."
+    import importlib.util
+    from ml_prod.errors import MissingDependency
+    for module, package in (("torch", "torch"), ("sklearn", "scikit-learn")):
+        if importlib.util.find_spec(module) is None: raise MissingDependency(package, "The fraud example (ml_prod demo)", extra="example")
+
 def run_tutorial(s, out:Path, **parameters) -> Path:
     "Execute the tutorial with papermill in the project's folder, output streamed; the executed copy goes to `out`."
     import papermill as pm
+    check_example_installed()
     from ml_prod.params import notebook_schema
     parameters = notebook_schema(tutorial_notebook()).validate(parameters)  # bad values: refused before anything runs
     out.parent.mkdir(parents=True, exist_ok=True)
