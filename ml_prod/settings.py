@@ -168,9 +168,24 @@ def _check_audit_dir(s:ResolvedSettings):
     raise ConfigError(f"audit_dir = {v!r} ({s.sources.get('audit_dir')}): the audit log is files that each serving replica writes, "
                       f"so it must be a folder, not a URI (object stores and mlflow-artifacts: are not supported). Set it to {hint}.")
 
+def _on_this_machine(s:ResolvedSettings) -> bool:
+    "Whether every node of the profile's Ray is this machine (a Ray address on loopback)."
+    host = s.ray_address.strip().removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
+    return not s.multi_node and host in ("127.0.0.1", "localhost", "::1")
+
+def _check_sqlite_on_shared_storage(s:ResolvedSettings):
+    "Refuse SQLite stores that machines share over a network mount: its file locks are not reliable there."
+    bad = [f"{k} = {getattr(s, k)!r} ({s.sources.get(k)})" for k in ("tracking_uri", "registry_uri") if getattr(s, k).startswith("sqlite:")]
+    if bad and s.is_multi_node and not _on_this_machine(s):
+        raise ConfigError(f"Profile '{s.profile}' runs jobs on several machines, and SQLite cannot be shared between machines "
+                          "(its locks do not hold on network filesystems such as NFS, storage_is_shared or not):\n  " + "\n  ".join(bad) +
+                          "\nUse a tracking server on a database, e.g. tracking_uri = http://mlflow-host:5000 "
+                          "(`mlflow server --backend-store-uri postgresql+psycopg://...`, as ray_cluster.yaml starts it).")
+
 def _check_shared_storage(s:ResolvedSettings):
     "Refuse a multi-node profile whose stores live on one node's disk."
-    if not s.is_multi_node or s.storage_is_shared: return
+    if not s.is_multi_node: return
+    if s.storage_is_shared: return _check_sqlite_on_shared_storage(s)  # the folders are seen by every node; SQLite still is not shared safely
     problems = []
     for k in ("tracking_uri", "registry_uri"):
         v = getattr(s, k)
