@@ -220,3 +220,38 @@ steps:
     assert boom.start_time < side.end_time and side.start_time < boom.end_time  # ran at the same time
     shown = show_pipeline(yml, s)
     assert "1. boom [FAILED]" in shown and "2. after [SKIPPED]  <- boom" in shown and "1. side [FINISHED]" in shown, shown
+
+
+# ---- secrets ------------------------------------------------------------------------------------------
+
+def test_secret_comes_from_the_environment_never_from_the_file(env, monkeypatch):
+    import hashlib, uuid
+    s, d = env
+    token = uuid.uuid4().hex
+    make_nb(d / "login.ipynb", "import hashlib, pathlib\npathlib.Path(f'seen-{x}.txt').write_text(hashlib.sha256(token.encode()).hexdigest())",
+            params='x: int = 1  # a number\ntoken: str = ""  # the key {secret: true}')
+    literal = write(d / "literal.yaml", f"name: literal\nsteps:\n  a: {{notebook: login.ipynb, parameters: {{token: {token}}}}}\n")
+    with pytest.raises(PipelineError, match="token is a secret, so the pipeline file") as e:
+        run_pipeline(literal, s, cwd=d)
+    assert token not in str(e.value)
+    yml = write(d / "secret.yaml", "name: secretive\nsteps:\n"
+                "  a: {notebook: login.ipynb, parameters: {x: 1, token: {env: LOGIN_TOKEN}}}\n"
+                "  b: {notebook: login.ipynb, parameters: {x: 2, token: {env: LOGIN_TOKEN}}, depends_on: [a]}\n")
+    monkeypatch.delenv("LOGIN_TOKEN", raising=False)
+    with pytest.raises(PipelineError, match="read from LOGIN_TOKEN, which is not set"):
+        run_pipeline(yml, s, cwd=d)
+    c = store.client(s)
+    exp = c.get_experiment_by_name("ml_prod")
+    assert exp is None or not c.search_runs([exp.experiment_id])  # refused before anything ran
+
+    res = run_pipeline(yml, s, cwd=d, secrets={"LOGIN_TOKEN": token})  # as `ml_prod pipeline run -s LOGIN_TOKEN ...` does
+    assert statuses(res) == {"a": "FINISHED", "b": "FINISHED"}, res.summary()
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    assert (d / "seen-1.txt").read_text() == digest and (d / "seen-2.txt").read_text() == digest  # each kernel got it
+    stored = Path(c.download_artifacts(res.run_id, "pipeline.json")).read_text()
+    assert '"env": "LOGIN_TOKEN"' in stored and token not in stored
+    assert all("token" not in c.get_run(r.run_id).data.params for r in res.steps.values())
+
+    monkeypatch.setenv("LOGIN_TOKEN", uuid.uuid4().hex)  # from the environment, with another value: cached all the same
+    again = run_pipeline(yml, s, cwd=d)
+    assert statuses(again) == {"a": "CACHED", "b": "CACHED"}, again.summary()

@@ -56,6 +56,17 @@ def test_bad_space_refused_before_anything_runs(project_dir):
     assert not c.search_runs([e.experiment_id for e in c.search_experiments()])
 
 
+def test_secret_parameter_cannot_be_searched(project_dir):
+    s = load_settings()
+    nb = new_notebook(cells=[new_code_cell("lr: float = 0.1\ntoken: str = ''  # {secret: true}", metadata={"tags": ["parameters"]})])
+    nbformat.write(nb, project_dir / "keyed.ipynb")
+    with pytest.raises(ParameterError, match="token is a secret parameter, which cannot be searched") as e:
+        tune_notebook(project_dir / "keyed.ipynb", {"lr": {"grid": [0.1]}, "token": {"choice": ["key-one-1", "key-two-2"]}}, settings=s)
+    assert "key-one" not in str(e.value)  # the candidates are not quoted
+    assert not (Path(s.state_dir) / "tune").exists()
+    c = store.client(s)
+    assert not c.search_runs([e.experiment_id for e in c.search_experiments()])
+
 def _pgid_alive(pgid: int) -> bool:
     try: os.killpg(pgid, 0)
     except ProcessLookupError: return False

@@ -20,9 +20,10 @@ from ..jobs.query import JobResult
 
 # %% auto #0
 __all__ = ['PipelineError', 'StepResources', 'Step', 'Pipeline', 'pipeline_from_dict', 'load_pipeline', 'Ref', 'parse_ref',
-           'references', 'dependencies', 'find_cycle', 'topological_order', 'downstream', 'upstream', 'pipeline_errors',
-           'check_pipeline', 'StepOutput', 'resolve', 'notebook_hash', 'cache_key', 'cached_run', 'StepResult',
-           'PipelineResult', 'run_pipeline', 'render_pipeline', 'latest_pipeline_run', 'show_pipeline']
+           'references', 'dependencies', 'find_cycle', 'topological_order', 'downstream', 'upstream', 'env_ref',
+           'secret_env_names', 'pipeline_errors', 'check_pipeline', 'StepOutput', 'resolve', 'notebook_hash',
+           'cache_key', 'cached_run', 'StepResult', 'PipelineResult', 'run_pipeline', 'render_pipeline',
+           'latest_pipeline_run', 'show_pipeline']
 
 # %% ../../nbs/api/40_flows_pipelines.ipynb #e211b136
 class PipelineError(MlProdError):
@@ -199,16 +200,49 @@ def _ref_errors(p:Pipeline, where:str, ref:Ref, schemas:dict) -> list[str]:
     if ref.step not in p.steps:
         return [f"{where}: {ref.text} names unknown step {ref.step!r}{_hint(ref.step, p.steps)} (steps: {', '.join(p.steps)})"]
     up = schemas.get(ref.step)
+    if ref.kind == "params" and up is not None and ref.key in up and up[ref.key].secret:
+        return [f"{where}: {ref.text}: {ref.key} is a secret of step {ref.step!r}; give this step the secret itself, as {{env: NAME}}"]
     if ref.kind == "params" and up is not None and ref.key not in up:
         return [f"{where}: {ref.text}: step {ref.step!r} ({p.steps[ref.step].notebook}) has no parameter {ref.key!r}"
                 f"{_hint(ref.key, up.names)} (its parameters: {', '.join(up.names) or 'none'})"]
     return []
+
+# %% ../../nbs/api/40_flows_pipelines.ipynb #6e2f855f
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+def env_ref(v) -> str|None:
+    "The variable NAME of a value written `{env: NAME}`, or None for any other value."
+    return v["env"] if isinstance(v, dict) and list(v) == ["env"] and isinstance(v["env"], str) else None
+
+def _secret_errors(where:str, name:str, v, schema) -> list[str]|None:
+    "What is wrong with the value of a secret parameter, or with `{env: NAME}` for another; None when neither applies."
+    secret = schema is not None and name in schema and schema[name].secret
+    if not secret and env_ref(v) is None: return None
+    if not secret: return [f"{where}: {{env: {env_ref(v)}}} is for secret parameters only, and {name} is not one (mark it {{secret: true}} in the notebook)"]
+    if env_ref(v) is not None and _ENV_NAME.match(env_ref(v)): return []
+    return [f"{where}: {name} is a secret, so the pipeline file (stored with every run) must not hold its value: give it as "
+            "{env: NAME}, the environment variable holding it (`ml_prod pipeline run -s NAME VALUE` sets one for the run)"]
+
+def secret_env_names(p:Pipeline, steps=None) -> list[str]:
+    "The environment variables that the secret parameters of `steps` (default: all) are read from, in order."
+    out = []
+    for n in steps or p.steps:
+        for v in p.steps[n].parameters.values():
+            if (e := env_ref(v)) and e not in out: out.append(e)
+    return out
+
+def _secret_value(v, secrets:dict):
+    "`v`, or for `{env: NAME}` the value of NAME in `secrets` or this environment."
+    import os
+    name = env_ref(v)
+    return v if name is None else secrets.get(name, os.environ.get(name))
 
 # %% ../../nbs/api/40_flows_pipelines.ipynb #50cb4a16
 def _value_errors(p:Pipeline, step:str, name:str, v, schemas:dict) -> list[str]:
     "What is wrong with the value `v` given to parameter `name` of `step`."
     from ml_prod.params import check_value
     where, schema = f"steps.{step}.parameters.{name}", schemas.get(step)
+    if (secret := _secret_errors(where, name, v, schema)) is not None: return secret
     refs = references(v)
     errors = [r if isinstance(r, str) else None for _, r in refs]
     errors = [f"{where}: {e}" for e in errors if e] + [e for _, r in refs if isinstance(r, Ref) for e in _ref_errors(p, where, r, schemas)]
@@ -342,8 +376,9 @@ class PipelineResult:
 # %% ../../nbs/api/40_flows_pipelines.ipynb #651e8c03
 class _Run:
     "The state of one pipeline run."
-    def __init__(self, p:Pipeline, s:ResolvedSettings, cwd:str, forced:bool):
+    def __init__(self, p:Pipeline, s:ResolvedSettings, cwd:str, forced:bool, secrets:dict|None=None):
         self.p, self.s, self.cwd, self.forced, self.c = p, s, cwd, forced, store.client(s)
+        self.secrets = secrets or {}
         self.exp = store.ensure_experiment(s, p.experiment)
         self.outputs, self.results, self.parent, self.start = {}, {}, None, time.time()
 
@@ -352,7 +387,7 @@ class _Run:
         from ml_prod.params import notebook_schema
         nb = self.p.notebook_path(step)
         schema = notebook_schema(nb)
-        given = self.p.steps[step].parameters
+        given = {k: _secret_value(v, self.secrets) for k, v in self.p.steps[step].parameters.items()}
         values = schema.validate({k: _coerce(resolve(v, self.outputs), schema[k].type, bool(references(v))) for k, v in given.items()})
         ups = {d: self.outputs[d].run_id for d in _known_deps(self.p, step)}
         return values, cache_key(notebook_hash(nb), schema.public(values), ups, self.cwd)
@@ -461,6 +496,14 @@ def _loop(r:_Run, todo:list[str]):
         raise
 
 # %% ../../nbs/api/40_flows_pipelines.ipynb #8a68c8cd
+def _check_secrets(p:Pipeline, steps:list[str], secrets:dict):
+    "Refuse to start when a secret of `steps` is given neither in `secrets` nor in the environment."
+    import os
+    if missing := [n for n in secret_env_names(p, steps) if n not in secrets and n not in os.environ]:
+        raise PipelineError(f"{p._source}: the secret parameters are read from {', '.join(missing)}, which "
+                            f"{'is' if len(missing) == 1 else 'are'} not set: export {'it' if len(missing) == 1 else 'them'}, "
+                            "or pass `ml_prod pipeline run -s NAME VALUE` (run_pipeline(secrets=...))")
+
 def run_pipeline(pipeline:Pipeline|str|Path, # the pipeline, or its YAML file
                  settings:ResolvedSettings|None=None, # settings (default: load_settings(profile))
                  only:str|None=None, # run just this step (its upstream must be cached)
@@ -468,13 +511,15 @@ def run_pipeline(pipeline:Pipeline|str|Path, # the pipeline, or its YAML file
                  force:bool=False, # run every selected step even when cached
                  cwd:str|Path|None=None, # the working directory of every step (default: this one)
                  profile:str|None=None, # settings profile, when `settings` is not given
+                 secrets:dict|None=None, # values of the secrets given as {env: NAME}, by NAME (default: this environment's)
                 ) -> PipelineResult:
     "Run a pipeline's steps as notebook jobs on Ray, in parallel where the DAG allows, reusing cached steps."
     source = str(pipeline) if not isinstance(pipeline, Pipeline) else pipeline._source
     p = check_pipeline(pipeline)
     s = settings or load_settings(profile)
     todo, needed = _plan(p, only, from_step)
-    r = _Run(p, s, str(Path(cwd or Path.cwd()).resolve()), force or bool(only or from_step))
+    _check_secrets(p, [*needed, *todo], secrets or {})
+    r = _Run(p, s, str(Path(cwd or Path.cwd()).resolve()), force or bool(only or from_step), secrets)
     _reuse_upstream(r, needed, f"only={only!r}" if only else f"from_step={from_step!r}")
     _open_parent(r, source, dict(only=only, from_step=from_step, force=force))
     for n in needed: _record(r, r.results[n])

@@ -75,12 +75,20 @@ def _candidates(name:str, dist:str, args):
     if kind == "float": return (float(lo), float(hi))
     return (lo, hi - 1 if dist in _EXCLUSIVE_HIGH else hi)
 
+def _refuse_secrets(schema, space:dict):
+    "A secret parameter's candidates would be trial configs, logged by Tune and MLflow: refused, without quoting them."
+    if bad := [n for n in space if n in schema and schema[n].secret]:
+        raise ParameterError(f"Invalid search space for {Path(schema.path).name}: {', '.join(bad)} "
+                             f"{'is a secret parameter' if len(bad) == 1 else 'are secret parameters'}, which cannot be searched "
+                             "(each trial's values are recorded); give a secret as a fixed parameter (tune_notebook(fixed_parameters=...), `ml_prod tune -p NAME VALUE`)")
+
 def check_search_space(schema, # the notebook's `ParamSchema`
                        space:dict, # parameter name -> {distribution: args} or a fixed value
                       ) -> dict:
     "The Ray Tune `param_space` for `space`, after refusing anything the notebook's parameters do not allow."
     from ml_prod.params import check_space
     if not isinstance(space, dict) or not space: raise ParameterError(f"search space: expected a mapping of parameter names to distributions, got {space!r}")
+    _refuse_secrets(schema, space)
     cands = {}
     for n, spec in space.items():
         d = _one_dist(n, spec)
@@ -120,7 +128,7 @@ class _Sweep:
     experiment_id: str
     notebook: str
     nb_bytes: bytes
-    fixed: dict
+    fixed: dict           # the fixed parameter values, secrets left out
     secret_names: list
     metric: str
     scheduler: str
@@ -131,6 +139,7 @@ class _Sweep:
     run_tags: dict = field(default_factory=dict)  # tags every child run shares, computed once by the driver
     reuse: bool = True     # actors are reused: boot the next trial's kernel while a trial runs
     resumed: bool = False  # a resumed sweep: a restarted trial reopens its child run
+    secrets: object = None # the fixed secret values, as a Ray object ref: Tune saves the trainable with the sweep's state, never a secret
 
 RUN_ID_KEY = "ml_prod_run_id"  # the child run's id, in every result a trial reports to Tune
 _trials = {}  # this actor's trials not yet ended: trial id -> _Bridge
@@ -198,11 +207,12 @@ class _Bridge:
 # %% ../../nbs/api/41_flows_tune.ipynb #6e953df5
 def _run_trial(config:dict, sw:_Sweep):
     "The body of a trial, in Tune's thread: one notebook job, a child run of the sweep, its reports relayed to Tune."
+    import ray
     from ray import tune
     from ml_prod.jobs import kernel, supervisor
     kernel._boot_spare()  # a first trial's kernel boots while its run is created (a reused actor has one ready)
     tid = tune.get_context().get_trial_id()
-    values = {**sw.fixed, **config}
+    values = {**sw.fixed, **(ray.get(sw.secrets) if sw.secrets is not None else {}), **config}
     path = Path(sw.notebook)
     run_id, recorded = _trial_run(sw, {k: v for k, v in values.items() if k not in sw.secret_names}, tid)
     if recorded is not None:  # resumed: its notebook ran to the end before the interruption reached Tune; not again
@@ -484,6 +494,7 @@ def tune_notebook(notebook:str|Path, # the job notebook to tune
                   reuse_actors:bool=True, # run the next trial in a finished trial's actor (False: a fresh actor per trial)
                  ) -> TuneResult:
     "Tune a notebook's parameters with Ray Tune; every trial is a notebook job and a child run of the sweep's run."
+    import ray
     from ray import tune
     from ml_prod.runtime.cluster import connect
     if mode not in ("max", "min"): raise MlProdError(f"mode must be 'max' or 'min', got {mode!r}")
@@ -496,11 +507,12 @@ def tune_notebook(notebook:str|Path, # the job notebook to tune
                   metric=metric, mode=mode, samples=samples, scheduler=scheduler, experiment_id=exp)
     git = provenance.git_state(path)
     sweep_run_id = _open_sweep(s, exp, path, nb_bytes, d, record, resume, git)
-    sw = _Sweep(s, sweep_run_id, exp, str(path), nb_bytes, fixed, schema.secret_names, metric, scheduler, max_t,
-                str(Path(cwd or Path.cwd()).resolve()), timeout, cell_timeout, _trial_tags(s, path, nb_bytes, git, sweep_run_id),
-                reuse_actors, resume)
-    trainable = make_trainable(sw, cpus)
     connect(s)
+    secrets = {k: v for k, v in fixed.items() if k in schema.secret_names}
+    sw = _Sweep(s, sweep_run_id, exp, str(path), nb_bytes, schema.public(fixed), schema.secret_names, metric, scheduler, max_t,
+                str(Path(cwd or Path.cwd()).resolve()), timeout, cell_timeout, _trial_tags(s, path, nb_bytes, git, sweep_run_id),
+                reuse_actors, resume, ray.put(secrets) if secrets else None)
+    trainable = make_trainable(sw, cpus)
     callbacks = [ProgressTable(metric, mode, progress if not isinstance(progress, bool) else 5.0)] if progress else []
     tuner = _tuner(trainable, d, resume, param_space, callbacks,
                    tune.TuneConfig(metric=metric, mode=mode, num_samples=samples, scheduler=sched,

@@ -15,8 +15,9 @@ from ..settings import ResolvedSettings, load_settings
 from . import _compat  # Ray's private parts; loads no Ray until a hook runs
 
 # %% auto #0
-__all__ = ['CLUSTER_FILE', 'NAMESPACE', 'LOOPBACK_FLAG', 'LOOPBACK_HOOK', 'loopback_only', 'is_loopback_ip', 'loopback_hook',
-           'local_cluster', 'cluster_up', 'cluster_down', 'cluster_address', 'connect']
+__all__ = ['CLUSTER_FILE', 'NAMESPACE', 'LOOPBACK_FLAG', 'LOOPBACK_HOOK', 'CLUSTER_ENV_NAMES', 'CLUSTER_ENV_PREFIXES',
+           'CLUSTER_ENV_VAR', 'loopback_only', 'is_loopback_ip', 'loopback_hook', 'local_cluster', 'cluster_env',
+           'cluster_up', 'cluster_down', 'cluster_address', 'connect']
 
 # %% ../../nbs/api/11_runtime_cluster.ipynb #127cff2e
 CLUSTER_FILE = "cluster.json"
@@ -97,11 +98,32 @@ def local_cluster(s:ResolvedSettings) -> dict|None:
     host, port = info["address"].rsplit(":", 1)
     return info if _port_open(host, int(port)) else None
 
-def _auth_env() -> dict:
-    "Environment that turns on Ray's token authentication, with a token generated if missing."
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+def _auth_env(base:dict|None=None) -> dict:
+    "`base` (default: this environment) with Ray's token authentication on, and a token generated if missing."
+    env = {**(os.environ if base is None else base), "RAY_AUTH_MODE": "token"}
     subprocess.run([_ray_cli(), "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
     return env
+
+# %% ../../nbs/api/11_runtime_cluster.ipynb #726b277f
+CLUSTER_ENV_NAMES = {"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM", "VIRTUAL_ENV",
+                     "PYTHONPATH", "PYTHONHASHSEED", "PYTHONUNBUFFERED", "LD_LIBRARY_PATH", "CUDA_HOME", "CUDA_VISIBLE_DEVICES",
+                     "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "JUPYTER_PATH", "JUPYTER_CONFIG_DIR",
+                     "JUPYTER_DATA_DIR", "IPYTHONDIR", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE",
+                     "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"}
+CLUSTER_ENV_PREFIXES = ("LC_", "XDG_", "CONDA_", "RAY_", "MLFLOW_", "ML_PROD_")  # MLflow's: jobs log to the tracking server
+CLUSTER_ENV_VAR = "ML_PROD_CLUSTER_ENV"  # more variables for the cluster, by name, comma separated
+_NEVER = ("ML_PROD_API_KEY", "RAY_ADDRESS")  # replicas check digests, never keys; an address would make `ray start` join another cluster
+_UNLESS_LISTED = ("ML_PROD_AUDIT_SALT",)  # replicas read the salt file; a project that wants its own salt in their environment lists it
+
+def cluster_env(s:ResolvedSettings, # the project's settings (its serve_api_key_env is left out too)
+                env:dict|None=None, # the environment to choose from (default: this process's)
+               ) -> dict:
+    "The variables of `env` that a persistent local cluster's processes get: an allow-list, never a secret."
+    env = os.environ if env is None else env
+    extra = {n.strip() for n in env.get(CLUSTER_ENV_VAR, "").split(",") if n.strip()}
+    never = {*_NEVER, s.serve_api_key_env, *(n for n in _UNLESS_LISTED if n not in extra)}
+    def wanted(k): return k in CLUSTER_ENV_NAMES or k in extra or k.startswith(CLUSTER_ENV_PREFIXES)
+    return {k: v for k, v in env.items() if wanted(k) and k not in never and not k.startswith("ML_PROD_SECRET_")}
 
 # %% ../../nbs/api/11_runtime_cluster.ipynb #c3374e8c
 def cluster_up(s:ResolvedSettings|None=None, # settings of the project (default: the active profile)
@@ -118,7 +140,7 @@ def cluster_up(s:ResolvedSettings|None=None, # settings of the project (default:
     if num_cpus or s.ray_num_cpus: cmd.append(f"--num-cpus={num_cpus or s.ray_num_cpus}")
     if resources: cmd.append(f"--resources={json.dumps(resources)}")
     loopback = loopback_only(s)  # not when other nodes may join: the flag makes `ray start --address` refuse
-    r = subprocess.run(cmd, env={**_auth_env(), **(env or {}), **({LOOPBACK_FLAG: "0"} if loopback else {})}, capture_output=True, text=True)
+    r = subprocess.run(cmd, env={**_auth_env(cluster_env(s)), **(env or {}), **({LOOPBACK_FLAG: "0"} if loopback else {})}, capture_output=True, text=True)
     if r.returncode != 0: raise MlProdError(f"`{' '.join(cmd)}` failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
     info = dict(address=f"127.0.0.1:{port}", started=time.time(), num_cpus=num_cpus or s.ray_num_cpus, env=env or {}, loopback=loopback)
     Path(s.state_dir).mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ import hashlib, json, os, platform, subprocess, sys
 from importlib import metadata
 from pathlib import Path
 from . import tags as keys
+from ..redact import redact
 
 # %% auto #0
 __all__ = ['KEY_PACKAGES', 'sha256_bytes', 'git_state', 'package_versions', 'environment_freeze', 'fingerprint_path',
@@ -23,14 +24,18 @@ def _git(args:list[str], cwd:Path) -> str|None:
     except (OSError, subprocess.TimeoutExpired): return None
     return r.stdout if r.returncode == 0 else None
 
-def git_state(path:str|Path) -> dict:
-    "Commit, dirty flag and uncommitted diff of the git work tree holding `path` (empty outside git)."
-    d = Path(path).resolve()
-    d = d if d.is_dir() else d.parent
+def git_state(path:str|Path, # a file or folder in the work tree; a file (the job's notebook) is the one whose diff is kept
+              files=None, # the files whose uncommitted changes to keep instead (default: `path` when it is a file)
+             ) -> dict:
+    "Commit and dirty flag of the git work tree holding `path`, and the uncommitted diff of `files` only, secrets masked (empty outside git)."
+    p = Path(path).resolve()
+    d = p if p.is_dir() else p.parent
     commit = _git(["rev-parse", "HEAD"], d)
     if commit is None: return {}
     status = _git(["status", "--porcelain", "--untracked-files=no"], d) or ""
-    return dict(commit=commit.strip(), dirty=bool(status.strip()), diff=_git(["diff", "HEAD"], d) or "")
+    files = [str(Path(f).resolve()) for f in (files if files is not None else [p] if p.is_file() else [])]
+    diff = (_git(["diff", "HEAD", "--", *files], d) or "") if files else ""
+    return dict(commit=commit.strip(), dirty=bool(status.strip()), diff=redact(diff))
 
 # %% ../../nbs/api/13_tracking_provenance.ipynb #e7f3b8eb
 KEY_PACKAGES = ("ml_prod", "ray", "mlflow", "papermill", "ipykernel", "torch", "pandas", "numpy", "scikit-learn")
