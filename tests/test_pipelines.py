@@ -240,6 +240,9 @@ def test_secret_comes_from_the_environment_never_from_the_file(env, monkeypatch)
     monkeypatch.delenv("LOGIN_TOKEN", raising=False)
     with pytest.raises(PipelineError, match="read from LOGIN_TOKEN, which is not set"):
         run_pipeline(yml, s, cwd=d)
+    from conftest import cli
+    r = cli("pipeline", "run", str(yml), check=False)  # not at a terminal: nothing to ask, refused
+    assert r.returncode == 2 and "read from LOGIN_TOKEN, which is not set" in r.stderr, r.stderr
     c = store.client(s)
     exp = c.get_experiment_by_name("ml_prod")
     assert exp is None or not c.search_runs([exp.experiment_id])  # refused before anything ran

@@ -27,16 +27,27 @@ app.add_typer(pipeline_app, name="pipeline")
 PipelineArg = typer.Argument(..., help="The pipeline's YAML file")
 
 # %% ../../nbs/api/93_cli_flows.ipynb #d204d82a
-@pipeline_app.command("run")
+def _ask_secrets(pipeline:Path, given:dict) -> dict:
+    "The pipeline's secrets set neither by -s nor in the environment, typed at the terminal (none asked when not at one)."
+    import getpass, os, sys
+    from ml_prod.flows.pipelines import load_pipeline, secret_env_names
+    if not sys.stdin.isatty(): return {}
+    names = [n for n in secret_env_names(load_pipeline(pipeline)) if n not in given and n not in os.environ]
+    return {n: getpass.getpass(f"{n} (a secret of {pipeline.name}): ") for n in names}
+
+@pipeline_app.command("run", cls=PairsCommand)
 def pipeline_run(pipeline:Path=PipelineArg,
                  only:Optional[str]=typer.Option(None, "--only", help="Run just this step (its upstream steps must be cached)"),
                  from_step:Optional[str]=typer.Option(None, "--from", help="Run this step and everything downstream of it"),
                  force:bool=typer.Option(False, "--force", help="Run every selected step even when cached"),
+                 secret:Optional[list[str]]=PairOpt("-s", "--secret", help="The value of a secret the file gives as {env: NAME}, as NAME VALUE or NAME=VALUE (default: $NAME; asked for at a terminal)"),
                  profile:Optional[str]=ProfileOpt):
     "Run PIPELINE's steps as notebook jobs on Ray, reusing cached steps."
     from ml_prod.flows.pipelines import run_pipeline
     s = _settings(profile)
-    try: res = run_pipeline(pipeline, s, only=only, from_step=from_step, force=force)
+    try:
+        secrets = dict(secret or [])
+        res = run_pipeline(pipeline, s, only=only, from_step=from_step, force=force, secrets=secrets | _ask_secrets(pipeline, secrets))
     except MlProdError as e: _fail(e)
     except KeyboardInterrupt:
         err.print("interrupted: the running steps were cancelled"); raise typer.Exit(130)
