@@ -96,17 +96,19 @@ def parse_size(text:str) -> int:
 
 # %% ../../nbs/api/90_cli_common.ipynb #07f82d7f
 def gather_parameters(pairs:list[tuple[str, str]]|None, file:Path|None, notebook:Path) -> dict:
-    "Parameter values from a YAML file and `-p NAME VALUE` pairs (pairs win), converted by the notebook's schema."
-    import yaml
-    from ml_prod.params import notebook_schema
+    "Parameter values from a YAML file and `-p NAME VALUE` pairs (pairs win), converted by the notebook's schema; secrets also from `$ML_PROD_SECRET_<NAME>`."
+    import os, yaml
+    from ml_prod.params import notebook_schema, secret_env_var
     schema = notebook_schema(notebook)
     values = {}
     if file:
         try: values = yaml.safe_load(Path(file).read_text()) or {}
         except (OSError, yaml.YAMLError) as e: raise ParameterError(f"-f {file}: cannot read parameters: {e}") from None
         if not isinstance(values, dict): raise ParameterError(f"-f {file}: expected a mapping of parameter names to values")
-        values = schema.validate(values)
+        in_file, values = set(values), schema.validate(values)
     strings = dict(pairs or [])
+    strings |= {n: os.environ[secret_env_var(n)] for n in schema.secret_names  # kept off the command line and out of shell history
+                if n not in strings and n not in (in_file if file else ()) and secret_env_var(n) in os.environ}
     if not strings: return values
     given = {k: v for k, v in schema.validate(strings, from_strings=True).items() if k in strings}  # not the defaults it fills in
     return {**schema.validate(values), **given}

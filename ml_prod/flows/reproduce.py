@@ -65,7 +65,7 @@ def _notes(tags:dict) -> list[str]:
     commit = tags.get("mlflow.source.git.commit")
     here = provenance.git_state(tags.get(keys.NOTEBOOK, ".")) if commit else {}
     if commit and here.get("commit") != commit: notes.append(f"git commit was {commit[:12]}, is {here.get('commit', 'none')[:12]}")
-    if tags.get(keys.GIT_DIRTY) == "true": notes.append("the original ran with uncommitted changes (provenance/git_diff.patch)")
+    if tags.get(keys.GIT_DIRTY) == "true": notes.append("the original ran with uncommitted changes in its git work tree (its notebook's own: provenance/git_diff.patch)")
     return notes
 
 # %% ../../nbs/api/42_flows_reproduce.ipynb #f1ee89c2

@@ -125,6 +125,17 @@ def cluster_env(s:ResolvedSettings, # the project's settings (its serve_api_key_
     def wanted(k): return k in CLUSTER_ENV_NAMES or k in extra or k.startswith(CLUSTER_ENV_PREFIXES)
     return {k: v for k, v in env.items() if wanted(k) and k not in never and not k.startswith("ML_PROD_SECRET_")}
 
+def _secret_names(s:ResolvedSettings, env:dict) -> list[str]:
+    "The variables of `env` that hold a secret no Ray process needs: API keys, the audit salt, jobs' secret parameters."
+    return [k for k in env if k in {*_NEVER[:1], *_UNLESS_LISTED, s.serve_api_key_env} or k.startswith("ML_PROD_SECRET_")]
+
+@contextmanager
+def _without(names:list[str]):
+    "While Ray starts inside this process (its raylet and workers inherit the environment), without the variables `names`."
+    saved = {k: os.environ.pop(k) for k in names if k in os.environ}
+    try: yield
+    finally: os.environ.update(saved)
+
 # %% ../../nbs/api/11_runtime_cluster.ipynb #c3374e8c
 def cluster_up(s:ResolvedSettings|None=None, # settings of the project (default: the active profile)
                num_cpus:int|None=None, # CPUs the head offers (default: ray_num_cpus or all)
@@ -211,7 +222,7 @@ def connect(s:ResolvedSettings|None=None, # settings of the project (default: th
         runtime_env["py_modules"] = find_spec("ml_prod").submodule_search_locations[:1]
     kw = {**kw, **init_kwargs}
     if env := {**runtime_env, **(init_kwargs.get("runtime_env") or {})}: kw["runtime_env"] = env
-    with _loopback_node(loopback):
+    with _loopback_node(loopback), _without(_secret_names(s, os.environ) if not address else []):
         if not address:
             ctx = ray.init(num_cpus=s.ray_num_cpus, include_dashboard=False, **kw)
         else:
