@@ -105,8 +105,9 @@ def tune(notebook:Path=typer.Argument(..., exists=True, dir_okay=False, help="Th
     s = _settings(profile)
     try:
         pairs = list(param or [])
-        fixed = gather_parameters(pairs, None, notebook) if pairs else {}
-        fixed = {k: v for k, v in fixed.items() if k in dict(pairs)}
+        from ml_prod.params import secret_env_var
+        fixed = gather_parameters(pairs, None, notebook)  # secrets not given with -p: from $ML_PROD_SECRET_<NAME>
+        fixed = {k: v for k, v in fixed.items() if k in dict(pairs) or secret_env_var(k) in os.environ}
         res = tune_notebook(notebook, space, metric=metric, mode=mode, samples=samples, scheduler=scheduler,
                             max_concurrent=max_concurrent, settings=s, experiment=experiment, resume=resume, name=name,
                             fixed_parameters=fixed, cpus=cpus, max_t=max_t, grace_period=grace_period)
