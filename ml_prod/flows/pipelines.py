@@ -387,8 +387,9 @@ class _Run:
         from ml_prod.params import notebook_schema
         nb = self.p.notebook_path(step)
         schema = notebook_schema(nb)
-        given = {k: _secret_value(v, self.secrets) for k, v in self.p.steps[step].parameters.items()}
-        values = schema.validate({k: _coerce(resolve(v, self.outputs), schema[k].type, bool(references(v))) for k, v in given.items()})
+        given = self.p.steps[step].parameters
+        values = schema.validate({k: _secret_value(v, self.secrets) if env_ref(v) else  # a secret is taken as it is, never resolved
+                                  _coerce(resolve(v, self.outputs), schema[k].type, bool(references(v))) for k, v in given.items()})
         ups = {d: self.outputs[d].run_id for d in _known_deps(self.p, step)}
         return values, cache_key(notebook_hash(nb), schema.public(values), ups, self.cwd)
 
