@@ -103,23 +103,23 @@ def test_one_secret_leaves_no_trace(secret_project):
     assert c.post("/predict", json=RECORD, headers={"x-api-key": secret}).status_code == 200
     cli("serve", "down", "secretive")  # its replica holds a CPU the jobs need
 
-    # a job that prints the secret, and one whose exception quotes it
+    # a job that prints the secret (given in $ML_PROD_SECRET_TOKEN), and one whose exception quotes it (given with -p)
     job = make_job(project / "secret_job.ipynb")
-    cli("run", str(job), "-p", "token", secret)
+    cli("run", str(job), env={"ML_PROD_SECRET_TOKEN": secret})
     failed = cli("run", str(job), "-p", "token", secret, "-p", "fail", "true", check=False)
     assert failed.returncode != 0 and "rejected token ***" in failed.stderr + failed.stdout, failed.stderr[-2000:]
 
-    # a two-step pipeline that takes the secret from the environment, never from its file
+    # a two-step pipeline that takes the secret from the command line (for its {env: NAME}), never from its file
     (project / "secret_pipeline.yaml").write_text(
         "name: secretive\nsteps:\n"
         "  first: {notebook: secret_job.ipynb, parameters: {token: {env: SECRETS_TEST_TOKEN}, lr: 0.2}}\n"
         "  second: {notebook: secret_job.ipynb, parameters: {token: {env: SECRETS_TEST_TOKEN}, lr: 0.3}, depends_on: [first]}\n")
-    cli("pipeline", "run", str(project / "secret_pipeline.yaml"), env={"SECRETS_TEST_TOKEN": secret})
+    cli("pipeline", "run", str(project / "secret_pipeline.yaml"), "-s", "SECRETS_TEST_TOKEN", secret)
 
-    # a two-trial sweep with the secret as a fixed parameter
+    # a two-trial sweep with the secret as a fixed parameter (from $ML_PROD_SECRET_TOKEN)
     (project / "secret_space.yaml").write_text("lr: {grid: [0.1, 0.2]}\n")
     cli("tune", str(job), "--space", str(project / "secret_space.yaml"), "--metric", "score", "--scheduler", "fifo",
-        "--max-concurrent", "1", "-p", "token", secret)
+        "--max-concurrent", "1", env={"ML_PROD_SECRET_TOKEN": secret})
 
     # the jobs ran with it: 1 + 1 + 2 + 2 runs of secret_job, one FAILED with its error masked
     runs = [r for r in store.client(s).search_runs([e.experiment_id for e in store.client(s).search_experiments()],
