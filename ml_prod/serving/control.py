@@ -342,16 +342,16 @@ def update(app:str, # the application
 
 # %% ../../nbs/api/55_serving_control.ipynb #f0110a01
 _CONFIGS = ("deploy", "update", "revert", "refused")  # the events that carry a configuration
-_PINS = ("deploy", "revert", "follow")                # the events that set or clear the pin
+_PINS = ("deploy", "pin", "revert", "follow")         # the events that set or clear the pin
 
 def _arms(cfg:dict) -> dict:
     "The arms of an application's config ({} for an application that is not ml_prod's)."
     return (cfg.get("deployments") or [{}])[0].get("user_config", {}).get("arms", {})
 
 def is_pinned(evs:list[dict]) -> bool:
-    "Whether a `revert` pinned the application with history `evs`: its last deploy, revert or follow event is a revert."
+    "Whether a `revert` pinned the application with history `evs`: its last deploy, pin, revert or follow event is a pin or a revert."
     marks = [e["reason"] for e in evs if e["reason"] in _PINS]
-    return bool(marks) and marks[-1] == "revert"
+    return bool(marks) and marks[-1] in ("pin", "revert")
 
 def _summaries(evs:list[dict]) -> list[dict]:
     "Each event as people read it: time, event, actor, the arms' pinned versions and weights, and its details."
@@ -388,6 +388,7 @@ def revert(app:str, s:ResolvedSettings|None=None, timeout_s:float=180) -> dict:
     if not previous: raise ServingError(f"{app} has no earlier model versions to go back to (its history: `ml_prod serve status`)")
     cfg = previous[-1]
     cfg["deployments"][0]["user_config"]["auth"] = auth_config(s, current["deployments"][0]["user_config"].get("auth"))
+    _note(s, app, "pin", detail="reverting")  # pinned before the revert applies: the follower must not move it on meanwhile
     return _apply_update(s, client, app, cfg, "revert", timeout_s)
 
 def follow(app:str, s:ResolvedSettings|None=None, timeout_s:float=180) -> dict:
