@@ -20,6 +20,24 @@ import yaml
 from conftest import RECORD, cli, deploy, log_version, ray_deployed, raw_project, status
 
 
+def raw_records(audit_dir, app: str) -> list[dict]:
+    "Every whole JSON line of the request segments of `app`, read from the files themselves (before any compaction)."
+    out = []
+    for p in sorted((Path(audit_dir) / app / "segments").glob("*.jsonl")):
+        for line in p.read_bytes().split(b"\n"):
+            if line.strip():
+                try: out.append(json.loads(line))
+                except ValueError: pass
+    return out
+
+
+def answered_once(raw: list[dict], answered: list[str]) -> dict:
+    "The answered request ids whose number of raw primary 200 records is not exactly 1, with that number."
+    from collections import Counter
+    n = Counter(r["request_id"] for r in raw if r["status"] == 200 and not r["shadow"])
+    return {a: n[a] for a in answered if n[a] != 1}
+
+
 def set_alias(alias: str, version: int):
     from ml_prod.models.registry import set_alias as move
     from ml_prod.settings import load_settings
@@ -42,7 +60,9 @@ def test_request_path_update_and_audit(project):
     assert r.status_code == 200, r.text
     body = r.json()
     assert (body["decision"], body["version"], body["arm"], body["model"]) == ("fraud", str(v1), "champion", "tiny")
-    assert r.headers["x-request-id"] == "first-request" and body["request_id"] == "first-request"
+    assert r.headers["x-request-id"] == "first-request" and body["client_request_id"] == "first-request"
+    first = body["request_id"]  # the server's id of this attempt: the audit record's key
+    assert len(first) == 32 and first != "first-request"
     r = c.post("/predict", json=[RECORD, {"amount": 1.0, "country": "FR"}])
     assert r.json()["decisions"] == ["fraud", "legit"]
 
@@ -62,13 +82,14 @@ def test_request_path_update_and_audit(project):
     assert set(schema["properties"]) == {"amount", "country"} and schema["additionalProperties"] is False
 
     # zero-downtime update: load never stops while the alias moves to v2
-    answers, stop = [], threading.Event()
+    answers, answered_ids, stop = [], [], threading.Event()
     def load():
         with httpx.Client(base_url=url, timeout=10) as lc:
             while not stop.is_set():
                 try:
                     r = lc.post("/predict", json=RECORD)
                     answers.append((r.status_code, r.json().get("version")))
+                    if r.status_code == 200: answered_ids.append(r.json()["request_id"])
                 except httpx.HTTPError as e: answers.append((type(e).__name__, None))
     t = threading.Thread(target=load); t.start()
     time.sleep(1)
@@ -117,19 +138,36 @@ def test_request_path_update_and_audit(project):
     r = cli("models", "rollback", "tiny", "--alias", "champion")  # undoes the move to v3: back to v2, which is served
     assert f"-> {v2}" in r.stdout and status("fraud")["pending"] == [], r.stdout
 
+    # with keys required, the status and OpenAPI pages need one too; /healthz says only whether a model is loaded
+    assert [c.get(p).status_code for p in ("/-/status", "/docs", "/openapi.json")] == [401] * 3
+    assert c.get("/-/status", headers={"x-api-key": "k-123"}).status_code == 200 and c.get("/healthz").status_code == 200
+
     # feedback, then the audit log: every answered request once, shadow answers recorded apart
     ok = c.post("/predict", json=RECORD, headers={"x-api-key": "k-123", "x-request-id": "labelled"})
     assert ok.status_code == 200
+    labelled = ok.json()["request_id"]
+    # someone without a key replays the echoed ids with a high attempt: its own records, never a replacement
+    for rid in ("labelled", labelled):
+        assert c.post("/predict", json=RECORD, headers={"x-request-id": rid, "x-attempt": "99"}).status_code == 401
+    assert c.post("/predict", json=RECORD, headers={"x-api-key": "k-123", "x-attempt": "9" * 30}).status_code == 400
     assert c.post("/feedback", json={"request_id": "labelled", "label": 1}, headers={"x-api-key": "k-123"}).json() == {"stored": 1}
-    cli("audit", "compact")
-    from ml_prod.audit.query import query, read_feedback
+    from ml_prod.audit.query import join_feedback, query, read_feedback
     from ml_prod.settings import load_settings
     s = load_settings()
+    raw = raw_records(s.audit_dir, "fraud")  # the segment files, before compaction: one raw record per answered request
+    answered_ids += [first, labelled]
+    assert len(answered_ids) > 50 and not answered_once(raw, answered_ids), answered_once(raw, answered_ids)
+    assert len({r["request_id"] for r in raw if not r["shadow"]}) == len([r for r in raw if not r["shadow"]])  # one key per attempt
+    assert [r["status"] for r in raw if r["client_request_id"] == "labelled" and not r["shadow"]] == [200, 401]
+    assert len([r for r in raw if r["status"] == 413]) == 2  # too many records, and a body over max_body_bytes (refused before reading it)
+    cli("audit", "compact")
     df = query(s.audit_dir, "fraud", include_shadow=False)
-    assert df.request_id.is_unique
-    assert {"first-request", "labelled"} <= set(df.request_id)
-    assert len(df[df.status == 200]) >= len([a for a in answers if a[0] == 200])
+    assert {first, labelled} <= set(df.request_id) and df.set_index("request_id").loc[labelled, "status"] == 200
+    assert {"first-request", "labelled"} <= set(df.client_request_id)
+    assert set(df[df.status == 200].request_id) >= set(answered_ids)
     assert set(df.outcome) >= {"ok", "invalid", "unauthorized"}
+    j = join_feedback(s.audit_dir, "fraud", include_shadow=False)
+    assert j.set_index("request_id").loc[labelled, "label"] == "1"  # the label sent with the client's id joins its answered attempt, not the 401s
     shadows = query(s.audit_dir, "fraud", include_shadow=True).query("shadow")
     assert len(shadows) > 0 and set(shadows.arm) == {"shadow"}
     assert "labelled" in set(read_feedback(s.audit_dir, "fraud").request_id)
@@ -165,7 +203,7 @@ def test_killed_replica_loses_no_answered_record(project):
                 i += 1
                 try:
                     r = c.post("/predict", json=RECORD, headers={"x-request-id": f"k-{threading.get_ident()}-{i}"})
-                    if r.status_code == 200: answered.append(r.json()["request_id"])
+                    if r.status_code == 200: answered.append(r.json()["request_id"])  # the server's id
                 except httpx.HTTPError: time.sleep(0.05)
     threads = [threading.Thread(target=load) for _ in range(4)]
     for t in threads: t.start()
@@ -175,14 +213,16 @@ def test_killed_replica_loses_no_answered_record(project):
     stop.set()
     for t in threads: t.join()
     assert len(answered) > 20
-    cli("audit", "compact")
     from ml_prod.audit.query import query
     from ml_prod.settings import load_settings
+    raw = raw_records(load_settings().audit_dir, "steady")  # before compaction: every answered request has exactly one raw record
+    wrong = answered_once(raw, answered)
+    assert not wrong, f"{len(wrong)} answered requests have not exactly one raw audit record, e.g. {sorted(wrong.items())[:5]}"
+    cli("audit", "compact")
     df = query(load_settings().audit_dir, "steady", include_shadow=False)
     ok = df[df.status == 200]
     missing = set(answered) - set(ok.request_id)
     assert not missing, f"{len(missing)} answered requests have no audit record, e.g. {sorted(missing)[:5]}"
-    assert df.request_id.is_unique
 
 
 @pytest.mark.slow
