@@ -84,6 +84,9 @@ def test_service_runs_with_its_lease_after_serve_up(served):
     assert tasks["alias_follower"]["runs"] > 0 and tasks["alias_follower"]["last_error"] is None, tasks
     out = cli("control", "status").stdout
     assert "lease: held by actor-" in out and "task alias_follower every 1 s" in out, out
+    cluster = json.loads(cli("--json", "cluster", "status").stdout)  # `cluster status` shows the service too
+    assert cluster["control"]["lease"]["holder"] == st["lease"]["holder"] and cluster["control"]["running"], cluster
+    assert "lease: held by actor-" in cli("cluster", "status").stdout
 
 
 def test_api_refuses_requests_without_its_token(served):

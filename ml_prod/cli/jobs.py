@@ -144,9 +144,14 @@ def jobs_reap(profile:Optional[str]=ProfileOpt):
 def cluster_up_cmd(profile:Optional[str]=ProfileOpt, num_cpus:Optional[int]=typer.Option(None, min=1, help="CPUs of the head")):
     "Start a persistent local Ray that later commands reuse."
     from ml_prod.runtime.cluster import cluster_up
-    try: info = cluster_up(_settings(profile), num_cpus=num_cpus)
+    from ml_prod.control import service
+    s = _settings(profile)
+    try: info = cluster_up(s, num_cpus=num_cpus)
     except MlProdError as e: _fail(e)
     console.print(f"local Ray up at {info['address']}")
+    try: st = service.start(s)  # the cluster's one long-running home: endpoints follow their aliases
+    except MlProdError as e: err.print(f"warning: the control service did not start: {e}"); return
+    console.print(f"control service {st['holder']} running at {st['url']}")
 
 @cluster_app.command("status")
 def cluster_status_cmd(profile:Optional[str]=ProfileOpt):
@@ -154,13 +159,25 @@ def cluster_status_cmd(profile:Optional[str]=ProfileOpt):
     from ml_prod.runtime.cluster import cluster_address, local_cluster
     s = _settings(profile)
     addr, persistent = cluster_address(s), local_cluster(s)
-    state = {"profile": s.profile, "address": addr, "ray_address": s.ray_address or None, "persistent_local": persistent is not None}
-    emit(state, lambda d: console.print(f"profile {d['profile']}: " + (f"Ray at {d['address']}" if d["address"]
-                                        else "no persistent cluster; commands start a local Ray for their own duration")))
+    from ml_prod.control import service
+    from ml_prod.cli.control import control_lines
+    up = bool(s.ray_address or persistent is not None or addr)
+    state = {"profile": s.profile, "address": addr, "ray_address": s.ray_address or None, "persistent_local": persistent is not None,
+             "control": service.status(s) if up else None}
+    def show(d):
+        console.print(f"profile {d['profile']}: " + (f"Ray at {d['address']}" if d["address"]
+                      else "no persistent cluster; commands start a local Ray for their own duration"))
+        for line in control_lines(d["control"]) if d["control"] else []: console.print(line, soft_wrap=True)
+    emit(state, show)
     if not s.ray_address and persistent is None and addr is None: raise typer.Exit(EXIT_UNHEALTHY)
 
 @cluster_app.command("down")
 def cluster_down_cmd(profile:Optional[str]=ProfileOpt):
     "Stop the persistent local Ray."
-    from ml_prod.runtime.cluster import cluster_down
-    console.print("stopped" if cluster_down(_settings(profile)) else "no persistent local Ray was up")
+    from ml_prod.runtime.cluster import cluster_down, local_cluster
+    from ml_prod.control import service
+    s = _settings(profile)
+    if local_cluster(s) is not None:  # stopped first: its lease is released now, not left to expire
+        try: service.stop(s)
+        except MlProdError as e: err.print(f"warning: the control service did not stop cleanly: {e}")
+    console.print("stopped" if cluster_down(s) else "no persistent local Ray was up")
