@@ -101,7 +101,7 @@ def test_autoscaling_up_under_load_and_back_down(project):
     from ml_prod.audit.query import query
     from ml_prod.settings import load_settings
     df = query(load_settings().audit_dir, "auto", include_shadow=False)
-    load_ok = df[(df.status == 200) & df.request_id.str.startswith("load-")]
+    load_ok = df[(df.status == 200) & df.client_request_id.fillna("").str.startswith("load-")]  # the ids the load sent (schema 2)
     assert len(load_ok) == codes[200] and load_ok.replica.nunique() == 2, df.replica.value_counts()
 
     # no load: back to one replica
