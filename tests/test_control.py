@@ -68,7 +68,8 @@ class Load:
 def served(project):
     "The application `follower` on `models:/tiny@follow` (version 1 of the alias), deployed with `serve up`: (stable URL, version)."
     v = log_version(ALIAS)
-    url = deploy(project, {"name": APP, "arms": {"main": {"model": f"models:/tiny@{ALIAS}", "weight": 1}}, "num_cpus": 0}, direct=False)
+    url = deploy(project, {"name": APP, "arms": {"main": {"model": f"models:/tiny@{ALIAS}", "weight": 1}}, "num_cpus": 0,
+                           "audit": {"retention_days": 30}}, direct=False)
     yield url, v
     cli("serve", "down", APP, check=False)
     print("\nalias moves measured (way: seconds from the move to the follower noticing it / to the first answer from the new version; requests sent/failed):")
@@ -87,6 +88,31 @@ def test_service_runs_with_its_lease_after_serve_up(served):
     cluster = json.loads(cli("--json", "cluster", "status").stdout)  # `cluster status` shows the service too
     assert cluster["control"]["lease"]["holder"] == st["lease"]["holder"] and cluster["control"]["running"], cluster
     assert "lease: held by actor-" in cli("cluster", "status").stdout
+
+
+def run_task(name: str) -> dict:
+    "Run the control service's task `name` now, through its API (as the CLI would); the task's state after the run."
+    d = Path(settings().state_dir) / "control"
+    url, token = json.loads((d / "api.json").read_text())["url"], (d / "token").read_text().strip()
+    r = httpx.post(f"{url}/v1/tasks/{name}/run", headers={"Authorization": f"Bearer {token}"}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_audit_upkeep_compacts_and_applies_retention(served):
+    "The hourly audit task, run now: the application's segments become Parquet, and a day older than its retention_days goes."
+    url, _ = served
+    with httpx.Client(base_url=url, timeout=30) as c:
+        ids = [c.post("/predict", json=RECORD).json()["request_id"] for _ in range(5)]
+    requests = Path(settings().audit_dir) / APP / "requests"
+    assert run_task("audit_upkeep")["last_error"] is None
+    import pyarrow.parquet as pq
+    rows = set(pq.ParquetDataset(requests).read(columns=["request_id"]).column("request_id").to_pylist())
+    assert set(ids) <= rows, f"answered requests missing from the compacted log: {set(ids) - rows}"
+    old = requests / "date=2000-01-01"  # far older than the 30 days the spec keeps
+    shutil.copytree(next(requests.glob("date=*")), old)
+    assert run_task("audit_upkeep")["last_error"] is None
+    assert not old.exists() and list(requests.glob("date=*/*.parquet"))
 
 
 def test_api_refuses_requests_without_its_token(served):

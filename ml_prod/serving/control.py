@@ -7,7 +7,7 @@ Docs: https://ml-prod.github.io/ml_prod/api/serving_control.html.md"""
 # %% auto #0
 __all__ = ['ServingError', 'resolver', 'recorded_digests', 'digester', 'auth_config', 'replica_settings', 'build', 'serve_client',
            'wait_running', 'deploy', 'endpoints', 'replica_states', 'status', 'logs', 'undeploy', 'update', 'is_pinned',
-           'history', 'alias_moves', 'revert', 'follow', 'follow_aliases']
+           'history', 'alias_moves', 'revert', 'follow', 'follow_aliases', 'maintain_audit']
 
 # %% ../../nbs/api/55_serving_control.ipynb #afb0344f
 import asyncio, hashlib, hmac, json, math, os, sys, time, uuid
@@ -424,3 +424,29 @@ def follow_aliases(s:ResolvedSettings|None=None) -> list[dict]:
         if "arms" not in cfg.get("deployments", [{}])[0].get("user_config", {}): continue  # not an ml_prod application
         if moves := alias_moves(s, cfg, resolve): out.append(_follow_app(s, app, moves))
     return out
+
+# %% ../../nbs/api/55_serving_control.ipynb #a0d17a02
+def _audit_plan(apps:dict[str, dict], default_dir:str) -> dict[str, dict]:
+    "Audit folder -> {application: retention_days} of the deployed ml_prod applications (both from each one's config)."
+    plan = {}
+    for app, cfg in sorted(apps.items()):
+        args = cfg.get("args") or {}
+        if "arms" not in _uc(cfg) or "audit" not in args: continue  # not an ml_prod application
+        folder = (args.get("settings") or {}).get("audit_dir") or default_dir
+        plan.setdefault(folder, {})[app] = args["audit"].get("retention_days")
+    return plan
+
+def maintain_audit(s:ResolvedSettings|None=None) -> dict:
+    "Compact the audit log of every deployed application, then delete what is older than its `audit.retention_days`; the counts."
+    from ml_prod.audit.store import apply_retention, compact
+    s = s or load_settings()
+    try: client = serve_client(s, start=False)
+    except ServingError: return {}
+    out = {}
+    for folder, days in _audit_plan(_deployed(client), str(s.audit_dir)).items():
+        if not Path(folder).is_dir(): continue  # nothing written yet
+        done = {app: compact(folder, app).segments_deleted for app in days}
+        kept = apply_retention(folder, days)
+        out[folder] = dict(segments_compacted=done, partitions_deleted=kept.partitions_deleted, segments_deleted=kept.segments_deleted)
+    return out
+
