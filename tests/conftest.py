@@ -166,6 +166,19 @@ def project(serving_project, request):
             elif _cluster_is_up(): cli("serve", "down", check=False)  # the applications' replicas hold the cluster's CPUs
 
 
+@contextmanager
+def mlflow_at(tracking_uri: str):
+    """MLflow's process-wide tracking URI (and `$MLFLOW_TRACKING_URI`) set to `tracking_uri`, and its active experiment,
+    both restored after: left behind, they would outlive the module (MLflow resolves `runs:/` downloads through the
+    global URI even when given another `tracking_uri`, which broke test_examples after test_control)."""
+    from mlflow.tracking import fluent
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    experiment = fluent._active_experiment_id
+    try:
+        with _use_tracking_uri(tracking_uri): yield
+    finally: fluent._active_experiment_id = experiment
+
+
 def log_version(alias: str, **model_config) -> int:
     "Log a tiny model with `model_config` and register it as a new version of `tiny` under `alias`."
     import mlflow
@@ -174,13 +187,13 @@ def log_version(alias: str, **model_config) -> int:
     from ml_prod.models.registry import register
     from ml_prod.settings import load_settings
     s = load_settings()
-    mlflow.set_tracking_uri(s.tracking_uri)
     X = pd.DataFrame({"amount": [10.0, 250.0], "country": ["US", "FR"]})
     sig = infer_signature(X, pd.DataFrame({"score": [0.1, 0.9]}))
-    mlflow.set_experiment("serving-tests")
-    with mlflow.start_run() as run:
-        mlflow.pyfunc.log_model(name="model", python_model=str(HERE / "tiny_model.py"), model_config=model_config or None,
-                                signature=sig, input_example=X)
+    with mlflow_at(s.tracking_uri):
+        mlflow.set_experiment("serving-tests")
+        with mlflow.start_run() as run:
+            mlflow.pyfunc.log_model(name="model", python_model=str(HERE / "tiny_model.py"), model_config=model_config or None,
+                                    signature=sig, input_example=X)
     return register(s, run.info.run_id, "tiny", alias=alias, force=True)  # tests point aliases (champion too) at what they log
 
 

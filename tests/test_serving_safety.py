@@ -29,7 +29,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import HERE, ML_PROD, RECORD, cli, cluster_env, deploy, log_version, status
+from conftest import HERE, ML_PROD, RECORD, cli, cluster_env, deploy, log_version, mlflow_at, status
 
 X_COLUMNS = {"amount": [10.0, 250.0], "country": ["US", "FR"]}
 
@@ -44,12 +44,12 @@ def log_tiny(alias: str, example: bool = True, name: str = "tiny", **model_confi
     from ml_prod.models.registry import register
     from ml_prod.settings import load_settings
     s = load_settings()
-    mlflow.set_tracking_uri(s.tracking_uri)
     X = pd.DataFrame(X_COLUMNS)
-    mlflow.set_experiment("serving-safety")
-    with mlflow.start_run() as run:
-        mlflow.pyfunc.log_model(name="model", python_model=str(HERE / "tiny_model.py"), model_config=model_config or None,
-                                signature=infer_signature(X, pd.DataFrame({"score": [0.1, 0.9]})), input_example=X if example else None)
+    with mlflow_at(s.tracking_uri):  # MLflow's global URI restored after: it would outlive this module
+        mlflow.set_experiment("serving-safety")
+        with mlflow.start_run() as run:
+            mlflow.pyfunc.log_model(name="model", python_model=str(HERE / "tiny_model.py"), model_config=model_config or None,
+                                    signature=infer_signature(X, pd.DataFrame({"score": [0.1, 0.9]})), input_example=X if example else None)
     return register(s, run.info.run_id, name, alias=alias)
 
 
