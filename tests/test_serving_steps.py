@@ -136,7 +136,7 @@ def test_separate_steps_run_in_their_own_replicas(project, step_env):
     cli("audit", "compact")
     from ml_prod.audit.query import query
     from ml_prod.settings import load_settings
-    df = query(load_settings().audit_dir, "stepped", include_shadow=False).set_index("request_id")
+    df = query(load_settings().audit_dir, "stepped", include_shadow=False).set_index("client_request_id")  # the ids these requests were sent with (the key is the server's own)
     assert (df.loc["step-ok", "status"], df.loc["step-broken", "outcome"], df.loc["step-slow", "outcome"]) == (200, "error", "timeout")
     assert "enrich refuses country FAIL" in df.loc["step-broken", "error"]
     assert len(df) >= 6 + len(codes)
