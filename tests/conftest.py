@@ -368,3 +368,26 @@ def pytest_sessionfinish(session, exitstatus):
         try: p.kill()
         except psutil.Error: pass
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# ---- polling helpers of the jobs modules (test_jobs, test_jobs_resilience) ----------------------------------------
+
+def client(s):
+    "The profile's MLflow client."
+    from ml_prod.tracking import store
+    return store.client(s)
+
+
+def wait_for(pred, timeout=60, every=0.2):
+    "`pred()`'s first truthy value, polled every `every` s; fails after `timeout` s."
+    end = time.time() + timeout
+    while time.time() < end:
+        if v := pred(): return v
+        time.sleep(every)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def running_tag(s, run_id, tag):
+    "Value of `tag` once the run has it."
+    return wait_for(lambda: client(s).get_run(run_id).data.tags.get(tag))
+

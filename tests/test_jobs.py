@@ -18,6 +18,7 @@ from ml_prod.jobs.query import cancel_job, job_log, list_jobs
 from ml_prod.jobs.submit import run_notebook, run_notebooks, submit_notebook
 from ml_prod.settings import load_settings
 from ml_prod.tracking import provenance, store
+from conftest import client, running_tag, wait_for  # the jobs modules' shared polling helpers
 
 ML_PROD = str(Path(sys.executable).parent / "ml_prod")
 
@@ -33,23 +34,6 @@ def make_nb(path: Path, *cells: str, params: str = "x: int = 1  # a number") -> 
 def env(ray_local, project_dir):
     "Settings of a fresh project on the session's Ray, and the project folder."
     return load_settings(), project_dir
-
-
-def client(s):
-    return store.client(s)
-
-
-def wait_for(pred, timeout=60, every=0.2):
-    end = time.time() + timeout
-    while time.time() < end:
-        if v := pred(): return v
-        time.sleep(every)
-    raise AssertionError(f"condition not met within {timeout} s")
-
-
-def running_tag(s, run_id, tag):
-    "Value of `tag` once the run has it."
-    return wait_for(lambda: client(s).get_run(run_id).data.tags.get(tag))
 
 
 def gone(pid: int) -> bool:

@@ -24,6 +24,7 @@ from nbformat.v4 import new_code_cell, new_notebook
 from ml_prod.jobs.submit import submit_notebook
 from ml_prod.settings import load_settings
 from ml_prod.tracking import store
+from conftest import client, running_tag, wait_for  # the jobs modules' shared polling helpers
 
 
 def make_nb(path: Path, *cells: str, params: str = "x: int = 1  # a number") -> Path:
@@ -31,23 +32,6 @@ def make_nb(path: Path, *cells: str, params: str = "x: int = 1  # a number") -> 
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, path)
     return path
-
-
-def client(s):
-    return store.client(s)
-
-
-def wait_for(pred, timeout=60, every=0.2):
-    end = time.time() + timeout
-    while time.time() < end:
-        if v := pred(): return v
-        time.sleep(every)
-    raise AssertionError(f"condition not met within {timeout} s")
-
-
-def running_tag(s, run_id, tag):
-    "Value of `tag` once the run has it."
-    return wait_for(lambda: client(s).get_run(run_id).data.tags.get(tag))
 
 
 def settings(**env):
