@@ -59,10 +59,11 @@ def run(coro):
     return asyncio.get_event_loop_policy().get_event_loop().run_until_complete(coro)
 
 
-def make_core(model_dir: str, audit_dir: Path, auth: dict | None = None, **audit):
+def make_core(model_dir: str, audit_dir: Path, auth: dict | None = None, settings: dict | None = None, **audit):
     from ml_prod.serving.replica import EndpointCore
-    args = dict(name="shop", limits=dict(max_records=10, max_body_bytes=4000, timeout_s=5), audit=dict(drop=[], hash=[], **audit),
-                settings=dict(audit_dir=str(audit_dir)))
+    audit = dict(dict(drop=[], hash=[]), **audit)
+    args = dict(name="shop", limits=dict(max_records=10, max_body_bytes=4000, timeout_s=5), audit=audit,
+                settings=dict(settings or {}, audit_dir=str(audit_dir)))
     core = EndpointCore(args, "r1")
     cfg = dict(arms={"main": dict(model=model_dir, pinned=model_dir, weight=1, shadow=False)}, sticky_key=None,
                decision=dict(threshold=0.5, positive="fraud", negative="legit", score=None),
@@ -342,3 +343,36 @@ def test_api_key_digests_are_salted():
     assert authorized({"x-api-key": "k1"}, [a], "salt-a") and not authorized({"x-api-key": "k1"}, [a], "salt-b")
     assert authorized({"authorization": "Bearer k1"}, [b], "salt-b") and not authorized({"x-api-key": "k2"}, [a], "salt-a")
     assert authorized({"x-api-key": "k1"}, [plain], "")  # a config built before salting (no salt) still works until its next update
+
+
+# ---- the audit salt of the embedded profile -------------------------------------------------------------------------
+
+def hmac_of(salt: str, value) -> str:
+    "The hashed field's value as written by an HMAC-SHA256 of the value's canonical JSON under `salt` (computed here, not by ml_prod)."
+    import hmac
+    return "hmac-sha256:" + hmac.new(salt.encode(), json.dumps(value, sort_keys=True, separators=(",", ":")).encode(), hashlib.sha256).hexdigest()
+
+
+def test_audit_salt_from_the_serve_up_environment(model_dir, project_dir, tmp_path, monkeypatch):
+    """$ML_PROD_AUDIT_SALT set where `serve up` runs on the embedded profile, and not listed in $ML_PROD_CLUSTER_ENV, is the salt
+    the replicas hash with: they get it as an owner-only file in the state folder (as they get the default salt), never its
+    value in the Serve config, nor in the environment `cluster up` hands Ray."""
+    import secrets
+    from ml_prod.runtime.cluster import cluster_env
+    from ml_prod.serving.control import replica_settings
+    from ml_prod.settings import load_settings
+    salt = secrets.token_hex(16)
+    monkeypatch.setenv("ML_PROD_AUDIT_SALT", salt)
+    s = load_settings()
+    settings = replica_settings(s)  # what `serve up` puts into the Serve config for the replicas
+    assert salt not in json.dumps(settings) and "ML_PROD_AUDIT_SALT" not in cluster_env(s)
+    monkeypatch.delenv("ML_PROD_AUDIT_SALT")  # the replica's process: its cluster was started without the salt
+    core = make_core(model_dir, tmp_path / "audit", settings={k: v for k, v in settings.items() if k.startswith("audit_salt")},
+                     hash=["country"])
+    st, body, _ = run(core.predict(ONE, {}))
+    assert st == 200, body
+    close(core)
+    [rec] = raw_records(tmp_path / "audit", "shop")
+    assert rec["inputs"][0]["country"] == hmac_of(salt, "US"), rec["inputs"]
+    holding = [p for p in Path(s.state_dir).rglob("*") if p.is_file() and salt.encode() in p.read_bytes()]
+    assert len(holding) == 1 and holding[0].stat().st_mode & 0o777 == 0o600, holding  # one owner-only file holds it
