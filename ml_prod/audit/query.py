@@ -15,7 +15,7 @@ from .store import _apps, _epoch, _read_segments, _partitions, _read_partition, 
 import json
 
 # %% auto #0
-__all__ = ['query', 'read_feedback', 'join_feedback']
+__all__ = ['query', 'read_table', 'read_feedback', 'join_feedback', 'labels_for']
 
 # %% ../../nbs/api/17_audit_query.ipynb #c6dd4530
 def _ids(request_id) -> list[str]|None:
@@ -78,6 +78,19 @@ def query(audit_dir,  # folder of the audit log
         t = t.filter(pc.invert(t["shadow"]))
     return _frame(t, _REQUESTS, parse_json)
 
+# %% ../../nbs/api/17_audit_query.ipynb #6e6175c9
+def read_table(audit_dir,  # folder of the audit log
+               app:str|None=None,  # one application (default: all)
+               start=None,  # first time included, as for `query`
+               end=None,  # first time excluded, as for `query`
+               include_uncompacted:bool=True,  # read segments not yet compacted as well as Parquet
+              ):
+    "The audit records of a time window as an Arrow table (one row per key, sorted by time); JSON columns as text."
+    root, now = _root(audit_dir), time.time()
+    t0, t1 = _epoch("start", start, now), _epoch("end", end, now)
+    if t0 is not None and t1 is not None and t1 < t0: raise AuditError(f"end = {end!r} is before start = {start!r}")
+    return _read(root, _REQUESTS, _apps(root, app), t0, t1, None, include_uncompacted)
+
 # %% ../../nbs/api/17_audit_query.ipynb #2e639ec6
 def read_feedback(audit_dir,  # folder of the audit log
                   app:str|None=None,  # one application (default: all)
@@ -99,12 +112,19 @@ def join_feedback(audit_dir,  # folder of the audit log
     "Audit rows of a time window joined with their ground-truth labels by request id."
     if how not in ("inner", "left"): raise AuditError(f"how = {how!r}: must be 'inner' or 'left'")
     req = query(audit_dir, app, start, end, include_shadow=include_shadow, include_uncompacted=include_uncompacted, parse_json=parse_json)
-    ids = list({*req["request_id"], *req["client_request_id"].dropna()})
-    fb = read_feedback(audit_dir, app, request_id=ids, include_uncompacted=include_uncompacted, parse_json=parse_json)
+    return req.merge(labels_for(audit_dir, req, include_uncompacted, parse_json), on=["app", "request_id"], how=how)
+
+def labels_for(audit_dir,  # folder of the audit log
+               requests,  # audit rows (a `query` frame): at least app, request_id, client_request_id, status, shadow, ts
+               include_uncompacted:bool=True,  # read feedback segments not yet compacted too
+               parse_json:bool=False):  # decode `label` from JSON text
+    "The last label of each request in `requests`, by the server's request id: a frame of app, request_id, label, feedback_ts."
+    ids = list({*requests["request_id"], *requests["client_request_id"].dropna()})
+    apps = sorted(set(requests["app"]))
+    fb = read_feedback(audit_dir, apps[0] if len(apps) == 1 else None, request_id=ids, include_uncompacted=include_uncompacted, parse_json=parse_json)
     fb = fb[["app", "request_id", "label", "ts"]].rename(columns={"ts": "feedback_ts"})
-    fb["request_id"] = _server_ids(req, fb)
-    fb = fb.sort_values("feedback_ts", kind="stable").drop_duplicates(["app", "request_id"], keep="last")
-    return req.merge(fb, on=["app", "request_id"], how=how)
+    fb["request_id"] = _server_ids(requests, fb)
+    return fb.sort_values("feedback_ts", kind="stable").drop_duplicates(["app", "request_id"], keep="last")
 
 def _server_ids(req, fb) -> list[str]:
     "The server's request id each label in `fb` is for: its own id if a server id, else that of the answered attempt with that client id."
