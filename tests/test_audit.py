@@ -233,6 +233,29 @@ def test_oversized_body_is_audited(model_dir, tmp_path):
     assert [(r["status"], r["outcome"]) for r in raw] == [(413, "invalid")] * 2 and raw[1]["client_request_id"] == "big", raw
 
 
+def test_oversized_feedback_is_audited_and_rate_limited(model_dir, tmp_path):
+    "A /feedback body over max_body_bytes (declared or streamed) gets a rejected record, counted against the same rate limit."
+    from ml_prod.serving.app import _answer
+    core = make_core(model_dir, tmp_path, rejected_per_s=1, rejected_burst=5)
+    sent = []
+    async def send(m): sent.append(m)
+    async def streamed():
+        return {"type": "http.request", "body": b"[" + b" " * 5000, "more_body": True}  # never more than one chunk over the limit is read
+    t0 = time.monotonic()
+    for i in range(20):
+        headers = {"content-length": "999999"} if i % 2 else {}
+        run(_answer(streamed, send, {**headers, "x-request-id": f"fb-{i}"}, 4000, core.feedback, core.reject_feedback))
+    elapsed = time.monotonic() - t0
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [413] * 20
+    dropped = core.status()["audit"]["rejected_dropped"]
+    close(core)
+    raw = raw_records(tmp_path, "shop")
+    assert all((r["status"], r["outcome"]) == (413, "invalid") and r["error"].startswith("/feedback:") for r in raw), raw
+    assert 5 <= len(raw) <= 5 + elapsed + 1 and len(raw) + dropped == 20, (len(raw), dropped, elapsed)
+    assert [r["client_request_id"] for r in raw[:5]] == [f"fb-{i}" for i in range(5)]
+    assert raw_records(tmp_path, "shop", "feedback-segments") == []
+
+
 # ---- defect 3: bounded growth, memory and disk --------------------------------------------------------------------
 
 def test_rejected_requests_are_rate_limited(model_dir, tmp_path):

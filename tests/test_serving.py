@@ -225,6 +225,65 @@ def test_killed_replica_loses_no_answered_record(project):
     assert not missing, f"{len(missing)} answered requests have no audit record, e.g. {sorted(missing)[:5]}"
 
 
+def test_oversized_feedback_is_audited(project):
+    "A `/feedback` body over max_body_bytes, declared or streamed, is answered 413 with a rejected record like a prediction's, and no label."
+    log_version("labels")
+    url = deploy(project, {"name": "labels", "arms": {"main": {"model": "models:/tiny@labels", "weight": 1}},
+                           "limits": {"max_body_bytes": 2000}})
+    big = json.dumps([{"request_id": f"r{i}", "label": 1} for i in range(200)]).encode()
+    def streamed():  # no content-length: chunked, so the replica finds out only while it reads
+        for i in range(0, len(big), 500): yield big[i:i + 500]
+    with httpx.Client(base_url=url, timeout=30) as c:
+        declared = c.post("/feedback", content=big, headers={"content-type": "application/json", "x-request-id": "fb-declared"})
+        chunked = c.post("/feedback", content=streamed(), headers={"content-type": "application/json", "x-request-id": "fb-streamed"})
+        small = c.post("/feedback", json={"request_id": "r0", "label": 1}, headers={"x-request-id": "fb-small"})
+        too_big = c.post("/predict", content=b" " * 3000, headers={"content-type": "application/json", "x-request-id": "pr-big"})
+    assert "content-length" not in chunked.request.headers and chunked.request.headers.get("transfer-encoding") == "chunked"
+    assert [declared.status_code, chunked.status_code, small.status_code, too_big.status_code] == [413, 413, 200, 413], declared.text
+    from ml_prod.settings import load_settings
+    audit_dir = Path(load_settings().audit_dir)
+    raw = {r["client_request_id"]: r for r in raw_records(audit_dir, "labels")}  # the segment files themselves
+    assert sorted(raw) == ["fb-declared", "fb-streamed", "pr-big"], sorted(raw)
+    shape = lambda r: sorted(k for k, v in r.items() if v not in (None, False))  # the fields a rejected record fills in
+    for cid in ("fb-declared", "fb-streamed"):
+        r = raw[cid]
+        assert (r["status"], r["outcome"], r["app"], r["schema_version"]) == (413, "invalid", "labels", 2), r
+        assert "/feedback" in r["error"] and r["request_id"] != cid and len(r["request_id"]) == 32, r
+        assert shape(r) == shape(raw["pr-big"]) and r.keys() == raw["pr-big"].keys(), (r, raw["pr-big"])
+    labels = [json.loads(l) for p in (audit_dir / "labels" / "feedback-segments").glob("*.jsonl") for l in p.read_text().splitlines() if l]
+    assert [x["request_id"] for x in labels] == ["r0"]  # none of the oversized batches was stored
+    cli("serve", "down", "labels")
+
+
+def test_audit_salt_from_the_serve_up_environment(project):
+    """$ML_PROD_AUDIT_SALT in the environment of `ml_prod serve up` (not listed in ML_PROD_CLUSTER_ENV) is the salt the
+    replicas hash audit fields with; the state folder holds it in one owner-only file, Ray's Serve config nowhere."""
+    import hashlib, hmac, secrets
+    from ml_prod.settings import load_settings
+    salt = secrets.token_hex(16)
+    log_version("salted")
+    url = deploy(project, {"name": "salted", "arms": {"main": {"model": "models:/tiny@salted", "weight": 1}},
+                           "audit": {"hash": ["country"]}}, env={"ML_PROD_AUDIT_SALT": salt})
+    r = httpx.post(f"{url}/predict", json=RECORD, headers={"x-request-id": "salted-1"}, timeout=30)
+    assert r.status_code == 200, r.text
+    s = load_settings()
+    [rec] = [x for x in raw_records(s.audit_dir, "salted") if x["client_request_id"] == "salted-1"]
+    want = "hmac-sha256:" + hmac.new(salt.encode(), json.dumps("US").encode(), hashlib.sha256).hexdigest()
+    assert rec["inputs"] == [{"amount": 250.0, "country": want}], rec["inputs"]
+    from ml_prod.runtime.cluster import _temp_dir
+    def holding(root):
+        out = []
+        for p in Path(root).rglob("*"):
+            try:
+                if p.is_file() and not p.is_symlink() and salt.encode() in p.read_bytes(): out.append(p)
+            except OSError: pass
+        return out
+    in_state = holding(s.state_dir)  # MLflow's database (the served history holds each applied config), the salt files
+    assert len(in_state) == 1 and in_state[0].stat().st_mode & 0o777 == 0o600, in_state
+    assert holding(_temp_dir(s)) == []  # Ray's session folder: the Serve config in its logs, the processes' logs
+    cli("serve", "down", "salted")
+
+
 @pytest.mark.slow
 def test_built_config_runs_under_rays_own_serve_deploy(tmp_path, monkeypatch):
     "`ml_prod serve build` writes a Ray Serve config that Ray's own `serve deploy` runs, answering like `serve up`."

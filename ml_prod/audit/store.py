@@ -177,7 +177,7 @@ def _remove_partition(path:Path):
 
 # %% ../../nbs/api/16_audit_store.ipynb #1048f2b0
 _SUMMARY = ("records_read", "labels_read", "rows_written", "partitions_written", "duplicates_dropped",
-            "bad_lines", "quarantined", "expired", "segments_deleted", "partitions_deleted")
+            "bad_lines", "quarantined", "expired", "segments_deleted", "partitions_deleted", "quarantine_deleted")
 
 class CompactionSummary(SimpleNamespace):
     "What one `compact` or `apply_retention` run did (counts over all applications; `labels_read` counts feedback records)."
@@ -252,12 +252,14 @@ def _affected_days(parts:dict, new, stream) -> set[int]:
     return days | hit
 
 def _expire(app_dir:Path, stream, cutoff:float, s):
-    "Delete the day partitions, and the closed or abandoned segments, of `stream` older than `cutoff` (listing only, nothing read)."
+    "Delete the day partitions, the closed or abandoned segments and the quarantine files of `stream` older than `cutoff` (listing only, nothing read)."
     for d, p in _partitions(app_dir/stream.parquet).items():
         if d < _day(cutoff): _remove_partition(p); s.partitions_deleted += 1
     for path, is_open in _segment_files(app_dir/stream.segments):
         if is_open and _writer_alive(path): continue
         if (m := _mtime(path)) is not None and m < cutoff: path.unlink(missing_ok=True); s.segments_deleted += 1
+    for path in (app_dir/"quarantine").glob(f"{stream.name}-*"):  # by the file's time: its lines have no usable `ts`
+        if (m := _mtime(path)) is not None and m < cutoff: path.unlink(missing_ok=True); s.quarantine_deleted += 1
 
 def _compact_stream(app_dir:Path, stream, cutoff:float|None, s):
     pq_dir = app_dir/stream.parquet
@@ -346,7 +348,7 @@ def apply_retention(audit_dir,  # folder of the audit log
                     app:str|None=None,  # one application (default: every application in `audit_dir`, or the keys of the dict)
                     now=None,  # the time retention counts back from (default: now)
                    ) -> CompactionSummary:
-    "Delete audit data older than each application's retention (`audit.retention_days`): day partitions and uncompacted segments."
+    "Delete audit data older than each application's retention (`audit.retention_days`): day partitions, uncompacted segments, quarantine files."
     root = _root(audit_dir)
     per_app = retention_days if isinstance(retention_days, dict) else None
     for a, d in (per_app or {"retention_days": retention_days}).items(): _check_days(f"retention_days[{a!r}]" if per_app else a, d)

@@ -120,7 +120,7 @@ def endpoint_deployment():
             self.core = EndpointCore(args, serve.get_replica_context().replica_id.unique_id, on_done=_metrics(args["name"]),
                                      steps={n: h.remote for n, h in (steps or {}).items()})
             live.update(routes={"/predict": self.core.predict, "/feedback": self.core.feedback}, max_body=args["limits"]["max_body_bytes"],
-                        rejects={"/predict": self.core.reject}, guard=self._allowed)
+                        rejects={"/predict": self.core.reject, "/feedback": self.core.reject_feedback}, guard=self._allowed)
             api.openapi = lambda: _openapi(api, self.core)
 
         async def reconfigure(self, config:dict): await self.core.reconfigure(config)

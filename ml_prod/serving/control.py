@@ -73,19 +73,29 @@ def auth_config(s:ResolvedSettings, deployed:dict|None=None) -> dict:
     salt = new_salt()  # per deployment: its digests match no other deployment's, and no precomputed table
     return dict(required=bool(keys), salt=salt, digests=[key_digest(k, salt) for k in keys])
 
-def _salt_file(s:ResolvedSettings) -> str:
-    "The embedded profile's secret salt for hashed audit fields, created once (mode 0600) unless $ML_PROD_AUDIT_SALT is set."
-    if os.environ.get(SALT_ENV) or s.is_multi_node: return ""
-    p = Path(s.state_dir)/"audit_salt"
-    if not p.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f: f.write(os.urandom(32).hex())
-    return str(p)
+def _owner_only(p:Path, value:str) -> Path:
+    "File `p` holding `value`, created once with mode 0600 (an existing one is kept as it is)."
+    p.parent.mkdir(parents=True, exist_ok=True)
+    try: fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError: return p
+    with os.fdopen(fd, "w") as f: f.write(value)
+    return p
+
+def _salt_file(s:ResolvedSettings) -> tuple[str, bool]:
+    """The embedded profile's secret salt for hashed audit fields as an owner-only file in the state folder, and whether it is
+    this shell's $ML_PROD_AUDIT_SALT (else one drawn once for the project); ("", False) on a multi-node cluster."""
+    if s.is_multi_node: return "", False
+    if salt := os.environ.get(SALT_ENV, "").strip():  # one file per salt: replicas of an older config keep reading theirs
+        tag = hmac.new(b"ml_prod audit salt file", salt.encode(), hashlib.sha256).hexdigest()[:16]
+        return str(_owner_only(Path(s.state_dir)/f"audit_salt.{tag}", salt)), True
+    return str(_owner_only(Path(s.state_dir)/"audit_salt", os.urandom(32).hex())), False
 
 def replica_settings(s:ResolvedSettings) -> dict:
-    "What replicas need to reach MLflow and the audit log (a multi-node cluster sets $ML_PROD_AUDIT_SALT on its nodes)."
-    return dict(tracking_uri=s.tracking_uri, registry_uri=s.registry_uri or s.tracking_uri, audit_dir=str(s.audit_dir), audit_salt_file=_salt_file(s))
+    """What replicas need to reach MLflow and the audit log: the audit salt as a file's path, never its value (the embedded profile;
+    on a multi-node cluster every node's environment holds $ML_PROD_AUDIT_SALT)."""
+    salt_file, given = _salt_file(s)
+    return dict(tracking_uri=s.tracking_uri, registry_uri=s.registry_uri or s.tracking_uri, audit_dir=str(s.audit_dir),
+                audit_salt_file=salt_file, **({"audit_salt_given": True} if given else {}))
 
 def build(spec:ServeSpec, # the serving spec
           s:ResolvedSettings|None=None, # settings (default: the active profile)
@@ -447,6 +457,7 @@ def maintain_audit(s:ResolvedSettings|None=None) -> dict:
         if not Path(folder).is_dir(): continue  # nothing written yet
         done = {app: compact(folder, app).segments_deleted for app in days}
         kept = apply_retention(folder, days)
-        out[folder] = dict(segments_compacted=done, partitions_deleted=kept.partitions_deleted, segments_deleted=kept.segments_deleted)
+        out[folder] = dict(segments_compacted=done, partitions_deleted=kept.partitions_deleted, segments_deleted=kept.segments_deleted,
+                           quarantine_deleted=kept.quarantine_deleted)
     return out
 

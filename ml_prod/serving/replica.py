@@ -309,6 +309,10 @@ class _Requests:
         self.on_done(status, None, None, 0.0)
         return status, out, extra
 
+    def reject_feedback(self, status:int, reason:str, headers) -> tuple[int, dict, dict]:
+        "`reject` for a `/feedback` request: the same rejected record (rate-limited), its `error` starting with `/feedback:`."
+        return self.reject(status, f"/feedback: {reason}", headers)
+
     async def feedback(self, body:bytes, headers) -> tuple[int, dict, dict]:
         "Store ground-truth labels: `{request_id, label}` or a list of them; all of a batch are checked first, then written together, or none."
         try:
@@ -360,6 +364,11 @@ class _Status:
         except OSError as e: _log.warning("%s: cannot write %s: %s", self.app, d, e)  # a full disk must not fail the request
 
 # %% ../../nbs/api/53_serving_replica.ipynb #83f9ccfd
+def _use_salt_file(st:dict):
+    "Take the audit salt from the file the config names: always when it is the operator's (`audit_salt_given`), else unless this process has one."
+    f = st.get("audit_salt_file")
+    if f and (st.get("audit_salt_given") or not os.environ.get(SALT_ENV)): os.environ[SALT_ENV] = Path(f).read_text().strip()
+
 class EndpointCore(_Status, _Scoring, _Steps, _Requests):
     "One replica's request path: admission, validation, arm, batched model call, decision, audit."
     def __init__(self, args:dict, # the application's static args (see `serve_spec.app_config`)
@@ -375,7 +384,7 @@ class EndpointCore(_Status, _Scoring, _Steps, _Requests):
             mlflow.set_tracking_uri(st["tracking_uri"])
             if st.get("registry_uri"): mlflow.set_registry_uri(st["registry_uri"])
         self.audit_dir = Path(st.get("audit_dir") or ".ml_prod/audit")
-        if st.get("audit_salt_file") and not os.environ.get(SALT_ENV): os.environ[SALT_ENV] = Path(st["audit_salt_file"]).read_text().strip()
+        _use_salt_file(st)
         a = args["audit"]
         privacy = Privacy(drop=a.get("drop", []), hash=a.get("hash", []))
         free = a.get("min_free_bytes") or DEFAULT_MIN_FREE_BYTES
