@@ -119,16 +119,24 @@ def labels_for(audit_dir,  # folder of the audit log
                include_uncompacted:bool=True,  # read feedback segments not yet compacted too
                parse_json:bool=False):  # decode `label` from JSON text
     "The last label of each request in `requests`, by the server's request id: a frame of app, request_id, label, feedback_ts."
-    ids = list({*requests["request_id"], *requests["client_request_id"].dropna()})
-    apps = sorted(set(requests["app"]))
-    fb = read_feedback(audit_dir, apps[0] if len(apps) == 1 else None, request_id=ids, include_uncompacted=include_uncompacted, parse_json=parse_json)
+    apps = list(requests["app"].unique())
+    fb = read_feedback(audit_dir, apps[0] if len(apps) == 1 else None, include_uncompacted=include_uncompacted, parse_json=parse_json)
+    fb = fb[fb["app"].isin(apps)]  # labels of other applications, and all of them when `requests` is empty, are no one's here
     fb = fb[["app", "request_id", "label", "ts"]].rename(columns={"ts": "feedback_ts"})
     fb["request_id"] = _server_ids(requests, fb)
     return fb.sort_values("feedback_ts", kind="stable").drop_duplicates(["app", "request_id"], keep="last")
 
-def _server_ids(req, fb) -> list[str]:
+def _server_ids(req, fb):
     "The server's request id each label in `fb` is for: its own id if a server id, else that of the answered attempt with that client id."
-    server = set(zip(req["app"], req["request_id"]))
+    import numpy as np, pyarrow as pa, pyarrow.compute as pc  # Arrow's hash joins: a window holds millions of requests
+    key = lambda df, col: pc.binary_join_element_wise(pa.array(df["app"], pa.string()), pa.array(df[col], pa.string()), "\x1f")
+    fb_key = key(fb, "request_id")
+    is_server = pc.is_in(fb_key, value_set=key(req, "request_id")).to_numpy(zero_copy_only=False)
     ok = req[req["status"].between(200, 299) & ~req["shadow"].astype(bool) & req["client_request_id"].notna()].sort_values("ts", kind="stable")
-    by_client = dict(zip(zip(ok["app"], ok["client_request_id"]), ok["request_id"]))  # the latest answered attempt wins
-    return [r if (a, r) in server else by_client.get((a, r), r) for a, r in zip(fb["app"], fb["request_id"])]
+    ok = ok.assign(_k=np.asarray(key(ok, "client_request_id"), dtype=object)).drop_duplicates("_k", keep="last")  # the latest answered attempt wins
+    at = pc.index_in(fb_key, value_set=pa.array(ok["_k"], pa.string())).to_numpy(zero_copy_only=False)
+    by_client = np.asarray(ok["request_id"], dtype=object)
+    own = np.asarray(fb["request_id"], dtype=object)
+    mapped = np.where(np.isnan(at.astype(float)), -1, at).astype(int) if len(at) else np.zeros(0, int)
+    return np.where(is_server | (mapped < 0), own, by_client[np.maximum(mapped, 0)] if len(by_client) else own)
+
