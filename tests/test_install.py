@@ -74,3 +74,5 @@ def test_wheel_without_extras_runs_a_notebook(tmp_path):
     params = sh(venv / "bin" / "python", "-c", "from ml_prod.settings import load_settings; from ml_prod.tracking.store import client; "
                 f"print(client(load_settings()).get_run({jobs[0]['run_id']!r}).data.params.get('x'))", cwd=project, env=env).stdout
     assert params.strip() == "7", params
+    log = json.loads(sh(ml_prod, "--json", "jobs", "logs", jobs[0]["run_id"], cwd=project, env=env).stdout)
+    assert log["run_id"] == jobs[0]["run_id"] and "x is 7" in log["log"], log

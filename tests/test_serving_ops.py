@@ -7,6 +7,7 @@ model's `delay` keeps requests in flight without burning CPU. Ray's processes re
 every second (conftest's `FAST_METRICS`, set when the shared cluster starts), not every 10 s."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
@@ -129,6 +130,8 @@ def test_logs_prints_the_replicas_logs(project):
     assert replica in out, out[-3000:]  # the log file of the running replica
     assert "models:/tiny/" in out, out[-3000:]  # what the replica loaded, logged at start-up
     assert len(cli("serve", "logs", "logged", "-n", "3").stdout.splitlines()) == 4  # a header and 3 lines
+    as_json = json.loads(cli("--json", "serve", "logs", "logged", "-n", "3").stdout)  # log file -> its last lines
+    assert any(replica in path for path in as_json) and all(len(text.splitlines()) <= 3 for text in as_json.values()), as_json
 
     r = cli("serve", "logs", "nope", check=False)
     assert r.returncode != 0 and "No application 'nope' is deployed" in r.stderr and "logged" in r.stderr, (r.stdout, r.stderr)

@@ -120,9 +120,9 @@ def jobs_show(run_id:str, profile:Optional[str]=ProfileOpt):
 
 @jobs_app.command("logs")
 def jobs_logs(run_id:str, profile:Optional[str]=ProfileOpt):
-    "The cell output captured from a job."
+    "The cell output captured from a job (`--json`: `{run_id, log}`)."
     from ml_prod.jobs.query import job_log
-    sys.stdout.write(_job(_settings(profile), run_id, job_log))
+    emit(dict(run_id=run_id, log=_job(_settings(profile), run_id, job_log)), lambda d: sys.stdout.write(d["log"]))
 
 @jobs_app.command("cancel")
 def jobs_cancel(run_id:str, profile:Optional[str]=ProfileOpt):

@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 from ..errors import MlProdError, ParameterError
 from ..settings import load_settings, settings_table
-from .common import ProfileOpt, app, console, err, group, wants_json
+from .common import ProfileOpt, app, console, emit, err, group, wants_json
 from .common import _fail, _settings
 
 # %% auto #0
@@ -139,11 +139,11 @@ def serve_down(app_name:Optional[str]=typer.Argument(None, metavar="[APP]", help
 @serve_app.command("logs")
 def serve_logs(app_name:str=typer.Argument(..., metavar="APP", help="The application"),
                lines:int=typer.Option(50, "-n", "--lines", help="Last lines of each replica's log"), profile:Optional[str]=ProfileOpt):
-    "The last lines of each replica's log."
+    "The last lines of each replica's log (`--json`: log file -> its last lines)."
     from ml_prod.serving import control
     try: logs = control.logs(app_name, _settings(profile), lines)
     except MlProdError as e: _fail(e)
-    for path, text in logs.items(): console.print(f"[bold]== {path}[/bold]", soft_wrap=True); typer.echo(text)
+    emit(logs, lambda logs: [(console.print(f"[bold]== {path}[/bold]", soft_wrap=True), typer.echo(text)) for path, text in logs.items()])
 
 @audit_app.command("query")
 def audit_query(app_name:Optional[str]=typer.Option(None, "--app", help="One application (default: all)"),
@@ -177,4 +177,4 @@ def audit_compact(app_name:Optional[str]=typer.Option(None, "--app", help="One a
     s = _settings(profile)
     try: summary = store.compact(s.audit_dir, app_name, retention_days=retention_days)
     except MlProdError as e: _fail(e)
-    console.print(str(summary))
+    emit(vars(summary), lambda _: console.print(str(summary)))
