@@ -8,6 +8,7 @@ BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 # notebooks nbdev-clean keeps tidy: the nbdev sources and the job notebooks the package ships
 EXAMPLES := ml_prod/examples
+SHIPPED := ml_prod/notebooks
 
 # SKIP_SLOW=1 leaves out `#| slow` notebook cells and pytest's `slow` scenarios
 ifeq ($(SKIP_SLOW),1)
@@ -26,7 +27,7 @@ help:
 	@echo "make test     set up .venv and run all tests: nbdev-test on nbs/, then pytest tests (SKIP_SLOW=1: skip slow ones)"
 	@echo "make venv     create .venv and install ml_prod with every extra: lab, example, dev (re-runs only when pyproject.toml changes)"
 	@echo "make export   write ml_prod/ from the notebooks in nbs/"
-	@echo "make normalize  nbdev-clean the notebooks in nbs/ and $(EXAMPLES)/ (metadata, execution counts; outputs kept)"
+	@echo "make normalize  nbdev-clean the notebooks in nbs/, $(EXAMPLES)/ and $(SHIPPED)/ (metadata, execution counts; outputs kept)"
 	@echo "make clean    remove build outputs (docs site, wheels, caches); sources and .ml_prod/ are left alone"
 	@echo "make readme   render README.md from nbs/index.ipynb"
 	@echo "make tutorial run ml_prod demo in a fresh project and save the executed tutorial with its outputs"
@@ -52,6 +53,7 @@ export: venv
 normalize: venv
 	$(BIN)/nbdev-clean --fname nbs
 	$(BIN)/nbdev-clean --fname $(EXAMPLES)
+	$(BIN)/nbdev-clean --fname $(SHIPPED)
 
 clean:
 	rm -rf docs/site docs/_build _docs _proc build dist *.egg-info .pytest_cache

@@ -15,7 +15,7 @@ from .store import _apps, _epoch, _read_segments, _partitions, _read_partition, 
 import json
 
 # %% auto #0
-__all__ = ['query', 'read_table', 'read_feedback', 'join_feedback', 'labels_for']
+__all__ = ['query', 'read_table', 'parse_time', 'read_feedback', 'join_feedback', 'labels_for']
 
 # %% ../../nbs/api/17_audit_query.ipynb #c6dd4530
 def _ids(request_id) -> list[str]|None:
@@ -90,6 +90,13 @@ def read_table(audit_dir,  # folder of the audit log
     t0, t1 = _epoch("start", start, now), _epoch("end", end, now)
     if t0 is not None and t1 is not None and t1 < t0: raise AuditError(f"end = {end!r} is before start = {start!r}")
     return _read(root, _REQUESTS, _apps(root, app), t0, t1, None, include_uncompacted)
+
+# %% ../../nbs/api/17_audit_query.ipynb #54811ede
+def parse_time(field:str,  # the argument's name, for the error message
+               value,  # datetime, date, epoch seconds, ISO string or a time relative to now like '-2h', '-30m'; None: no limit
+               now:float|None=None) -> float|None:  # what relative times count from (default: now)
+    "A time as `query` takes it, as Unix seconds (None stays None)."
+    return _epoch(field, value, now)
 
 # %% ../../nbs/api/17_audit_query.ipynb #2e639ec6
 def read_feedback(audit_dir,  # folder of the audit log

@@ -20,8 +20,9 @@ __all__ = ['PREFIX', 'ERROR_MAX', 'STEP_ERROR_MAX', 'JOB', 'PROFILE', 'CWD', 'RE
            'PURPOSE', 'EVENT', 'FROM_VERSION', 'TO_VERSION', 'TIME', 'ACTOR', 'ACTION', 'EVALUATION_RUN', 'DECISION',
            'METRIC', 'MODE', 'CHALLENGER_SCORE', 'CHAMPION_SCORE', 'CHAMPION_EVALUATION_RUN', 'UNDOES',
            'REGISTERED_MODEL', 'EVENTS_EXPERIMENT', 'STREAM', 'KIND', 'PAYLOAD', 'PAYLOAD_PARTS', 'PAYLOAD_PART_MAX',
-           'LEASE_BEAT', 'flag', 'clip', 'param_value', 'input_key', 'step_key', 'millis', 'prefixed', 'unprefixed',
-           'seconds', 'payload_key']
+           'LEASE_BEAT', 'MONITOR_EXPERIMENT', 'MONITOR_APP', 'MONITOR_START', 'MONITOR_END', 'MONITOR_STATUS',
+           'MONITOR_RESULT', 'MONITOR_MODEL', 'flag', 'clip', 'param_value', 'input_key', 'step_key', 'millis',
+           'prefixed', 'unprefixed', 'seconds', 'payload_key']
 
 # %% ../../nbs/api/12_tracking_tags.ipynb #3f9ac1a3
 PREFIX = "ml_prod."       # the start of every key below; metrics with it are ml_prod's own (left out of a model's metrics)
@@ -165,3 +166,12 @@ LEASE_BEAT = "ml_prod.lease_beat"      # metric on an open "claim" event of the 
 def payload_key(part:int) -> str:
     "The tag holding part `part` of an event's JSON data."
     return PAYLOAD.format(part=part)
+
+# %% ../../nbs/api/12_tracking_tags.ipynb #85ec90b5
+MONITOR_EXPERIMENT = "ml_prod.monitoring"      # the experiment (a name, not a tag) holding the monitoring runs
+MONITOR_APP = "ml_prod.monitor.app"            # monitoring run: the application whose audit log it read
+MONITOR_START = "ml_prod.monitor.start"        # monitoring run: the first time of its window, unix seconds (see `seconds`)
+MONITOR_END = "ml_prod.monitor.end"            # monitoring run: the end of its window (excluded), unix seconds
+MONITOR_STATUS = "ml_prod.monitor.status"      # monitoring run: the verdict, one of healthy, data_drift, integrity, quality_drop, service_degraded, insufficient_data
+MONITOR_RESULT = "ml_prod.monitor.result"      # monitoring run: JSON of the verdict with its reasons, clipped to ERROR_MAX (the whole of it is the artifact monitoring/result.json)
+MONITOR_MODEL = "ml_prod.monitor.model"        # monitoring run: the reference's model version, models:/NAME/VERSION
