@@ -170,23 +170,26 @@ def test_train_logs_metrics_model_and_reference(pipeline, tmp_path):
     assert len(example) >= 2
 
     reference_path = mlflow.artifacts.download_artifacts(
-        run_id=run.info.run_id, artifact_path="reference_stats.json", dst_path=str(tmp_path / "ref"),
+        run_id=run.info.run_id, artifact_path="reference_profile.json", dst_path=str(tmp_path / "ref"),
         tracking_uri=pipeline.uri)
     reference = json.loads(Path(reference_path).read_text())
-    assert reference == json.loads((pipeline.tmp / "model_out" / "reference_stats.json").read_text())
+    assert reference == json.loads((pipeline.tmp / "model_out" / "reference_profile.json").read_text())
     assert reference["format_version"] == 1
-    assert reference["created_from"] == clean_fp["sha256"]
-    assert {"n_rows", "label_rate", "features", "score", "metrics", "quantile_levels"} <= reference.keys()
-    assert set(reference["features"]) == set(COLUMNS[:-1])
+    data = pd.read_parquet(pipeline.tmp / "clean" / "transactions.parquet")
+    n_val = round(len(data) * 0.2)  # train.ipynb's default val_fraction
+    assert reference["n_rows"] == len(data) - n_val and set(reference["features"]) == set(COLUMNS[:-1])
     amount = reference["features"]["amount"]
-    assert amount["kind"] == "numeric" and len(amount["quantiles"]) == 11
-    assert amount["quantiles"] == sorted(amount["quantiles"])
-    assert {"mean", "std", "min", "max", "missing"} <= amount.keys()
+    assert amount["kind"] == "numeric" and sum(amount["counts"]) == reference["n_rows"]  # every training row in one bin
+    assert amount["edges"][0] == "-inf" and amount["edges"][-1] == "inf" and len(amount["edges"]) == len(amount["counts"]) + 1
+    assert amount["min"] >= data["amount"].min() and amount["max"] <= data["amount"].max()
     device = reference["features"]["device"]
-    assert device["kind"] == "categorical"
-    assert sum(device["frequencies"].values()) == pytest.approx(1.0)
+    assert device["kind"] == "categorical" and set(device["categories"]) <= set(data["device"].astype(str))
+    assert sum(device["counts"]) == reference["n_rows"]
     assert reference["features"]["is_foreign"]["kind"] == "categorical"
-    assert len(reference["score"]["quantiles"]) == 11
+    pairs = reference["scores"]
+    assert pairs["n"] == n_val and len(pairs["score"]) == len(pairs["label"]) == n_val  # validation rows, not training rows
+    assert sum(pairs["label"]) == pytest.approx(data["is_fraud"].mean() * n_val, abs=2)  # stratified split
+    assert reference["metrics"]["val_roc_auc"] == pytest.approx(run.data.metrics["val_roc_auc"])
 
 
 def test_evaluate_scores_and_concept_drift_hurts(pipeline):
