@@ -229,7 +229,7 @@ def test_oversized_feedback_is_audited(project):
     "A `/feedback` body over max_body_bytes, declared or streamed, is answered 413 with a rejected record like a prediction's, and no label."
     log_version("labels")
     url = deploy(project, {"name": "labels", "arms": {"main": {"model": "models:/tiny@labels", "weight": 1}},
-                           "limits": {"max_body_bytes": 2000}})
+                           "num_cpus": 0, "limits": {"max_body_bytes": 2000}})  # no CPU reserved: the module's earlier apps hold both
     big = json.dumps([{"request_id": f"r{i}", "label": 1} for i in range(200)]).encode()
     def streamed():  # no content-length: chunked, so the replica finds out only while it reads
         for i in range(0, len(big), 500): yield big[i:i + 500]
@@ -262,7 +262,7 @@ def test_audit_salt_from_the_serve_up_environment(project):
     from ml_prod.settings import load_settings
     salt = secrets.token_hex(16)
     log_version("salted")
-    url = deploy(project, {"name": "salted", "arms": {"main": {"model": "models:/tiny@salted", "weight": 1}},
+    url = deploy(project, {"name": "salted", "arms": {"main": {"model": "models:/tiny@salted", "weight": 1}}, "num_cpus": 0,
                            "audit": {"hash": ["country"]}}, env={"ML_PROD_AUDIT_SALT": salt})
     r = httpx.post(f"{url}/predict", json=RECORD, headers={"x-request-id": "salted-1"}, timeout=30)
     assert r.status_code == 200, r.text
