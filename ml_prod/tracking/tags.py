@@ -21,8 +21,10 @@ __all__ = ['PREFIX', 'ERROR_MAX', 'STEP_ERROR_MAX', 'JOB', 'PROFILE', 'CWD', 'RE
            'METRIC', 'MODE', 'CHALLENGER_SCORE', 'CHAMPION_SCORE', 'CHAMPION_EVALUATION_RUN', 'UNDOES',
            'REGISTERED_MODEL', 'EVENTS_EXPERIMENT', 'STREAM', 'KIND', 'PAYLOAD', 'PAYLOAD_PARTS', 'PAYLOAD_PART_MAX',
            'LEASE_BEAT', 'MONITOR_EXPERIMENT', 'MONITOR_APP', 'MONITOR_START', 'MONITOR_END', 'MONITOR_STATUS',
-           'MONITOR_RESULT', 'MONITOR_MODEL', 'flag', 'clip', 'param_value', 'input_key', 'step_key', 'millis',
-           'prefixed', 'unprefixed', 'seconds', 'payload_key']
+           'MONITOR_RESULT', 'MONITOR_MODEL', 'BATCH_EXPERIMENT', 'BATCH_MODEL', 'BATCH_REQUESTED', 'BATCH_APP',
+           'BATCH_INPUT', 'BATCH_INPUT_SHA256', 'BATCH_OUTPUT', 'BATCH_RESUMES', 'BATCH_ROWS_SCORED',
+           'BATCH_ROWS_REJECTED', 'BATCH_FILES_SCORED', 'BATCH_FILES_SKIPPED', 'BATCH_SECONDS', 'flag', 'clip',
+           'param_value', 'input_key', 'step_key', 'millis', 'prefixed', 'unprefixed', 'seconds', 'payload_key']
 
 # %% ../../nbs/api/12_tracking_tags.ipynb #3f9ac1a3
 PREFIX = "ml_prod."       # the start of every key below; metrics with it are ml_prod's own (left out of a model's metrics)
@@ -175,3 +177,18 @@ MONITOR_END = "ml_prod.monitor.end"            # monitoring run: the end of its 
 MONITOR_STATUS = "ml_prod.monitor.status"      # monitoring run: the verdict, one of healthy, data_drift, integrity, quality_drop, service_degraded, insufficient_data
 MONITOR_RESULT = "ml_prod.monitor.result"      # monitoring run: JSON of the verdict with its reasons, clipped to ERROR_MAX (the whole of it is the artifact monitoring/result.json)
 MONITOR_MODEL = "ml_prod.monitor.model"        # monitoring run: the reference's model version, models:/NAME/VERSION
+
+# %% ../../nbs/api/12_tracking_tags.ipynb #b47c0a02
+BATCH_EXPERIMENT = "ml_prod.batch"                  # the experiment (a name, not a tag) holding the batch scoring runs
+BATCH_MODEL = "ml_prod.batch.model"                 # batch run: the version every row was scored with, models:/NAME/VERSION
+BATCH_REQUESTED = "ml_prod.batch.requested"         # batch run: the model as asked for, models:/NAME@ALIAS or models:/NAME/VERSION
+BATCH_APP = "ml_prod.batch.app"                     # batch run: the application whose steps and decision applied; absent without one
+BATCH_INPUT = "ml_prod.batch.input"                 # batch run: the input folder, an absolute path
+BATCH_INPUT_SHA256 = "ml_prod.batch.input_sha256"   # batch run: sha256 over the input files' relative paths and contents
+BATCH_OUTPUT = "ml_prod.batch.output"               # batch run: the output folder, an absolute path
+BATCH_RESUMES = "ml_prod.batch.resumes"             # batch run: the run id of the interrupted run whose output it completes; absent when it started the output
+BATCH_ROWS_SCORED = "ml_prod.batch.rows_scored"     # metric: rows this run scored and wrote
+BATCH_ROWS_REJECTED = "ml_prod.batch.rows_rejected" # metric: rows this run refused (validation), written to the rejects files
+BATCH_FILES_SCORED = "ml_prod.batch.files_scored"   # metric: input files this run completed
+BATCH_FILES_SKIPPED = "ml_prod.batch.files_skipped" # metric: input files completed by an earlier run of the same output
+BATCH_SECONDS = "ml_prod.batch.seconds"             # metric: wall-clock seconds of the run
