@@ -32,7 +32,7 @@ help:
 	@echo "make readme   render README.md from nbs/index.ipynb"
 	@echo "make tutorial run ml_prod demo in a fresh project and save the executed tutorial with its outputs"
 	@echo "make check    fail if export, normalize or readme would change anything"
-	@echo "make docs     build the docs site into docs/site/ (offline)"
+	@echo "make docs     build the docs site into docs/site/ with Sphinx + myst-nb (offline; any warning fails it)"
 	@echo "make bench    run every benchmark script bench/*.py"
 
 venv: $(VENV)/.installed
@@ -41,10 +41,6 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[lab,example,dev]"
-	@touch $@
-
-$(VENV)/.docs-installed: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e ".[lab,example,dev,docs]"
 	@touch $@
 
 export: venv
@@ -77,7 +73,7 @@ demo: venv
 tutorial: venv
 	$(PY) .ci/tutorial.py
 
-docs: $(VENV)/.docs-installed
+docs: venv
 	$(PY) docs/build.py
 
 bench: venv
