@@ -338,10 +338,11 @@ def build(src: Path, site: Path, jobs: str = "1") -> int:
     _, twins = prepare_sources(src)
     shutil.rmtree(site, ignore_errors=True)
     cmd = [sys.executable, "-m", "sphinx", "-b", "html", "-W", "--keep-going", "-n", "-q", "-j", jobs,
-           "-d", str(src.parent / "doctrees"), str(src), str(site)]
-    rc = subprocess.run(cmd, cwd=src).returncode
+           "-d", str(src.parent / "doctrees"), str(src), str(src.parent / "html")]
+    rc = subprocess.run(cmd, cwd=src).returncode  # myst-nb's jupyter_execute/ lands beside html/, in the temp folder
     if rc == 0:
-        for rel, md in twins.items(): (site / rel).write_text(md, encoding="utf-8")
+        for rel, md in twins.items(): (src.parent / "html" / rel).write_text(md, encoding="utf-8")
+        shutil.copytree(src.parent / "html", site)
     return rc
 
 
