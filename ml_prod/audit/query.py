@@ -8,14 +8,14 @@ Docs: https://ml-prod.github.io/ml_prod/api/audit_query.html.md"""
 from __future__ import annotations
 import time
 from pathlib import Path
-from .writer import AuditError
+from .writer import AUDIT_SCHEMA_VERSION, MAX_TS, AuditError
 from .writer import _root
 from .store import _day, _writer_alive, _conform
 from .store import _apps, _epoch, _read_segments, _partitions, _read_partition, _schema, _dedup, _to_table, _segment_files, _read_segment, _REQUESTS, _FEEDBACK
 import json
 
 # %% auto #0
-__all__ = ['query', 'read_table', 'parse_time', 'read_feedback', 'join_feedback', 'labels_for']
+__all__ = ['query', 'read_table', 'parse_time', 'decode_json', 'read_records', 'read_feedback', 'join_feedback', 'labels_for']
 
 # %% ../../nbs/api/17_audit_query.ipynb #c6dd4530
 def _ids(request_id) -> list[str]|None:
@@ -95,8 +95,139 @@ def read_table(audit_dir,  # folder of the audit log
 def parse_time(field:str,  # the argument's name, for the error message
                value,  # datetime, date, epoch seconds, ISO string or a time relative to now like '-2h', '-30m'; None: no limit
                now:float|None=None) -> float|None:  # what relative times count from (default: now)
-    "A time as `query` takes it, as Unix seconds (None stays None)."
+    "A time as `query` takes it, or epoch seconds written as text (as a command line gives them), as Unix seconds (None stays None)."
+    if isinstance(value, str):
+        try: value = float(value)
+        except ValueError: pass
     return _epoch(field, value, now)
+
+# %% ../../nbs/api/17_audit_query.ipynb #2d003f3b
+_KEY_COLS = ("app", "request_id", "shadow", "arm", "status", "attempt", "ts")
+_ATTEMPT_COLS = ("request_id", "client_request_id", "ts", "app", "arm", "model_name", "model_version", "shadow", "status", "outcome", "latency_ms", "error")
+_RECORD_COLS = ("request_id", "ts", "arm", "model_name", "model_version", "shadow")
+
+def decode_json(col):  # an Arrow string column of JSON text (nulls allowed), an array or chunked
+    "The column's JSON values as one typed Arrow array (one element per row), decoded by Arrow's JSON reader, chunk by chunk."
+    import pyarrow as pa
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    tables = [_read_json(_json_lines(c)) for c in chunks if len(c)]
+    if not tables: return pa.nulls(0)
+    return pa.concat_tables(tables, promote_options="permissive")["v"].combine_chunks()
+
+def _json_lines(col):
+    "The buffer of lines `{\"v\": VALUE}`, one per value of `col` (null for a null), written by one vectorised join."
+    import numpy as np, pyarrow as pa, pyarrow.compute as pc
+    L = pa.large_string()
+    col = pc.fill_null(col.cast(L), pa.scalar("null", L))
+    lines = pc.binary_join_element_wise(pa.scalar('{"v":', L), col, pa.scalar("}\n", L), pa.scalar("", L))
+    off = np.frombuffer(lines.buffers()[1], np.int64)[lines.offset:lines.offset + len(lines) + 1]
+    return lines.buffers()[2][int(off[0]):int(off[-1])]
+
+def _read_json(data, schema=None):
+    "JSON lines `data` (bytes or an Arrow buffer) as an Arrow table: in blocks read in parallel, or in one block if their types disagree."
+    import pyarrow as pa, pyarrow.json as pj
+    opts = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="infer") if schema is not None else None
+    read = lambda block: pj.read_json(pa.BufferReader(data), read_options=pj.ReadOptions(block_size=block), parse_options=opts)
+    try: return read(16 << 20)  # Arrow infers each block's types; a number that is an int in one block and a float in another fails
+    except (pa.ArrowInvalid, pa.ArrowTypeError): return read(max(1 << 20, min(len(data) + 1, 1 << 30)))
+
+# %% ../../nbs/api/17_audit_query.ipynb #28d67f70
+def _scalar_schema():
+    "Every column of a request record but its JSON ones, typed as the log stores them."
+    import pyarrow as pa
+    s = _schema(_REQUESTS)
+    return pa.schema([f for f in s if _REQUESTS.columns[f.name] != "json"])
+
+def _typed_segment(path:Path, live:bool):
+    "A version 2 segment as an Arrow table with `inputs` and `outputs` decoded; None if it needs the careful reader; 'gone' if it vanished."
+    import pyarrow as pa, pyarrow.compute as pc
+    try: data = path.read_bytes()
+    except FileNotFoundError: return "gone"
+    end = data.rfind(b"\n") + 1  # a live writer's line in progress is not read (the careful reader warns about a dead one's)
+    if end < len(data) and not (live and _writer_alive(path)): return None
+    if not data[:end].strip(): return None
+    try: t = _read_json(data[:end], _scalar_schema())
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError): return None
+    if "inputs" not in t.column_names or "outputs" not in t.column_names: return None
+    ok = pc.and_(pc.equal(t["schema_version"], AUDIT_SCHEMA_VERSION), pc.is_valid(t["request_id"]))
+    ok = pc.and_(ok, pc.and_(pc.greater_equal(t["ts"], 0.0), pc.less_equal(t["ts"], MAX_TS)))
+    return t if pc.all(pc.fill_null(ok, False)).as_py() else None
+
+def _window_parts(root:Path, app:str, t0, t1, uncompacted:bool) -> list:
+    "Each file of `app`'s window as a table of the rows that may matter; JSON columns as text (Parquet) or typed (fast segments)."
+    import pyarrow.compute as pc
+    lo, hi = (None if t0 is None else t0 - 86400), (None if t1 is None else t1 + 86400)
+    def keep(t):  # filtering copies every column: only when some row is outside
+        if t.num_rows and (lo is None or pc.min(t["ts"]).as_py() >= lo) and (hi is None or pc.max(t["ts"]).as_py() < hi): return t
+        if lo is not None: t = t.filter(pc.greater_equal(t["ts"], lo))
+        if hi is not None: t = t.filter(pc.less(t["ts"], hi))
+        return t
+    parts = []
+    if uncompacted:
+        for path, is_open in _segment_files(root/app/_REQUESTS.segments):
+            t = _typed_segment(path, is_open)
+            if t is None:
+                recs, _ = _read_segment(path, is_open and _writer_alive(path))
+                t = _to_table(recs, _REQUESTS, path)[0] if recs else None
+            if t is not None and t != "gone": parts.append(keep(t))
+    for d, p in _partitions(root/app/_REQUESTS.parquet).items():
+        if (t0 is None or d >= _day(t0) - 1) and (t1 is None or d <= _day(t1) + 1):
+            try: parts.append(keep(_read_partition(p, stream=_REQUESTS)))
+            except FileNotFoundError: pass  # removed by a compaction meanwhile
+    return parts
+
+# %% ../../nbs/api/17_audit_query.ipynb #d7f89f7e
+def _survivors(parts:list, t0, t1) -> dict[int, object]:
+    "Part number -> indices of its rows that survive deduplication (as `query` deduplicates) and lie in [t0, t1)."
+    import numpy as np, pyarrow as pa, pyarrow.compute as pc
+    if not parts: return {}
+    keys = pa.concat_tables([p.select(list(_KEY_COLS)).append_column("_part", pa.array(np.full(p.num_rows, i, np.int32)))
+                             .append_column("_row", pa.array(np.arange(p.num_rows))) for i, p in enumerate(parts)])
+    t, _ = _dedup(keys, _REQUESTS)
+    if t0 is not None: t = t.filter(pc.greater_equal(t["ts"], t0))
+    if t1 is not None: t = t.filter(pc.less(t["ts"], t1))
+    part, row = t["_part"].to_numpy(), t["_row"].to_numpy()
+    return {i: row[part == i] for i in np.unique(part)}
+
+def _explode(t):
+    "One row per record of the answered rows of `t`: the request's columns repeated, inputs as columns, score and decision."
+    import pyarrow as pa, pyarrow.compute as pc
+    ok = pc.and_(pc.and_(pc.greater_equal(t["status"], 200), pc.less(t["status"], 300)), pc.and_(pc.is_valid(t["inputs"]), pc.is_valid(t["outputs"])))
+    t = t.filter(pc.fill_null(ok, False))
+    if t.num_rows == 0: return None
+    text = lambda c: pa.types.is_string(t[c].type) or pa.types.is_large_string(t[c].type)
+    inputs, outputs = [decode_json(t[c]) if text(c) else t[c].combine_chunks() for c in ("inputs", "outputs")]
+    flat, parent = pc.list_flatten(inputs), pc.list_parent_indices(inputs)
+    cols = {c: pc.take(t[c], parent) for c in _RECORD_COLS}
+    for f in (flat.type if pa.types.is_struct(flat.type) else []): cols[f.name] = flat.field(f.name)
+    scores, decisions = pc.list_flatten(pc.struct_field(outputs, "scores")), pc.list_flatten(pc.struct_field(outputs, "decisions"))
+    if len(scores) != len(flat):
+        raise AuditError(f"the audit log holds {len(scores)} scores for {len(flat)} records: these records are not from an ml_prod endpoint")
+    cols["score"], cols["decision"] = scores.cast(pa.float64()), decisions.cast(pa.string())
+    return pa.table(cols)
+
+def read_records(audit_dir,  # folder of the audit log
+                 app:str,  # the application
+                 start=None,  # first time included, as for `query`
+                 end=None,  # first time excluded, as for `query`
+                 include_uncompacted:bool=True,  # read the segments not yet compacted too
+                ):
+    "(attempts, records) of `app`'s window as Arrow tables: every deduplicated attempt, and one row per scored record."
+    import numpy as np, pyarrow as pa
+    root, now = _root(audit_dir), time.time()
+    t0, t1 = _epoch("start", start, now), _epoch("end", end, now)
+    if t0 is not None and t1 is not None and t1 < t0: raise AuditError(f"end = {end!r} is before start = {start!r}")
+    parts = _window_parts(root, app, t0, t1, include_uncompacted)
+    alive = _survivors(parts, t0, t1)
+    whole = lambda i, rows: len(rows) == parts[i].num_rows and bool((rows == np.arange(len(rows))).all())
+    picked = [parts[i] if whole(i, rows) else parts[i].take(pa.array(rows)) for i, rows in alive.items()]  # no copy of a file kept whole
+    empty = _schema(_REQUESTS).empty_table()
+    attempts = pa.concat_tables([p.select(list(_ATTEMPT_COLS)) for p in picked] or [empty.select(list(_ATTEMPT_COLS))])
+    attempts = attempts.take(pa.compute.sort_indices(attempts, [("ts", "ascending")]))
+    exploded = [x for x in map(_explode, picked) if x is not None]
+    records = pa.concat_tables(exploded, promote_options="permissive") if exploded else None
+    if records is not None: records = records.take(pa.compute.sort_indices(records, [("ts", "ascending")]))
+    return attempts, records
 
 # %% ../../nbs/api/17_audit_query.ipynb #2e639ec6
 def read_feedback(audit_dir,  # folder of the audit log

@@ -127,17 +127,21 @@ def _keys(t, stream):
 
 def _dedup(t, stream):
     "`t` with only the last record of each key, sorted by time; and how many rows were dropped."
-    import pyarrow as pa, pyarrow.compute as pc
+    import numpy as np, pyarrow as pa, pyarrow.compute as pc
     n = t.num_rows
     if n == 0: return t, 0
-    t = t.append_column("_k", _keys(t, stream)).append_column("_n", pa.array(range(n), pa.int64()))
+    # only the key and order columns are sorted; the survivors are taken from `t` once (its JSON text columns are the bulk)
+    cols = {"_k": _keys(t, stream), **{c: t[c] for c in stream.order if c != "_answered"}, "_n": pa.array(np.arange(n))}
     if stream is _REQUESTS:  # an answered record is never replaced by a rejected one (version 1 keys are the client's)
-        t = t.append_column("_answered", pc.fill_null(pc.and_(pc.greater_equal(t["status"], 200), pc.less(t["status"], 300)), False))
-    t = t.sort_by([("_k", "ascending"), *[(c, "ascending") for c in stream.order], ("_n", "ascending")])
-    k = t["_k"].combine_chunks()
-    last = pa.concat_arrays([pc.not_equal(k.slice(0, n - 1), k.slice(1)), pa.array([True])])
-    t = t.filter(last).sort_by([("ts", "ascending"), ("_k", "ascending")])
-    return t.drop_columns([c for c in ("_k", "_n", "_answered") if c in t.column_names]), n - t.num_rows
+        cols["_answered"] = pc.fill_null(pc.and_(pc.greater_equal(t["status"], 200), pc.less(t["status"], 300)), False)
+    k = pa.table(cols)
+    k = k.take(pc.sort_indices(k, [("_k", "ascending"), *[(c, "ascending") for c in stream.order], ("_n", "ascending")]))
+    key = k["_k"].combine_chunks()
+    last = pa.concat_arrays([pc.not_equal(key.slice(0, n - 1), key.slice(1)), pa.array([True])])
+    k = k.filter(last)
+    keep = k["_n"].take(pc.sort_indices(pa.table({"ts": t["ts"].take(k["_n"]), "_k": k["_k"]}), [("ts", "ascending"), ("_k", "ascending")]))
+    if len(keep) == n and bool(pc.all(pc.equal(keep, pa.array(np.arange(n)))).as_py()): return t, 0  # unique and in order already: no copy
+    return t.take(keep), n - len(keep)
 
 # %% ../../nbs/api/16_audit_store.ipynb #a0b54370
 def _day(ts:float) -> int: return int(ts // 86400)
