@@ -256,7 +256,7 @@ def _slices(frame, slice_by) -> list[tuple[str, object]]:
     if slice_by and len(frame):
         for key, rows in frame.groupby(list(slice_by), dropna=False, sort=True):
             key = key if isinstance(key, tuple) else (key,)
-            out.append((",".join(f"{c}={k}" for c, k in zip(slice_by, key)), rows))
+            out.append(("/".join(f"{c}={k}" for c, k in zip(slice_by, key)), rows))  # named as monitoring.quality names its slices
     return out
 
 def prediction_rows(frame, # the window with a score column (and the slice columns)
