@@ -19,6 +19,8 @@ _PUBLIC = {  # name -> (module, attribute)
     "register": ("models.registry", "register"), "set_alias": ("models.registry", "set_alias"), "promote": ("models.promote", "promote"),
     # serving and its audit log
     "load_spec": ("serving.spec", "load_spec"), "deploy": ("serving.control", "deploy"), "audit_query": ("audit.query", "query"),
+    # monitoring (a training notebook logs the reference: ml_prod.monitoring.profile.log_profile)
+    "monitor": ("monitoring.job", "monitor"),
 }
 __all__ = ["report", *_PUBLIC]
 

@@ -17,7 +17,7 @@ def test_dir_lists_the_public_names_only():
 
 def test_each_capability_has_an_entry_point():
     for name in ("run_notebook", "submit_notebook", "run_pipeline", "tune_notebook", "register", "promote",
-                 "deploy", "audit_query", "report", "load_settings"):
+                 "deploy", "audit_query", "monitor", "report", "load_settings"):
         assert name in ml_prod.__all__, name
 
 
