@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 
 # %% auto #0
-__all__ = ['SETTINGS_FILE', 'DEFAULT_PROFILE', 'NBDEV_KEYS', 'Settings', 'setting_keys', 'foreign_settings', 'find_settings_file',
-           'ResolvedSettings', 'load_settings', 'settings_table']
+__all__ = ['SETTINGS_FILE', 'DEFAULT_PROFILE', 'NBDEV_KEYS', 'CREDENTIALS_FORMAT', 'Settings', 'setting_keys', 'foreign_settings',
+           'find_settings_file', 'ResolvedSettings', 'load_settings', 'read_tracking_credentials', 'settings_table']
 
 # %% ../nbs/api/01_settings.ipynb #d726c9b7
 class Settings(BaseModel):
@@ -37,6 +37,7 @@ class Settings(BaseModel):
     serve_api_key_env: str = Field("ML_PROD_API_KEY", description="Environment variable holding the serving API key(s), comma separated")
     serve_api_key_file: str = Field("", description="File holding the serving API key(s), one a line (read if set)")
     audit_dir: str = Field("{state_dir}/audit", description="Folder (or URI) of the prediction audit log")
+    replica_tracking_credentials: str = Field("", description="File on every node (mode 0600) with the tracking user of serving replicas, one line `user:password` (empty: the node's user)")
 
     @field_validator("tracking_uri", "artifact_location", "audit_dir")
     @classmethod
@@ -126,7 +127,7 @@ def _resolve_paths(raw:dict, project_dir:Path) -> dict:
     out = dict(raw)
     state = Path(_absolute(_fill(str(out.get("state_dir", Settings.model_fields["state_dir"].default)), project_dir, project_dir), project_dir))
     out["state_dir"] = str(state)
-    for k in ("tracking_uri", "registry_uri", "artifact_location", "outputs_dir", "audit_dir", "serve_api_key_file"):
+    for k in ("tracking_uri", "registry_uri", "artifact_location", "outputs_dir", "audit_dir", "serve_api_key_file", "replica_tracking_credentials"):
         v = str(out.get(k, Settings.model_fields[k].default))
         v = _fill(v, project_dir, state)
         out[k] = v if k in ("tracking_uri", "registry_uri") else _absolute(v, project_dir)
@@ -167,6 +168,13 @@ def _check_audit_dir(s:ResolvedSettings):
             else "a folder (e.g. audit_dir = {state_dir}/audit, the default)")
     raise ConfigError(f"audit_dir = {v!r} ({s.sources.get('audit_dir')}): the audit log is files that each serving replica writes, "
                       f"so it must be a folder, not a URI (object stores and mlflow-artifacts: are not supported). Set it to {hint}.")
+
+def _check_replica_credentials(s:ResolvedSettings):
+    "Refuse a `replica_tracking_credentials` that is not a file's path: each replica reads it on its own node."
+    v = s.replica_tracking_credentials
+    if not v or (Path(v).is_absolute() and "://" not in v): return
+    raise ConfigError(f"replica_tracking_credentials = {v!r} ({s.sources.get('replica_tracking_credentials')}): it must be the path of a file "
+                      "that every node has (e.g. /etc/ml_prod/replica_credentials, mode 0600, one line `user:password`), not a URI.")
 
 def _on_this_machine(s:ResolvedSettings) -> bool:
     "Whether every node of the profile's Ray is this machine (a Ray address on loopback)."
@@ -228,8 +236,40 @@ def load_settings(profile:str|None=None, # profile name; default: $ML_PROD_PROFI
     try: s = ResolvedSettings(**resolved, profile=profile, project_dir=project_dir, sources=sources, notes=notes)
     except ValidationError as e: raise _format_validation_error(e, sources, raw) from None
     _check_audit_dir(s)
+    _check_replica_credentials(s)
     _check_shared_storage(s)
     return s
+
+# %% ../nbs/api/01_settings.ipynb #2fd6a811
+import stat
+
+CREDENTIALS_FORMAT = "one line `user:password` (the user's name, a colon, its password)"
+
+def _credentials_problem(lines:list[str]) -> str|None:
+    "What is wrong with the non-empty lines of a credentials file, without quoting them (they hold a password), or None."
+    if len(lines) != 1: return f"it has {len(lines)} non-empty lines"
+    user, sep, password = lines[0].partition(":")
+    if not sep: return "its line has no colon"
+    if not user.strip() or any(c.isspace() for c in user): return "the user's name before the colon is empty or holds spaces"
+    if not password: return "the password after the colon is empty"
+    return None
+
+# %% ../nbs/api/01_settings.ipynb #5ee3dc72
+def read_tracking_credentials(path:str|Path, # the file `replica_tracking_credentials` names
+                             ) -> tuple[str, str]:
+    "(user, password) from an owner-only file holding one line `user:password`; `ConfigError` naming the file and the problem."
+    p, what = Path(path), f"replica_tracking_credentials = {str(path)!r}"
+    todo = f"Write the read-only tracking user into it as {CREDENTIALS_FORMAT}, on every node, and `chmod 600 {p}`."
+    try: st = p.stat()
+    except OSError as e: raise ConfigError(f"{what}: cannot read it ({e.strerror}). {todo}") from None
+    if not stat.S_ISREG(st.st_mode): raise ConfigError(f"{what} is not a file. {todo}")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise ConfigError(f"{what} has mode {stat.S_IMODE(st.st_mode):04o}: its group or others can read the password. Run `chmod 600 {p}`.")
+    try: lines = [l.strip() for l in p.read_text().splitlines() if l.strip()]
+    except (OSError, UnicodeDecodeError) as e: raise ConfigError(f"{what}: cannot read it ({type(e).__name__}). {todo}") from None
+    if problem := _credentials_problem(lines): raise ConfigError(f"{what} is malformed: {problem}; it must hold {CREDENTIALS_FORMAT}. {todo}")
+    user, _, password = lines[0].partition(":")
+    return user.strip(), password
 
 # %% ../nbs/api/01_settings.ipynb #d453533d
 def settings_table(s:ResolvedSettings) -> list[tuple[str, str, str]]:

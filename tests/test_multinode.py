@@ -6,7 +6,8 @@ One module-scoped fixture starts, all on this machine and on free ports (Ray is 
 * a PostgreSQL server of its own (Debian's `postgresql` package: `.ci/run` installs it; `initdb` in a
   tmp folder, password authentication, 127.0.0.1 only), holding MLflow's store and its users;
 * an MLflow tracking server (`--serve-artifacts`) behind MLflow's basic-auth app, on that PostgreSQL:
-  every call needs a user; `ml_prod` (jobs, the CLI) can write, `replica` only reads;
+  every call needs a user; `ml_prod` (jobs, the CLI) can write, `replica` only reads (serving replicas
+  call it as `replica`, from the profile's `replica_tracking_credentials` file);
 * a Ray head (1 CPU, no custom resources) and a Ray worker node (1 CPU, resource `trainer`), both
   started with `ray start` and Ray's token authentication (`RAY_AUTH_MODE=token`), in a dedicated
   `--temp-dir`;
@@ -233,11 +234,11 @@ def auth_config(path: Path, pg: Postgres, admin_password: str) -> Path:
     return path
 
 
-def api(url: str, path: str, user: str | None = None, password: str = "", data: dict | None = None) -> tuple[int, str]:
+def api(url: str, path: str, user: str | None = None, password: str = "", data: dict | None = None, method: str | None = None) -> tuple[int, str]:
     "Status and body of one call of the tracking server's REST API, as `user` (or anonymous)."
     import base64
     req = urllib.request.Request(url + path, data=json.dumps(data).encode() if data is not None else None,
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json"}, method=method)
     if user: req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
     try:
         with urllib.request.urlopen(req, timeout=30) as r: return r.status, r.read().decode()
@@ -251,7 +252,15 @@ def create_user(url: str, admin_password: str, user: str, password: str):
 
 # ---- the cluster ---------------------------------------------------------------------------------------
 
-def cluster_profile(ray_address: str, tracking_uri: str, tmp: Path, shared: bool = True, serve_port: int | None = None) -> str:
+def write_credentials(path: Path, user: str, password: str) -> Path:
+    "The replicas' tracking credentials file: one line `user:password`, owner-only."
+    path.write_text(f"{user}:{password}\n")
+    path.chmod(0o600)
+    return path
+
+
+def cluster_profile(ray_address: str, tracking_uri: str, tmp: Path, shared: bool = True, serve_port: int | None = None,
+                    replica_credentials: Path | None = None) -> str:
     "settings.ini text with the multi-node `[cluster]` profile."
     text = textwrap.dedent(f"""\
         [DEFAULT]
@@ -265,6 +274,7 @@ def cluster_profile(ray_address: str, tracking_uri: str, tmp: Path, shared: bool
         state_dir = {tmp}/.ml_prod
         """)
     if serve_port: text += f"serve_port = {serve_port}\n"
+    if replica_credentials: text += f"replica_tracking_credentials = {replica_credentials}\n"
     if shared: text += textwrap.dedent("""\
         # Both nodes run on this one machine, so the local audit_dir, state_dir and outputs_dir
         # are on storage every node sees; a real multi-node cluster would need a shared mount.
@@ -394,8 +404,11 @@ def cluster(tmp_path_factory):
 
         # 3. the multi-node profile
         settings = tmp / "settings.ini"
-        settings.write_text(cluster_profile(gcs_address, tracking_uri, tmp, serve_port=free_ports(1)[0]))
-        yield dict(tmp=tmp, settings=settings, tracking_uri=tracking_uri, artifacts=tmp / "mlartifacts", env=env, passwords=passwords, postgres=pg)
+        # (replicas call the tracking server as the read-only user of this file; jobs and the CLI stay the operator)
+        replica_credentials = write_credentials(tmp / "replica_credentials", READER, passwords[READER])
+        settings.write_text(cluster_profile(gcs_address, tracking_uri, tmp, serve_port=free_ports(1)[0], replica_credentials=replica_credentials))
+        yield dict(tmp=tmp, settings=settings, tracking_uri=tracking_uri, artifacts=tmp / "mlartifacts", env=env, passwords=passwords, postgres=pg,
+                   replica_credentials=replica_credentials, ray_temp_dirs=list(started.temp_dirs))
     finally:
         # 5. stop only what we started (never `ray stop`: it stops every Ray on the machine)
         started.stop_mlflow(wait=False)  # it takes a few seconds to shut down: meanwhile, Ray
@@ -484,22 +497,36 @@ print("VERSION", register(s, run.info.run_id, "tiny", alias="champion"))
 '''
 
 
-def test_serving_on_two_nodes_audits_to_shared_storage(cluster):
+def cli(cluster):
+    "`ml_prod ... --profile cluster` in the test's folder, as the operator (the nodes' environment); asserts it succeeds unless check=False."
+    env = {k: v for k, v in cluster["env"].items() if k != "RAY_AUTH_MODE"}  # ml_prod sets it
+    def ml_prod(*args, check=True):
+        r = subprocess.run([str(BIN / "ml_prod"), *args, "--profile", "cluster"], cwd=cluster["tmp"], env=env, capture_output=True, text=True, timeout=300)
+        assert not check or r.returncode == 0, f"ml_prod {' '.join(args)} exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        return r
+    return ml_prod
+
+
+@pytest.fixture(scope="module")
+def tiny(cluster):
+    "The tiny serving model, logged by the operator and registered as tiny@champion (version 1)."
+    tmp = cluster["tmp"]
+    env = {k: v for k, v in cluster["env"].items() if k != "RAY_AUTH_MODE"}
+    (tmp / "register.py").write_text(REGISTER)
+    r = subprocess.run([sys.executable, str(tmp / "register.py"), str(cluster["settings"]), str(Path(__file__).parent / "tiny_model.py")],
+                       cwd=tmp, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0 and "VERSION 1" in r.stdout, r.stderr[-3000:]
+    return "models:/tiny@champion"
+
+
+def test_serving_on_two_nodes_audits_to_shared_storage(cluster, tiny):
     "Two replicas, one on each node, answer over HTTP; every answer has its audit record in the profile's shared audit_dir."
     import httpx
     import yaml
     from ml_prod.audit.store import compact
     from ml_prod.audit.query import query
     tmp = cluster["tmp"]
-    env = {k: v for k, v in cluster["env"].items() if k != "RAY_AUTH_MODE"}  # ml_prod sets it
-    def ml_prod(*args, check=True):
-        r = subprocess.run([str(BIN / "ml_prod"), *args, "--profile", "cluster"], cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
-        assert not check or r.returncode == 0, f"ml_prod {' '.join(args)} exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-        return r
-    (tmp / "register.py").write_text(REGISTER)
-    r = subprocess.run([sys.executable, str(tmp / "register.py"), str(cluster["settings"]), str(Path(__file__).parent / "tiny_model.py")],
-                       cwd=tmp, env=env, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0 and "VERSION 1" in r.stdout, r.stderr[-3000:]
+    ml_prod = cli(cluster)
 
     # 1 CPU a replica on nodes of 1 CPU each: one replica lands on each node
     spec = {"applications": [{"name": "mn", "arms": {"main": {"model": "models:/tiny@champion", "weight": 1}}, "replicas": 2, "num_cpus": 1}]}
@@ -537,6 +564,112 @@ def test_serving_on_two_nodes_audits_to_shared_storage(cluster):
         assert set(df[df.request_id.isin(answered)].replica) == {x["id"] for x in reps}
     finally:
         ml_prod("serve", "down", check=False)
+
+
+# Runs in its own Python process: Ray Serve's own details of what is deployed (its controller's copy of each app's config).
+SERVE_DETAILS = '''
+import json, sys
+from ml_prod.settings import load_settings
+from ml_prod.serving.control import serve_client
+s = load_settings("cluster", path=sys.argv[1], env={})
+import ray.serve.context
+serve_client(s, start=False)
+print("DETAILS " + json.dumps(ray.serve.context._global_client.get_serve_details(), default=str))
+'''
+
+
+def files_holding(needles: list[str], folders: list[Path], skip: set[Path]) -> list[str]:
+    "Files under `folders` (but not `skip`) whose bytes contain one of `needles`."
+    found = []
+    for folder in folders:
+        for f in Path(folder).rglob("*"):
+            try:
+                if f in skip or not f.is_file() or f.stat().st_size > 200 * 1024**2: continue
+                data = f.read_bytes()
+            except OSError: continue
+            if any(n.encode() in data for n in needles): found.append(str(f))
+    return found
+
+
+def wait_for(what: str, probe, timeout: float = 180, every: float = 2):
+    "The first truthy result of `probe()`, polled every `every` s; fails after `timeout` s with the last result."
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        if last := probe(): return last
+        time.sleep(every)
+    pytest.fail(f"{what}: not within {timeout} s")
+
+
+def test_replicas_read_the_registry_as_the_read_only_user(cluster, tiny):
+    """Replicas call the tracking server as `replica`, the user of the profile's replica_tracking_credentials file, not as the
+    operator their nodes run as: once `replica`'s password changes on the server, a replica started afterwards cannot load its
+    model with the old file (the server answers 401), and it can once the file holds the new password. No password of the
+    file is in Ray's config of the app, `serve status`, the tracking store (the served history), Ray's logs or the audit log."""
+    import httpx
+    import yaml
+    tmp, url, pw, creds = cluster["tmp"], cluster["tracking_uri"], cluster["passwords"], cluster["replica_credentials"]
+    ml_prod = cli(cluster)
+    env = {k: v for k, v in cluster["env"].items() if k != "RAY_AUTH_MODE"}
+    spec = {"applications": [{"name": "ro", "arms": {"main": {"model": tiny, "weight": 1}}, "replicas": 1, "num_cpus": 1}]}
+    (tmp / "ro.yaml").write_text(yaml.safe_dump(spec))
+    status = lambda: json.loads(ml_prod("serve", "status", "--json").stdout)[0]
+    def predict(st) -> int:
+        try:
+            with httpx.Client(base_url=st["url"], timeout=30) as c: return c.post("/predict", json={"amount": 250.0, "country": "US"}).status_code
+        except httpx.HTTPError: return 0
+    def details() -> str:
+        r = subprocess.run([sys.executable, "-c", SERVE_DETAILS, str(cluster["settings"])], cwd=tmp, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout.split("DETAILS ", 1)[1]
+    ml_prod("serve", "up", "ro.yaml")
+    new_password = uuid.uuid4().hex
+    try:
+        st = status()
+        (first,) = [x for x in st["replicas"] if x["state"] == "RUNNING"]
+        assert predict(st) == 200
+        # Ray's copy of the app's config names the file, and holds no password
+        raw = details()
+        app_args = json.loads(raw)["applications"]["ro"]["deployed_app_config"]["args"]
+        assert app_args["settings"]["tracking_credentials_file"] == str(creds), app_args["settings"]
+        assert pw[READER] not in raw and pw[OPERATOR] not in raw
+
+        # the server changes `replica`'s password (as admin); the replica running keeps its model, the file still has the old one
+        status_code, body = api(url, "/api/2.0/mlflow/users/update-password", "admin", pw["admin"],
+                                {"username": READER, "password": new_password}, method="PATCH")
+        assert status_code == 200, (status_code, body[:300])
+        assert api(url, "/api/2.0/mlflow/registered-models/get?name=tiny", READER, pw[READER])[0] == 401
+        assert api(url, "/api/2.0/mlflow/registered-models/get?name=tiny", READER, new_password)[0] == 200
+        # a replica started now (Serve replaces the one killed) is refused by the server: it called it as `replica`,
+        # although its node's environment holds the operator's user, whose password still works
+        psutil.Process(first["pid"]).kill()
+        def refused():  # Ray's message of the deployment: why its replica failed to start
+            dep = json.loads(details())["applications"]["ro"]["deployments"]["Endpoint"]
+            return dep if "401" in dep["message"] and not [x for x in dep["replicas"] if x["state"] == "RUNNING"] else None
+        dep = wait_for("a replacement replica refused by the tracking server", refused, every=1)
+        assert "cannot load models:/tiny/1" in dep["message"], dep["message"][:2000]
+        assert predict(st) != 200
+
+        # with the new password in the file, Serve's next try starts a replica that serves again
+        write_credentials(creds, READER, new_password)
+        def serving():
+            s = status()
+            running = [x for x in s["replicas"] if x["state"] == "RUNNING" and x["id"] != first["id"]]
+            return s if running and predict(s) == 200 else None
+        wait_for("a replacement replica with the new password", serving, timeout=240)
+
+        # neither password is anywhere the deployment left anything: status, the tracking store, artifacts, Ray's logs, the audit log
+        needles = [pw[READER], new_password]
+        assert not any(n in ml_prod("serve", "status", "--json").stdout for n in needles)
+        dump = subprocess.run([str(cluster["postgres"].bin / "pg_dump"), "-h", "127.0.0.1", "-p", str(cluster["postgres"].port), "-U", "postgres", "mlflow"],
+                              env={**os.environ, "PGPASSWORD": cluster["postgres"].password}, capture_output=True, text=True, timeout=120)
+        assert dump.returncode == 0 and "serving/ro" in dump.stdout, dump.stderr[-2000:]  # the served history is in it
+        assert not any(n in dump.stdout for n in needles)
+        hits = files_holding(needles, [tmp, *map(Path, cluster["ray_temp_dirs"])], skip={creds})
+        assert not hits, hits
+    finally:
+        ml_prod("serve", "down", check=False)
+        write_credentials(creds, READER, pw[READER])
+        api(url, "/api/2.0/mlflow/users/update-password", "admin", pw["admin"], {"username": READER, "password": pw[READER]}, method="PATCH")
 
 
 def test_tracking_server_needs_a_user_and_the_reader_cannot_write(cluster, job):

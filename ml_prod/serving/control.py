@@ -22,7 +22,7 @@ from .replica import SALT_ENV, is_loopback, key_digest, new_salt, read_api_keys
 from ..runtime import _compat  # Ray's private parts; loads no Ray until a hook runs
 
 # %% ../../nbs/api/55_serving_control.ipynb #0e934b21
-from ..settings import ResolvedSettings, load_settings
+from ..settings import ResolvedSettings, load_settings, read_tracking_credentials
 from .spec import SERVE_ENV, ServeSpec, build_config, load_spec, pin_arm
 
 class ServingError(MlProdError):
@@ -90,12 +90,20 @@ def _salt_file(s:ResolvedSettings) -> tuple[str, bool]:
         return str(_owner_only(Path(s.state_dir)/f"audit_salt.{tag}", salt)), True
     return str(_owner_only(Path(s.state_dir)/"audit_salt", os.urandom(32).hex())), False
 
+def _credentials_file(s:ResolvedSettings) -> dict:
+    """The replicas' tracking user as the path of its file (`replica_tracking_credentials`), never its content; the file is checked
+    here where this machine has it (always on a single-node profile), else by each replica on its node."""
+    f = s.replica_tracking_credentials
+    if not f: return {}
+    if Path(f).exists() or not s.is_multi_node: read_tracking_credentials(f)
+    return dict(tracking_credentials_file=f)
+
 def replica_settings(s:ResolvedSettings) -> dict:
-    """What replicas need to reach MLflow and the audit log: the audit salt as a file's path, never its value (the embedded profile;
-    on a multi-node cluster every node's environment holds $ML_PROD_AUDIT_SALT)."""
+    """What replicas need to reach MLflow and the audit log: the audit salt and the replicas' tracking user as files' paths, never their
+    values (the salt on the embedded profile; on a multi-node cluster every node's environment holds $ML_PROD_AUDIT_SALT)."""
     salt_file, given = _salt_file(s)
     return dict(tracking_uri=s.tracking_uri, registry_uri=s.registry_uri or s.tracking_uri, audit_dir=str(s.audit_dir),
-                audit_salt_file=salt_file, **({"audit_salt_given": True} if given else {}))
+                audit_salt_file=salt_file, **({"audit_salt_given": True} if given else {}), **_credentials_file(s))
 
 def build(spec:ServeSpec, # the serving spec
           s:ResolvedSettings|None=None, # settings (default: the active profile)
