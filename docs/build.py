@@ -213,41 +213,41 @@ def _mod_summary(m: str) -> str:
 
 
 def _click_type(p) -> str:
-    import click
-    if isinstance(p, click.Option) and p.is_flag: return "flag"
-    return getattr(p.type, "name", str(p.type)).lower()
+    if getattr(p, "is_flag", False): return "flag"
+    return str(getattr(getattr(p, "type", None), "name", "") or "value").lower()
 
 
 def cli_md() -> str:
     "Every command of the Typer app: usage, help and each argument and option, from click's own objects."
-    import click, typer
+    import typer  # typer may carry its own click: the objects are read by their attributes, not their classes
     from ml_prod.cli.main import app
     root = typer.main.get_command(app)
     out = ["# The `ml_prod` command", "", "Generated from the Typer app (`ml_prod.cli.main.app`) at build time; "
            "`ml_prod COMMAND --help` prints the same.", ""]
 
     def walk(cmd, path: list[str], ctx_parent=None):
-        ctx = click.Context(cmd, info_name=path[-1], parent=ctx_parent)
+        ctx = cmd.context_class(cmd, info_name=path[-1], parent=ctx_parent)
         if len(path) > 1:
             out.extend([f"{'#' * min(len(path), 4)} `{' '.join(path)}`", ""])
             if cmd.help: out.extend([inspect.cleandoc(cmd.help).replace("\b\n", ""), ""])
             out.extend(["```text", " ".join(path) + " " + " ".join(cmd.collect_usage_pieces(ctx)), "```", ""])
             for p in cmd.params:
                 if getattr(p, "hidden", False) or p.name == "help": continue
-                if isinstance(p, click.Argument):
-                    out.append(f"- `{p.human_readable_name}` (argument, {_click_type(p)}{', required' if p.required else ''})")
+                if p.param_type_name == "argument":
+                    out.append(f"- `{(getattr(p, 'metavar', None) or p.name.upper())}` (argument, {_click_type(p)}{', required' if getattr(p, 'required', False) else ''}): {(getattr(p, 'help', '') or '').strip()}")
                 else:
-                    names = " / ".join(p.opts + p.secondary_opts)
-                    dflt = "" if p.default in (None, False, ()) or callable(p.default) else f", default `{p.default}`"
-                    out.append(f"- `{names}` ({_click_type(p)}{dflt}): {(p.help or '').strip()}")
+                    names = " / ".join([*getattr(p, "opts", []), *getattr(p, "secondary_opts", [])]) or p.name
+                    d = getattr(p, "default", None)
+                    dflt = "" if d in (None, False, ()) or callable(d) else f", default `{d}`"
+                    out.append(f"- `{names}` ({_click_type(p)}{dflt}): {(getattr(p, 'help', '') or '').strip()}")
             out.append("")
-        if isinstance(cmd, click.Group):
+        if hasattr(cmd, "list_commands"):
             for name in cmd.list_commands(ctx):
                 sub = cmd.get_command(ctx, name)
                 if sub is not None and not sub.hidden: walk(sub, path + [name], ctx)
 
     walk(root, ["ml_prod"])
-    return "\n".join(out).replace("[", "\\[").replace("]", "\\]") + "\n"
+    return "\n".join(out) + "\n"
 
 
 def _type(t) -> str:
