@@ -63,7 +63,7 @@ check: venv
 	.ci/check
 
 test: venv
-	$(BIN)/nbdev-test $(NBDEV_TEST_FLAGS)
+	$(PY) .ci/nbtest.py $(NBDEV_TEST_FLAGS)
 	@$(PY) .ci/cells.py $(NBDEV_TEST_FLAGS)
 	$(PY) -m pytest tests $(PYTEST_ARGS) --durations=20
 
