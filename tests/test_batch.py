@@ -105,19 +105,26 @@ def test_batch_gives_the_endpoints_answers(project, cluster, tmp_path):
 
 def test_killed_run_resumes_without_duplicates_or_mixing(project, cluster, tmp_path):
     "Killed after its first output file, moved alias in between: refused, then finished with the first version; every row once."
-    first = log_version("batch-resume", delay=0.5)  # 0.5 s a model call: a few seconds a file
+    hold = tmp_path / "hold"; hold.touch()  # the model waits on the rows of the third file on while this exists
+    first = log_version("batch-resume", hold_file=str(hold), hold_country="HOLD")
     inp = tmp_path / "in"; inp.mkdir()
     n_files, per_file = 6, 200
-    for i in range(n_files): rows(per_file, seed=10 + i, start=i * per_file).to_parquet(inp / f"f{i}.parquet")
+    for i in range(n_files):
+        r = rows(per_file, seed=10 + i, start=i * per_file)
+        if i >= 2: r["country"] = "HOLD"
+        r.to_parquet(inp / f"f{i}.parquet")
     out = tmp_path / "out"
     args = ["--model", "tiny@batch-resume", "--input", str(inp), "--output", str(out), "--cpus", "0.5", "--actors", "1", "--batch-size", "50"]
     p = subprocess.Popen([*BATCH, *args], env=batch_env(project), cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 240
-    while time.time() < deadline and p.poll() is None and not list(out.glob("f*.parquet")): time.sleep(0.05)
+    while time.time() < deadline and p.poll() is None and not (out / "f0.parquet").exists(): time.sleep(0.05)
     assert p.poll() is None, p.communicate()[1][-3000:]
+    time.sleep(2)  # held on the third file: nothing more completes
     os.killpg(p.pid, signal.SIGKILL); p.wait()
+    hold.unlink()
     done_before = sorted(f.name for f in out.glob("f*.parquet"))
-    assert 1 <= len(done_before) < n_files, done_before
+    # the first file's scores survive the kill; the second's may (Ray Data hands a task's output on when its actor starts the next)
+    assert done_before in (["f0.parquet"], ["f0.parquet", "f1.parquet"]), done_before
     assert not json.loads((out / "_batch.json").read_text())["finished"]
 
     second = log_version("batch-resume")  # the alias moves while the run is down

@@ -3,7 +3,9 @@ load it without importing the tests. Its `model_config` makes it different (`off
 seconds per call, `load_delay` seconds to load, except in the process `logged_by`) or broken (fails to score: always with `broken`, only
 inside a Ray Serve replica with `broken_in_replica`, like a model whose dependency the cluster's nodes
 lack). With `pid_file` every load appends "PID PARENT_PID" to that file; with `calls_file` every
-predict call appends the number of rows it scored."""
+predict call appends the number of rows it scored. With `hold_file` and `hold_country` a call holding a row of that
+country waits while that file exists (a run stopped at a known row, whatever the batching). With `nodes_file` every predict call
+appends the Ray node id of the process that made it."""
 import os
 import time
 
@@ -33,9 +35,14 @@ class Tiny(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None):
         if self.cfg.get("calls_file"): _append(self.cfg["calls_file"], str(len(model_input)))
+        if self.cfg.get("nodes_file"):
+            import ray
+            _append(self.cfg["nodes_file"], ray.get_runtime_context().get_node_id())
         if self.cfg.get("broken"): raise ValueError("weights are corrupt")
         if self.cfg.get("broken_in_replica") and _in_replica(): raise ImportError("a dependency this model needs is missing on the cluster's nodes")
         time.sleep(self.cfg.get("delay", 0.0))
+        if self.cfg.get("hold_file") and (model_input["country"] == self.cfg["hold_country"]).any():
+            while os.path.exists(self.cfg["hold_file"]): time.sleep(0.05)
         x = model_input["amount"].to_numpy(dtype=float)
         return pd.DataFrame({"score": (1 / (1 + np.exp(-(x / 100 - 1)))) * (1 - self.cfg.get("offset", 0.0))})
 

@@ -16,7 +16,7 @@ from ..tracking import tags as keys
 __all__ = ['RESERVED', 'MANIFEST', 'REJECTS', 'BatchInputError', 'model_uri', 'input_files', 'row_counts', 'check_schema',
            'validator', 'decide', 'score_rows', 'Plan', 'load_app', 'app_model', 'app_steps', 'pin', 'signature',
            'make_plan', 'read_manifest', 'check_resume', 'out_path', 'write_manifest', 'Scorer', 'FileSink', 'pa_range',
-           'BatchResult', 'fingerprint', 'score_batch']
+           'BatchResult', 'fingerprint', 'read_files', 'score_batch']
 
 # %% ../../nbs/api/65_batch_score.ipynb #f9920a01
 class BatchInputError(MlProdError):
@@ -380,28 +380,35 @@ def _close_run(s, run_id:str, r:BatchResult, status:str="FINISHED"):
     c.set_terminated(run_id, status)
 
 # %% ../../nbs/api/65_batch_score.ipynb #3a308e2a
+def read_files(batch:dict, # a Ray Data batch: one input file's `path`
+               rows:int=4096, # rows a read holds at once
+              ):
+    "Each file of `batch` as Arrow tables of `rows` rows with its `path`: one Ray Data block per file, read in bounded pieces."
+    import pyarrow as pa, pyarrow.parquet as pq
+    for p in batch["path"]:
+        for rb in pq.ParquetFile(str(p)).iter_batches(batch_size=rows):
+            t = pa.Table.from_batches([rb])
+            yield t.append_column("path", pa.array([str(p)] * t.num_rows, pa.string()))
+
 def _stream(plan:Plan, todo:list[Path], sink:FileSink, s, num_cpus:float, actors:int|None, batch_size:int):
-    "Score the files `todo` on Ray Data into `sink`."
+    """Score the files `todo` on Ray Data into `sink`. One read task per file (Ray's `read_parquet` packs small files into one
+    block, so a killed run would lose every file's scores), scored in input order, so files complete one after the other."""
     import ray
+    import pyarrow.compute as pc
     from ml_prod.runtime.cluster import connect
     connect(s)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # files arrive one after the other: few open at once, rows in input order
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     n = actors or max(1, int(ray.cluster_resources().get("CPU", 1) // max(num_cpus, 0.01)))
-    ds = ray.data.read_parquet([str(f) for f in todo], include_paths=True, num_cpus=min(num_cpus, 0.25) or 0.25)
+    ds = ray.data.from_items([{"path": str(f)} for f in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(read_files, fn_kwargs=dict(rows=batch_size), batch_size=1, batch_format="pyarrow", num_cpus=min(num_cpus, 0.25) or 0.25)
     ds = ds.map_batches(Scorer, fn_constructor_args=(asdict(plan), (s.tracking_uri, s.registry_uri or s.tracking_uri)),
                         batch_format="pyarrow", batch_size=batch_size, num_cpus=num_cpus,
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(n, len(todo) * 64)))
     by_path = {str(f): f for f in todo}
-    import pyarrow.compute as pc
     for t in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for p in pc.unique(t.column("path")).to_pylist():
             part = t.filter(pc.equal(t.column("path"), p)) if len(by_path) > 1 else t
-            sink.add(by_path[_local(p, by_path)], part.drop_columns(["path"]))
-
-def _local(p:str, by_path:dict) -> str:
-    "The input file named `p` by Ray Data (which may drop or add a `file://`)."
-    return p if p in by_path else str(Path("/" + p.removeprefix("file://").lstrip("/")))
+            sink.add(by_path[p], part.drop_columns(["path"]))
 
 # %% ../../nbs/api/65_batch_score.ipynb #91df3daa
 def score_batch(model:str|None, # NAME@ALIAS or NAME/VERSION (models:/ optional); None: the application's arm
