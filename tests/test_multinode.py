@@ -480,20 +480,21 @@ def test_artifacts_go_through_the_proxy(cluster, job):
     assert (stored / "provenance" / "on_worker.ipynb").is_file()
 
 
-# Runs in its own Python process: logs the tiny serving model to the tracking server and registers it as tiny@champion.
+# Runs in its own Python process: logs the tiny serving model (with the model_config of its third argument, JSON) to the
+# tracking server and registers it as tiny@ALIAS (its fourth argument, default champion).
 REGISTER = '''
-import sys, mlflow, pandas as pd
+import json, sys, mlflow, pandas as pd
 from mlflow.models import infer_signature
 from ml_prod.models.registry import register
 from ml_prod.settings import load_settings
-settings_path, model_code = sys.argv[1:3]
+settings_path, model_code, config, alias = (sys.argv[1:] + ["null", "champion"])[:4]
 s = load_settings("cluster", path=settings_path, env={})
 mlflow.set_tracking_uri(s.tracking_uri)
 mlflow.set_experiment("serving")
 X = pd.DataFrame({"amount": [10.0, 250.0], "country": ["US", "FR"]})
 with mlflow.start_run() as run:
-    mlflow.pyfunc.log_model(name="model", python_model=model_code, signature=infer_signature(X, pd.DataFrame({"score": [0.1, 0.9]})), input_example=X)
-print("VERSION", register(s, run.info.run_id, "tiny", alias="champion"))
+    mlflow.pyfunc.log_model(name="model", python_model=model_code, model_config=json.loads(config), signature=infer_signature(X, pd.DataFrame({"score": [0.1, 0.9]})), input_example=X)
+print("VERSION", register(s, run.info.run_id, "tiny", alias=alias))
 '''
 
 
@@ -670,6 +671,34 @@ def test_replicas_read_the_registry_as_the_read_only_user(cluster, tiny):
         ml_prod("serve", "down", check=False)
         write_credentials(creds, READER, pw[READER])
         api(url, "/api/2.0/mlflow/users/update-password", "admin", pw["admin"], {"username": READER, "password": pw[READER]}, method="PATCH")
+
+
+def test_batch_scoring_spreads_over_both_nodes(cluster, job, tiny):
+    """`ml_prod batch score` on the two-node cluster: its scoring actors run on both nodes (each model call writes its
+    process's Ray node id to a file), and every input row is in the output once, scored by the version resolved."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow.parquet as pq
+    tmp, ml_prod = cluster["tmp"], cli(cluster)
+    env = {k: v for k, v in cluster["env"].items() if k != "RAY_AUTH_MODE"}
+    nodes_file = tmp / "batch_nodes.txt"
+    r = subprocess.run([sys.executable, str(tmp / "register.py"), str(cluster["settings"]), str(Path(__file__).parent / "tiny_model.py"),
+                        json.dumps({"nodes_file": str(nodes_file), "delay": 0.2}), "batch"], cwd=tmp, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0 and "VERSION" in r.stdout, r.stderr[-3000:]
+    version = r.stdout.split("VERSION")[1].split()[0]
+    inp = tmp / "batch_in"; inp.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(8):  # 8 files of 500 rows, 100 a model call: 40 calls of 0.2 s to share
+        pd.DataFrame({"id": np.arange(i * 500, (i + 1) * 500), "amount": rng.uniform(0, 400, 500),
+                      "country": rng.choice(["US", "FR"], 500)}).to_parquet(inp / f"part-{i}.parquet")
+    # actors of 0.75 CPU on nodes of 1 CPU each: one fits on a node, with room beside it for the reads (0.25 CPU)
+    out = json.loads(ml_prod("--json", "batch", "score", "--model", "tiny@batch", "--input", str(inp), "--output", str(tmp / "batch_out"),
+                             "--cpus", "0.75", "--actors", "2", "--batch-size", "100").stdout)
+    assert (out["rows_scored"], out["model"]) == (4000, f"models:/tiny/{version}"), out
+    nodes = [line.split()[0] for line in nodes_file.read_text().splitlines()]
+    assert len(nodes) >= 40 and set(nodes) == {*job["worker_nodes"], *job["other_nodes"]}, (len(nodes), set(nodes), job)
+    got = pd.concat([pq.read_table(f).to_pandas() for f in sorted((tmp / "batch_out").glob("*.parquet"))])
+    assert sorted(got["id"]) == list(range(4000)) and set(got["model_version"]) == {version}
 
 
 def test_tracking_server_needs_a_user_and_the_reader_cannot_write(cluster, job):

@@ -5,7 +5,7 @@ inside a Ray Serve replica with `broken_in_replica`, like a model whose dependen
 lack). With `pid_file` every load appends "PID PARENT_PID" to that file; with `calls_file` every
 predict call appends the number of rows it scored. With `hold_file` and `hold_country` a call holding a row of that
 country waits while that file exists (a run stopped at a known row, whatever the batching). With `nodes_file` every predict call
-appends the Ray node id of the process that made it."""
+made in a Ray actor appends that actor's node id and process id."""
 import os
 import time
 
@@ -27,6 +27,12 @@ def _append(path, line):
     with open(path, "a") as f: f.write(line + "\n")
 
 
+def _append_node(path):
+    "The Ray node id of this process, if it is a Ray actor (not MLflow logging the model, nor a driver loading it)."
+    import ray
+    if ray.is_initialized() and ray.get_runtime_context().get_actor_id(): _append(path, f"{ray.get_runtime_context().get_node_id()} {os.getpid()}")
+
+
 class Tiny(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         self.cfg = context.model_config or {}
@@ -35,9 +41,7 @@ class Tiny(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None):
         if self.cfg.get("calls_file"): _append(self.cfg["calls_file"], str(len(model_input)))
-        if self.cfg.get("nodes_file"):
-            import ray
-            _append(self.cfg["nodes_file"], ray.get_runtime_context().get_node_id())
+        if self.cfg.get("nodes_file"): _append_node(self.cfg["nodes_file"])
         if self.cfg.get("broken"): raise ValueError("weights are corrupt")
         if self.cfg.get("broken_in_replica") and _in_replica(): raise ImportError("a dependency this model needs is missing on the cluster's nodes")
         time.sleep(self.cfg.get("delay", 0.0))

@@ -6,10 +6,11 @@ Docs: https://ml-prod.github.io/ml_prod/api/cli_batch.html.md"""
 
 # %% ../../nbs/api/98_cli_batch.ipynb #cb461660
 from __future__ import annotations
+import contextlib, sys
 from typing import Optional
 import typer
 from ..errors import MlProdError
-from .common import ProfileOpt, app, console, emit, group
+from .common import ProfileOpt, app, console, emit, group, wants_json
 from .common import _fail, _settings
 
 # %% auto #0
@@ -33,7 +34,9 @@ def batch_score(model:Optional[str]=typer.Option(None, "--model", help="NAME@ALI
     "Score Parquet files with a registered model; restartable, tracked as an MLflow run."
     from ml_prod.batch.score import score_batch
     s = _settings(profile)
-    try: r = score_batch(model, input, output, app=app_spec, settings=s, overwrite=overwrite, keep_version=keep_version,
-                         num_cpus=cpus, actors=actors, batch_size=batch_size)
+    try:  # under --json, what Ray Data and MLflow print (progress, a tracking server's run links) goes to stderr, never into the JSON
+        with contextlib.redirect_stdout(sys.stderr if wants_json() else sys.stdout):
+            r = score_batch(model, input, output, app=app_spec, settings=s, overwrite=overwrite, keep_version=keep_version,
+                            num_cpus=cpus, actors=actors, batch_size=batch_size)
     except MlProdError as e: _fail(e)
     emit(r, lambda r: console.print(r.summary(), soft_wrap=True))
