@@ -35,4 +35,14 @@ def test_demo_runs_the_tutorial_end_to_end(project_dir):
     # the raw audit records: one 200 per request sent and one 422 for the malformed record
     lines = [json.loads(l) for f in (state / "audit" / "fraud" / "segments").glob("*.jsonl") for l in f.read_text().splitlines() if l]
     assert sorted(r["status"] for r in lines).count(200) == REQUESTS and [r["status"] for r in lines].count(422) == 1
+    # batch scoring of the same transactions: one output row each, by version 1, with the endpoint's decisions and scores
+    import pyarrow.parquet as pq
+    from ml_prod.tracking import tags
+    batch = pq.read_table(state / "demo" / "batch_out" / "sample.parquet").to_pandas()
+    answered = [r for r in lines if r["status"] == 200]
+    assert len(batch) == REQUESTS and set(batch["model_version"]) == {"1"}
+    assert sorted(batch["decision"]) == sorted(r["outputs"]["decisions"][0] for r in answered)
+    assert sorted(batch["score"]) == pytest.approx(sorted(r["outputs"]["scores"][0] for r in answered), abs=1e-6)
+    (run,) = c.search_runs([c.get_experiment_by_name(tags.BATCH_EXPERIMENT).experiment_id])
+    assert run.info.status == "FINISHED" and run.data.metrics[tags.BATCH_ROWS_SCORED] == REQUESTS
     assert "The executed tutorial:" in p.stdout and f"127.0.0.1:{port}/fraud" in printed
