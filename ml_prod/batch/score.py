@@ -14,9 +14,9 @@ from ..tracking import tags as keys
 
 # %% auto #0
 __all__ = ['RESERVED', 'MANIFEST', 'REJECTS', 'BatchInputError', 'model_uri', 'input_files', 'row_counts', 'check_schema',
-           'validator', 'decide', 'score_rows', 'Plan', 'load_app', 'app_model', 'app_steps', 'pin', 'signature',
-           'make_plan', 'read_manifest', 'check_resume', 'out_path', 'write_manifest', 'Scorer', 'FileSink', 'pa_range',
-           'BatchResult', 'fingerprint', 'read_files', 'score_batch']
+           'validator', 'decide', 'score_rows', 'score_table', 'Plan', 'load_app', 'app_model', 'app_steps', 'pin',
+           'signature', 'make_plan', 'read_manifest', 'check_resume', 'out_path', 'write_manifest', 'Scorer',
+           'FileSink', 'pa_range', 'BatchResult', 'fingerprint', 'read_files', 'score_batch']
 
 # %% ../../nbs/api/65_batch_score.ipynb #f9920a01
 class BatchInputError(MlProdError):
@@ -112,6 +112,40 @@ def score_rows(rows:list[dict], # input rows (all columns)
     decisions, it = iter(decide(scores, decision or Decision().model_dump())), iter(scores)
     out = [(next(it), next(decisions), None) if err is None else (None, None, err) for _, err in checked]
     return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
+
+# %% ../../nbs/api/65_batch_score.ipynb #a93e51c1
+def _suspect(t, columns:list[dict]):
+    "Rows of Arrow table `t` the record model could refuse: a null in a required column, NaN or an infinity in a float one."
+    import numpy as np, pyarrow as pa, pyarrow.compute as pc
+    bad = np.zeros(t.num_rows, bool)
+    for c in columns:
+        col = t.column(c["name"])
+        if c.get("required", True): bad |= pc.is_null(col).to_numpy(zero_copy_only=False)
+        if c["type"] in ("double", "float"):
+            bad |= ~pc.fill_null(pc.is_finite(pc.cast(col, pa.float64(), safe=False)), True).to_numpy(zero_copy_only=False)
+    return bad
+
+def score_table(t, # a pyarrow Table of input rows (all columns)
+                check, # a `validator`
+                model, # a `LoadedModel` of named columns (anything with `columns` and `frame_scores(frame)`)
+                decision:dict|None=None, # the application's decision (default: `Decision()`)
+               ) -> tuple[list, list, list]:
+    "`score_rows(t.to_pylist(), check, model, decision=decision)` by columns (no steps): the same scores, decisions and errors."
+    import numpy as np, pyarrow as pa, pyarrow.compute as pc
+    from ml_prod.serving.spec import Decision
+    d = decision or Decision().model_dump()
+    bad = _suspect(t, model.columns)
+    scores, decisions, errors = np.full(t.num_rows, np.nan), np.full(t.num_rows, None, dtype=object), [None] * t.num_rows
+    if (~bad).any():
+        names = [c["name"] for c in model.columns]
+        good = t.filter(pa.array(~bad)).select(names)
+        good = pa.table([pc.cast(good.column(n), pa.float64(), safe=False) if c["type"] in ("double", "float") else good.column(n)
+                         for n, c in zip(names, model.columns)], names=names)
+        s = model.frame_scores(good.to_pandas())
+        scores[~bad], decisions[~bad] = s, np.where(s >= d["threshold"], d["positive"], d["negative"])
+    for i, sc, de, er in zip(np.flatnonzero(bad), *score_rows(t.take(np.flatnonzero(bad)).to_pylist(), check, model, decision=d)):
+        scores[i], decisions[i], errors[i] = np.nan if sc is None else sc, de, er
+    return [None if e else float(x) for x, e in zip(scores, errors)], decisions.tolist(), errors
 
 # %% ../../nbs/api/65_batch_score.ipynb #7820a3df
 @dataclass
@@ -217,6 +251,7 @@ def write_manifest(output:Path, m:dict):
 
 # %% ../../nbs/api/65_batch_score.ipynb #55fbb9d4
 from ..serving.replica import _import  # private: how a replica imports a step module:function, with its error
+from ..serving.request import _tensor_shape  # private: the one reading of a tensor signature
 
 class Scorer:
     "Scores Arrow batches with the plan's model and steps; one per Ray Data actor."
@@ -232,11 +267,13 @@ class Scorer:
         self.model = model or load_model(plan["pinned"], plan["decision"].get("score"), plan["digest"])
         self.check = validator(self.model.columns)
         self.pre, self.post = [_import(p) for p in plan["preprocess"]], [_import(p) for p in plan["postprocess"]]
+        self.by_columns = not (self.pre or self.post or _tensor_shape(self.model.columns))  # steps take records
 
     def __call__(self, batch):
         "`batch` (a pyarrow Table) with score, decision, model_name, model_version and errors (JSON, null when scored)."
         import pyarrow as pa
-        scores, decisions, errors = score_rows(batch.to_pylist(), self.check, self.model, self.pre, self.post, self.plan["decision"])
+        if self.by_columns: scores, decisions, errors = score_table(batch, self.check, self.model, self.plan["decision"])
+        else: scores, decisions, errors = score_rows(batch.to_pylist(), self.check, self.model, self.pre, self.post, self.plan["decision"])
         n = batch.num_rows
         return (batch.append_column("score", pa.array(scores, pa.float64())).append_column("decision", pa.array(decisions, pa.string()))
                 .append_column("model_name", pa.array([self.plan["name"]] * n, pa.string()))

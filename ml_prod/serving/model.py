@@ -31,12 +31,17 @@ class LoadedModel:
     def scores(self, records:list[dict]) -> list[float]:
         "One score per record."
         import numpy as np, pandas as pd
-        if tensor := _tensor_shape(self.columns): out = self.pyfunc.predict(np.asarray([r[TENSOR_FIELD] for r in records], dtype=tensor[1]))
-        else: out = self.pyfunc.predict(pd.DataFrame.from_records(records, columns=[c["name"] for c in self.columns]))
+        if tensor := _tensor_shape(self.columns): return self.frame_scores(np.asarray([r[TENSOR_FIELD] for r in records], dtype=tensor[1])).tolist()
+        return self.frame_scores(pd.DataFrame.from_records(records, columns=[c["name"] for c in self.columns])).tolist()
+
+    def frame_scores(self, X) -> "np.ndarray":
+        "One score (float64) per row of `X`, the model's input as a whole (a DataFrame of the signature's columns, or the tensor)."
+        import numpy as np, pandas as pd
+        out = self.pyfunc.predict(X)
         if isinstance(out, pd.DataFrame): out = out[self.score_column] if self.score_column else out.iloc[:, 0]
         out = np.asarray(out, dtype=float).reshape(-1)
-        if len(out) != len(records): raise RuntimeError(f"model {self.uri} returned {len(out)} scores for {len(records)} records")
-        return out.tolist()
+        if len(out) != len(X): raise RuntimeError(f"model {self.uri} returned {len(out)} scores for {len(X)} records")
+        return out
 
 def _registry_ids(uri:str) -> tuple[str, str]:
     "('fraud', '3') for models:/fraud/3."
