@@ -1,8 +1,8 @@
 """Batch scoring (`ml_prod batch score`) on the session's shared serving cluster: the endpoint's answers, a run
 killed halfway and resumed, and bad input refused with exit status 2.
 
-The commands run in subprocesses (the pytest process never connects to the shared cluster); `ml_prod.cli.main`
-does not register the batch group yet, so they run `ml_prod.cli.common.app` after importing `ml_prod.cli.batch`.
+The commands run in subprocesses (the pytest process never connects to the shared cluster): `ml_prod.cli.common.app`
+with only the batch group imported (`ml_prod.cli.main` registers it with the others).
 Facts are read from the files themselves (pyarrow), the endpoint's HTTP answers and the registry's versions."""
 from __future__ import annotations
 
