@@ -32,7 +32,7 @@ def version_problem(installed:str|None=None) -> str|None:
     return (f"ml_prod supports Ray {SUPPORTED_RAY}, but Ray {installed} is installed. ml_prod patches and reads Ray internals "
             "(listed in ml_prod.runtime._compat.HOOKS) that change between Ray releases, so with this Ray the embedded profile's "
             "ports may not stay on 127.0.0.1 and serving may fail. "
-            f"Install the supported version: pip install 'ray[serve,tune]=={SUPPORTED_RAY}'.")
+            f"Install the supported version: pip install 'ray[data,serve,tune]=={SUPPORTED_RAY}'.")
 
 def check_ray_version(installed:str|None=None, strict:bool=False):
     "Warn (`RayVersionWarning`), or raise `MlProdError` when `strict`, if the installed Ray is not `SUPPORTED_RAY`."
