@@ -434,13 +434,16 @@ def _stream(plan:Plan, todo:list[Path], sink:FileSink, s, num_cpus:float, actors
     import pyarrow.compute as pc
     from ml_prod.runtime.cluster import connect
     connect(s)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.wait_for_min_actors_s = 600 if actors else -1  # the actors asked for are all up before scoring (else Ray Data's timeout error)
     n = actors or max(1, int(ray.cluster_resources().get("CPU", 1) // max(num_cpus, 0.01)))
     ds = ray.data.from_items([{"path": str(f)} for f in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(read_files, fn_kwargs=dict(rows=batch_size), batch_size=1, batch_format="pyarrow", num_cpus=min(num_cpus, 0.25) or 0.25)
     ds = ds.map_batches(Scorer, fn_constructor_args=(asdict(plan), (s.tracking_uri, s.registry_uri or s.tracking_uri)),
                         batch_format="pyarrow", batch_size=batch_size, num_cpus=num_cpus,
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(n, len(todo) * 64)))
+                        compute=ray.data.ActorPoolStrategy(size=actors) if actors else
+                                ray.data.ActorPoolStrategy(min_size=1, max_size=min(n, len(todo) * 64)))
     by_path = {str(f): f for f in todo}
     for t in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for p in pc.unique(t.column("path")).to_pylist():
@@ -456,7 +459,7 @@ def score_batch(model:str|None, # NAME@ALIAS or NAME/VERSION (models:/ optional)
                 overwrite:bool=False, # score everything again into an existing batch output
                 keep_version:bool=False, # resume with the version the output was started with though the alias moved
                 num_cpus:float=1, # CPUs each scoring actor reserves
-                actors:int|None=None, # most scoring actors (default: as many as the cluster's CPUs allow)
+                actors:int|None=None, # scoring actors, all up before scoring starts (default: 1 up to as many as the CPUs allow)
                 batch_size:int=4096, # rows per model call
                ) -> BatchResult:
     "Score the Parquet files at `input` with the pinned model into `output`; restartable, tracked as an MLflow run."

@@ -28,7 +28,7 @@ def batch_score(model:Optional[str]=typer.Option(None, "--model", help="NAME@ALI
                 overwrite:bool=typer.Option(False, "--overwrite", help="Score everything again into an existing batch output"),
                 keep_version:bool=typer.Option(False, "--keep-version", help="Resume with the version the output was started with, though the alias moved"),
                 cpus:float=typer.Option(1, "--cpus", help="CPUs each scoring actor reserves"),
-                actors:Optional[int]=typer.Option(None, "--actors", help="Most scoring actors (default: as many as the cluster's CPUs allow)"),
+                actors:Optional[int]=typer.Option(None, "--actors", help="Scoring actors, all up before scoring starts (default: 1 up to as many as the cluster's CPUs allow)"),
                 batch_size:int=typer.Option(4096, "--batch-size", help="Rows per model call"),
                 profile:Optional[str]=ProfileOpt):
     "Score Parquet files with a registered model; restartable, tracked as an MLflow run."
