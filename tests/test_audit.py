@@ -278,6 +278,31 @@ def test_rejected_requests_are_rate_limited(model_dir, tmp_path):
     assert state["audit"]["rejected_dropped"] > 0  # `serve status` sees the count
 
 
+def test_rejected_records_name_their_fields_for_monitoring(model_dir, tmp_path):
+    "A 422's record keeps the model's fields its errors name; monitoring's integrity counts them per feature, compacted or not."
+    import pandas as pd
+    from ml_prod.monitoring.drift import rejected_rows
+    from ml_prod.monitoring.profile import build_profile
+    from ml_prod.monitoring.window import read_window
+    core = make_core(model_dir, tmp_path, rejected_per_s=1000, rejected_burst=1000)
+    bad_amount, no_country = b'{"amount": "a lot", "country": "US"}', b'{"amount": 10.0}'
+    both = b'[{"amount": 1.0, "country": "US"}, {"amount": null, "country": 7, "colour": "red"}]'
+    sent = [ONE] * 150 + [bad_amount] * 6 + [no_country] * 3 + [both] * 2
+    codes = [run(core.predict(b, {}))[0] for b in sent]
+    close(core)
+    assert codes.count(200) == 150 and codes.count(422) == 11
+    raw = [r for r in raw_records(tmp_path, "shop") if r["status"] == 422]  # the files themselves
+    assert sorted(tuple(r["outputs"]["rejected_fields"]) for r in raw) == [("amount",)] * 6 + [("amount", "country")] * 2 + [("country",)] * 3
+    profile = build_profile(pd.DataFrame({"amount": [10.0, 250.0, 40.0] * 100, "country": ["US", "FR", "US"] * 100}))
+    for compacted in (False, True):
+        if compacted: compact(tmp_path)
+        win = read_window(tmp_path, "shop")
+        assert len(win.requests) == 161
+        rows = rejected_rows(win.requests, profile).set_index("feature")
+        assert rows.loc["amount", "value"] == pytest.approx(8 / 161) and rows.loc["country", "value"] == pytest.approx(5 / 161)
+        assert rows.flagged.tolist() == [True, True]  # over 1% of 161 requests each
+
+
 MEMORY = textwrap.dedent("""
     import json, sys, tracemalloc
     import pyarrow as pa

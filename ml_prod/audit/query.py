@@ -206,13 +206,28 @@ def _explode(t):
     cols["score"], cols["decision"] = scores.cast(pa.float64()), decisions.cast(pa.string())
     return pa.table(cols)
 
+def _rejected_fields(t):
+    "Per row of `t`: the input fields a 422 record names (its `outputs.rejected_fields`), else null. Only the 422 rows are read."
+    import numpy as np, pyarrow as pa
+    kind = pa.list_(pa.string())
+    rows = np.flatnonzero(t["status"].to_numpy(zero_copy_only=False) == 422)  # a null status (as float NaN) is no 422
+    if not len(rows): return pa.nulls(t.num_rows, kind)
+    out = [None] * t.num_rows
+    for i, v in zip(rows, t["outputs"].take(pa.array(rows)).to_pylist()):
+        if isinstance(v, str):
+            try: v = json.loads(v)
+            except ValueError: v = None
+        f = v.get("rejected_fields") if isinstance(v, dict) else None
+        out[i] = [x for x in f if isinstance(x, str)] if isinstance(f, list) else None
+    return pa.array(out, kind)
+
 def read_records(audit_dir,  # folder of the audit log
                  app:str,  # the application
                  start=None,  # first time included, as for `query`
                  end=None,  # first time excluded, as for `query`
                  include_uncompacted:bool=True,  # read the segments not yet compacted too
                 ):
-    "(attempts, records) of `app`'s window as Arrow tables: every deduplicated attempt, and one row per scored record."
+    "(attempts, records) of `app`'s window as Arrow tables: every deduplicated attempt (with the `rejected_fields` of a 422), and one row per scored record."
     import numpy as np, pyarrow as pa
     root, now = _root(audit_dir), time.time()
     t0, t1 = _epoch("start", start, now), _epoch("end", end, now)
@@ -222,7 +237,8 @@ def read_records(audit_dir,  # folder of the audit log
     whole = lambda i, rows: len(rows) == parts[i].num_rows and bool((rows == np.arange(len(rows))).all())
     picked = [parts[i] if whole(i, rows) else parts[i].take(pa.array(rows)) for i, rows in alive.items()]  # no copy of a file kept whole
     empty = _schema(_REQUESTS).empty_table()
-    attempts = pa.concat_tables([p.select(list(_ATTEMPT_COLS)) for p in picked] or [empty.select(list(_ATTEMPT_COLS))])
+    attempt = lambda p: p.select(list(_ATTEMPT_COLS)).append_column("rejected_fields", _rejected_fields(p))
+    attempts = pa.concat_tables([attempt(p) for p in picked] or [attempt(empty)])
     attempts = attempts.take(pa.compute.sort_indices(attempts, [("ts", "ascending")]))
     exploded = [x for x in map(_explode, picked) if x is not None]
     records = pa.concat_tables(exploded, promote_options="permissive") if exploded else None

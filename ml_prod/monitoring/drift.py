@@ -18,7 +18,7 @@ __all__ = ['DRIFT_METRICS', 'WINDOW_TOO_SMALL', 'COLUMNS', 'ALL', 'DATASET', 'ST
            'normalized', 'psi', 'jensen_shannon', 'chi_square', 'DriftError', 'Thresholds', 'NumericColumn',
            'numeric_column', 'CategoricalColumn', 'categorical_column', 'window_counts', 'numeric_drift',
            'categorical_drift', 'numeric_integrity', 'categorical_integrity', 'window_profile', 'prediction_rows',
-           'drift_table', 'decide']
+           'drift_table', 'rejected_rows', 'decide']
 
 # %% ../../nbs/api/61_monitoring_drift.ipynb #b1ea89e3
 def ks_statistic(a:np.ndarray, # the window's present values, sorted
@@ -116,6 +116,7 @@ class Thresholds:
     out_of_range:float = 0.02  # share of present values outside the reference [min, max]
     type_errors:float = 0.001  # share of values that are not numbers in a numeric feature
     unseen_increase:float = 0.05  # share outside the reference's listed categories, above the reference's `other` share
+    rejected:float = 0.01  # share of the window's requests refused with 422 for a bad value of the feature
     decision_rate_change:float = 0.05  # |decision rate - reference decision rate|
 
     def __post_init__(self):
@@ -322,6 +323,27 @@ def drift_table(window, # the window's rows: a pandas DataFrame with one column 
         rows = [{**r, "slice": ALL} for rs in per_feature for r in rs]
     rows += [{**_dataset_row(rows, p, len(window), t), "slice": ALL} for p in ("", "consecutive_")[: 2 if previous else 1]]
     if score is not None: rows += prediction_rows(window, ref, score, decision_threshold, tuple(slice_by), t)
+    out = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "window"])
+    out.insert(1, "window", str(window_id))
+    return out
+
+# %% ../../nbs/api/61_monitoring_drift.ipynb #c59c83e8
+def rejected_rows(attempts, # the window's attempts: a DataFrame with `shadow` and `rejected_fields` (`monitoring.window.Window.requests`)
+                  reference:dict, # the model's reference profile
+                  window_id:str="window", # the window's label in the table
+                  thresholds:Thresholds|None=None, # when a share is flagged
+                 ):
+    "Integrity rows of the requests refused (422) per feature: `rejected_share` of the window's requests."
+    import pandas as pd
+    t, ref = thresholds or Thresholds(), check_profile(reference)
+    a = attempts[~attempts["shadow"].fillna(False).astype(bool)] if "shadow" in attempts.columns else attempts
+    named = a["rejected_fields"].dropna() if "rejected_fields" in a.columns else pd.Series([], dtype=object)
+    per = {f: 0 for f in ref["features"]}
+    for fields in named:
+        for f in set(fields):
+            if f in per: per[f] += 1
+    n = len(a)
+    rows = [{**_row("integrity", f, "rejected_share", k / max(n, 1), t.rejected, n, **_flag_if(n, t)), "slice": ALL} for f, k in per.items()]
     out = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "window"])
     out.insert(1, "window", str(window_id))
     return out

@@ -73,7 +73,9 @@ def window_rows(records, requests, profile:dict, name:str, t0:float, t1:float, d
     parts.append(quality.quality_rows(cur[cur["label"].notna()], ref, name, thr, **kw))
     if profile.get("scores"):
         parts.append(quality.estimated_quality_rows(quality.profile_calibrator(profile), cur, ref, name, thr, **({"min_rows": min_rows} if min_rows else {})))
-    parts.append(quality.service_rows(_between(requests, t0, t1), name, duration_s=t1 - t0))
+    attempts = _between(requests, t0, t1)
+    parts.append(drift.rejected_rows(attempts, profile, name, t))
+    parts.append(quality.service_rows(attempts, name, duration_s=t1 - t0))
     return pd.concat([p for p in parts if len(p)], ignore_index=True)
 
 def evaluate(win, profile:dict, edges:list[tuple[float, float]], decision:dict, before:float|None=None,

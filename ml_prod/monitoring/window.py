@@ -33,7 +33,7 @@ class Window:
     app: str
     start: float|None
     end: float|None
-    requests: object  # pandas DataFrame: request_id, ts, arm, model_name, model_version, shadow, status, outcome, latency_ms
+    requests: object  # pandas DataFrame: request_id, ts, arm, model_name, model_version, shadow, status, outcome, latency_ms, error, rejected_fields (a 422's)
     records: object  # pandas DataFrame: REQUEST_FIELDS, the features, score, decision, label_raw, label
     features: list[str]
     unusable_labels: int = 0  # labels that are neither class (see `label_value`)

@@ -270,6 +270,7 @@ class _Requests:
         except RequestRejected as e:
             status, out, outcome, error, extra = e.status, e.body(), _OUTCOMES.get(e.status, "invalid"), e.reason, e.headers
             rejected = type(e) is RequestRejected  # refused before the model (not a failed step): its record is rate-limited
+            if e.fields: rec["outputs"] = dict(rejected_fields=e.fields)  # which inputs failed validation (monitoring's integrity counts them)
         except asyncio.TimeoutError:
             status, outcome, extra = 408, "timeout", {}
             error = f"the model took longer than this endpoint's timeout of {self.limits['timeout_s']} s"

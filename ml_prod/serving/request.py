@@ -49,9 +49,10 @@ def record_model(columns:list[dict], # MLflow signature inputs: [{"name", "type"
 # %% ../../nbs/api/51_serving_request.ipynb #f8a53817
 class RequestRejected(Exception):
     "A request answered with a 4xx/5xx before it reached the model."
-    def __init__(self, status:int, reason:str, errors:list|None=None, headers:dict|None=None):
+    def __init__(self, status:int, reason:str, errors:list|None=None, headers:dict|None=None, fields:list|None=None):
         super().__init__(reason)
         self.status, self.reason, self.errors, self.headers = status, reason, errors or [], headers or {}
+        self.fields = fields or []  # the model's input fields the errors name (the audit record keeps these, for monitoring)
     def body(self) -> dict: return {"error": self.reason, **({"errors": self.errors} if self.errors else {})}
 
 def _quoted(v):
@@ -62,6 +63,10 @@ def _quoted(v):
 def _errors(e:ValidationError) -> list[dict]:
     return [dict(loc=list(x["loc"]), msg=x["msg"], **({"input": _quoted(x["input"])} if _quoted(x["input"]) is not None else {}))
             for x in e.errors(include_url=False)]
+
+def _fields(errors:list[dict], columns:list[str]) -> list[str]:
+    "The input fields `errors` name, sorted, once each; names the client made up (extra fields) are left out: they are not the model's."
+    return sorted({f for x in errors for f in x["loc"] if isinstance(f, str) and f in columns})
 
 class RecordParser:
     "Validates request bodies against a record model."
@@ -77,7 +82,8 @@ class RecordParser:
         try: parsed = (self.many if many else self.one).validate_json(body)
         except ValidationError as e:
             if any(x["type"] == "json_invalid" for x in e.errors()): raise RequestRejected(400, f"malformed JSON: {e.errors()[0]['msg']}") from None
-            raise RequestRejected(422, "invalid records", _errors(e)) from None
+            errs = _errors(e)
+            raise RequestRejected(422, "invalid records", errs, fields=_fields(errs, self.columns)) from None
         records = [r.model_dump() for r in (parsed if many else [parsed])]
         if not records: raise RequestRejected(422, "empty batch: send at least one record")
         if len(records) > self.max_records: raise RequestRejected(413, f"{len(records)} records is more than this endpoint's limit of {self.max_records}; split the batch")
