@@ -15,8 +15,8 @@ from ..tracking import tags as keys
 
 # %% auto #0
 __all__ = ['MONITOR_NOTEBOOK', 'UNHEALTHY', 'monitor_notebook', 'window_edges', 'window_name', 'reference_model',
-           'served_decision', 'window_rows', 'evaluate', 'verdict', 'MonitorResult', 'run_verdict', 'table_metrics',
-           'log_table', 'log_verdict', 'plots', 'monitor', 'latest_verdict']
+           'served_decision', 'window_rows', 'evaluate', 'verdict', 'MonitorResult', 'reason_text', 'run_verdict',
+           'table_metrics', 'log_table', 'log_verdict', 'plots', 'monitor', 'latest_verdict']
 
 # %% ../../nbs/api/64_monitoring_job.ipynb #0be736d2
 MONITOR_NOTEBOOK = "notebooks/monitor.ipynb"  # inside the ml_prod package
@@ -70,7 +70,9 @@ def window_rows(records, requests, profile:dict, name:str, t0:float, t1:float, d
                                decision_threshold=thr, slice_by=("arm", "model_version"))]
     ref = quality.reference_metrics(profile)
     kw = {"min_labels": min_labels} if min_labels else {}
-    parts.append(quality.quality_rows(cur[cur["label"].notna()], ref, name, thr, **kw))
+    # measured figures against every training-time figure at the serving threshold; estimates (CBPE) against the logged ones only:
+    # an estimate of precision or recall under a covariate shift is no measured harm, and must not outrank the drift it comes from
+    parts.append(quality.quality_rows(cur[cur["label"].notna()], quality.reference_metrics(profile, thr), name, thr, **kw))
     if profile.get("scores"):
         parts.append(quality.estimated_quality_rows(quality.profile_calibrator(profile), cur, ref, name, thr, **({"min_rows": min_rows} if min_rows else {})))
     attempts = _between(requests, t0, t1)
@@ -114,9 +116,9 @@ class MonitorResult:
         "A readable account: the verdict, its window, each reason on a line."
         when = f"{window_name(self.start)} to {window_name(self.end)}" if self.start is not None and self.end is not None else "?"
         head = f"{self.app}: {self.status} ({when}, reference {self.model or '-'}; run {self.run_id})"
-        return "\n".join([head, *[f"  - {_reason_text(r)}" for r in self.reasons], f"  report: {self.report}"])
+        return "\n".join([head, *[f"  - {reason_text(r)}" for r in self.reasons], f"  report: {self.report}"])
 
-def _reason_text(r) -> str:
+def reason_text(r) -> str:
     "A flagged row of the long table as one line: check, feature and slice, the figure and its threshold."
     if not isinstance(r, dict): return str(r)
     if "text" in r: return r["text"]

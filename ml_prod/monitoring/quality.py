@@ -359,10 +359,19 @@ def profile_calibrator(profile:dict|None,  # a reference profile, as `ml_prod.mo
                            "labels; log the profile with the validation scores and their labels")
     return fit_calibrator(pairs["label"], pairs["score"])
 
-def reference_metrics(profile:dict|None) -> dict:  # a reference profile
-    "The training-time quality figures in a profile's `metrics`, by this module's names (`val_roc_auc` counts as `roc_auc`)."
+def reference_metrics(profile:dict|None,  # a reference profile
+                      threshold:float|None=None,  # the serving threshold: also compute the figures the training run did not log
+                     ) -> dict:
+    """The training-time quality figures: those in the profile's `metrics`, by this module's names (`val_roc_auc` counts as
+    `roc_auc`); given the serving `threshold`, every other figure (precision and recall at it, PR-AUC, Brier, ECE) from the
+    profile's labelled validation pairs, so each measured figure has a training-time value to be compared with."""
     got = (profile or {}).get("metrics") or {}
-    return {m: float(got[k]) for m in METRICS for k in (f"val_{m}", m) if k in got}
+    logged = {m: float(got[k]) for m in METRICS for k in (f"val_{m}", m) if k in got}
+    pairs = (profile or {}).get("scores") or {}
+    if threshold is None or not pairs.get("label") or not pairs.get("score"): return logged
+    y, s = _pairs(pairs["label"], pairs["score"])
+    if y.all() or not y.any(): return logged  # one class only: no figure to compare with
+    return {**{m: float(v) for m, v in quality_metrics(y, s, threshold).items() if m in METRICS and math.isfinite(v)}, **logged}
 
 # %% ../../nbs/api/62_monitoring_quality.ipynb #5f2ddf54
 def _expected_auc(s:np.ndarray, p:np.ndarray) -> float:
