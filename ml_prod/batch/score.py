@@ -7,6 +7,7 @@ Docs: https://ml-prod.github.io/ml_prod/api/batch_score.html.md"""
 # %% ../../nbs/api/65_batch_score.ipynb #5df18fd2
 from __future__ import annotations
 import json, os, re, shutil, time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from ..errors import MlProdError
@@ -427,16 +428,27 @@ def read_files(batch:dict, # a Ray Data batch: one input file's `path`
             t = pa.Table.from_batches([rb])
             yield t.append_column("path", pa.array([str(p)] * t.num_rows, pa.string()))
 
+@contextmanager
+def _data_options(wait_for_actors_s:float):
+    "Ray Data's process-wide options this run needs (input order kept, the actor wait), the caller's own restored afterwards."
+    import ray
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.execution_options.preserve_order, ctx.wait_for_min_actors_s
+    ctx.execution_options.preserve_order, ctx.wait_for_min_actors_s = True, wait_for_actors_s
+    try: yield
+    finally: ctx.execution_options.preserve_order, ctx.wait_for_min_actors_s = before
+
 def _stream(plan:Plan, todo:list[Path], sink:FileSink, s, num_cpus:float, actors:int|None, batch_size:int):
     """Score the files `todo` on Ray Data into `sink`. One read task per file (Ray's `read_parquet` packs small files into one
     block, so a killed run would lose every file's scores), scored in input order, so files complete one after the other."""
-    import ray
-    import pyarrow.compute as pc
     from ml_prod.runtime.cluster import connect
     connect(s)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.wait_for_min_actors_s = 600 if actors else -1  # the actors asked for are all up before scoring (else Ray Data's timeout error)
+    with _data_options(600 if actors else -1):  # the actors asked for are all up before scoring (else Ray Data's timeout error)
+        _score_files(plan, todo, sink, s, num_cpus, actors, batch_size)
+
+def _score_files(plan:Plan, todo:list[Path], sink:FileSink, s, num_cpus:float, actors:int|None, batch_size:int):
+    import ray
+    import pyarrow.compute as pc
     n = actors or max(1, int(ray.cluster_resources().get("CPU", 1) // max(num_cpus, 0.01)))
     ds = ray.data.from_items([{"path": str(f)} for f in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(read_files, fn_kwargs=dict(rows=batch_size), batch_size=1, batch_format="pyarrow", num_cpus=min(num_cpus, 0.25) or 0.25)
