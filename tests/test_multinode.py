@@ -750,3 +750,7 @@ def test_multi_node_profile_with_sqlite_is_refused(tmp_path):
     ini.write_text(cluster_profile("127.0.0.1:6399", "http://127.0.0.1:5000", tmp_path, shared=True))
     s = load_settings("cluster", path=ini, env={})
     assert s.is_multi_node and s.storage_is_shared and s.artifact_location == "mlflow-artifacts:/"
+    # SQLite stays refused when the storage is declared shared: its locks do not hold on network mounts
+    ini.write_text(cluster_profile("127.0.0.1:6399", sqlite, tmp_path, shared=True))
+    with pytest.raises(ConfigError, match="(?i)sqlite"):
+        load_settings("cluster", path=ini, env={})

@@ -152,6 +152,14 @@ def test_register_names_a_run_without_model(store):
 
 # ---- the promotion guard with the real fraud notebooks on Ray -------------------------------------
 
+def test_register_does_not_move_a_held_champion(store):
+    "The guarded alias is moved only by promote: `register(alias='champion')` with a champion in place is refused, and champion stays."
+    s, _, runs = store
+    assert registry.register(s, runs[0], "held-champion", alias="champion", reason="baseline") == 1
+    with pytest.raises(registry.RegistryError, match="guarded"):
+        registry.register(s, runs[1], "held-champion", alias="champion", reason="no evaluation")
+    assert str(tracking.client(s).get_model_version_by_alias("held-champion", "champion").version) == "1"
+
 @pytest.mark.slow
 def test_promote_guard_with_fraud_notebooks(ray_local, project_dir):
     from ml_prod.jobs.submit import run_notebooks
