@@ -274,8 +274,6 @@ def test_rejected_requests_are_rate_limited(model_dir, tmp_path):
     assert len(rejected) <= 20 + 5 * elapsed + 1, (len(rejected), elapsed)
     assert len(rejected) + dropped == 500 and dropped > 0
     assert [r["status"] for r in raw if r["status"] == 200] == [200]
-    state = json.loads((tmp_path / "shop" / "replicas" / "r1.json").read_text())
-    assert state["audit"]["rejected_dropped"] > 0  # `serve status` sees the count
 
 
 def test_rejected_records_name_their_fields_for_monitoring(model_dir, tmp_path):

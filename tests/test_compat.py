@@ -89,6 +89,21 @@ def test_node_reads_on_a_live_ray(ray_local):
     assert ray.get_runtime_context().gcs_address == _compat._node().gcs_address
 
 
+
+def test_kv_round_trip_on_a_live_ray(ray_local):
+    "Replicas publish their status in the GCS key-value store; a reader lists, reads and deletes by prefix."
+    assert _compat.kv_put("test/kv/a", b"1") and _compat.kv_put("test/kv/b", "2") and _compat.kv_put("test/other", b"3")
+    assert _compat.kv_items("test/kv/") == {"test/kv/a": b"1", "test/kv/b": b"2"}
+    assert _compat.kv_delete("test/kv/a") == 1 and _compat.kv_items("test/kv/") == {"test/kv/b": b"2"}
+    assert _compat.kv_delete("test/", prefix=True) == 2 and _compat.kv_items("test/") == {}
+    # what a replica publishes is read back by the driver's replica_states
+    from ml_prod.serving.control import forget_replicas, replica_states
+    from ml_prod.serving.replica import state_key
+    for r in ("r1", "r2"): _compat.kv_put(state_key("kvapp", r), json.dumps({"replica": r, "arms": {}}))
+    assert [x["replica"] for x in replica_states(None, "kvapp", ["r2"])] == ["r2"]
+    assert forget_replicas("kvapp", keep=["r2"]) == 1 and [x["replica"] for x in replica_states(None, "kvapp")] == ["r2"]
+    assert forget_replicas("kvapp") == 1 and replica_states(None, "kvapp") == []
+
 # ---- token authentication ------------------------------------------------------------------------
 
 def test_reinit_auth_config_rereads_ray_auth_mode():

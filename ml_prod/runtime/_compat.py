@@ -14,10 +14,11 @@ from typing import NamedTuple
 from ..errors import MlProdError
 
 # %% auto #0
-__all__ = ['SUPPORTED_RAY', 'HOOKS', 'PATCHES', 'RayVersionWarning', 'version_problem', 'check_ray_version', 'Hook',
-           'node_ip_address', 'logs_dir', 'reinit_auth_config', 'ray_cluster_disabled', 'patch_grpc_add_port',
+__all__ = ['SUPPORTED_RAY', 'HOOKS', 'KV_NAMESPACE', 'PATCHES', 'RayVersionWarning', 'version_problem', 'check_ray_version',
+           'Hook', 'node_ip_address', 'logs_dir', 'reinit_auth_config', 'ray_cluster_disabled', 'patch_grpc_add_port',
            'patch_haproxy_binds', 'loopback_serve_listeners', 'serve_client', 'serve_details', 'deploy_apps',
-           'delete_apps', 'wait_actor_ready', 'function_trainable', 'prepare_cluster_config', 'describe']
+           'delete_apps', 'wait_actor_ready', 'function_trainable', 'kv_put', 'kv_items', 'kv_delete',
+           'prepare_cluster_config', 'describe']
 
 # %% ../../nbs/api/10_runtime_compat.ipynb #9ea76399
 SUPPORTED_RAY = "2.60.0"  # the pin in pyproject.toml: every hook below was read against this Ray
@@ -178,6 +179,33 @@ def function_trainable(fn):
     "Tune's class trainable (a `FunctionTrainable`) running `fn(config)`, to subclass (Ray marks it a developer API)."
     from ray.tune.trainable.function_trainable import wrap_function
     return wrap_function(fn)
+
+# %% ../../nbs/api/10_runtime_compat.ipynb #57cb2d14
+_KV = "ray.experimental.internal_kv"
+KV_NAMESPACE = "ml_prod"
+
+@_hook("call", f"{_KV}:_internal_kv_initialized", f"{_KV}:_internal_kv_put")
+def kv_put(key:str, value:bytes|str, namespace:str=KV_NAMESPACE) -> bool:
+    "Store `value` under `key` in the cluster's key-value store; False (nothing stored) when this process has no Ray."
+    from ray.experimental import internal_kv as kv
+    if not kv._internal_kv_initialized(): return False
+    kv._internal_kv_put(key, value, overwrite=True, namespace=namespace)
+    return True
+
+@_hook("call", f"{_KV}:_internal_kv_initialized", f"{_KV}:_internal_kv_list", f"{_KV}:_internal_kv_get")
+def kv_items(prefix:str, namespace:str=KV_NAMESPACE) -> dict[str, bytes]:
+    "Every key starting with `prefix` and its value ({} when this process has no Ray)."
+    from ray.experimental import internal_kv as kv
+    if not kv._internal_kv_initialized(): return {}
+    got = {k.decode(): kv._internal_kv_get(k, namespace=namespace) for k in kv._internal_kv_list(prefix, namespace=namespace)}
+    return {k: v for k, v in got.items() if v is not None}  # deleted between the listing and the read
+
+@_hook("call", f"{_KV}:_internal_kv_initialized", f"{_KV}:_internal_kv_del")
+def kv_delete(key:str, prefix:bool=False, namespace:str=KV_NAMESPACE) -> int:
+    "Delete `key` (every key starting with it when `prefix`); the number deleted (0 when this process has no Ray)."
+    from ray.experimental import internal_kv as kv
+    if not kv._internal_kv_initialized(): return 0
+    return kv._internal_kv_del(key, del_by_prefix=prefix, namespace=namespace)
 
 # %% ../../nbs/api/10_runtime_compat.ipynb #601278e1
 @_hook("call", "ray.autoscaler._private.util:prepare_config", "ray.autoscaler._private.util:validate_config")

@@ -6,8 +6,8 @@ Docs: https://ml-prod.github.io/ml_prod/api/serving_control.html.md"""
 
 # %% auto #0
 __all__ = ['ServingError', 'resolver', 'recorded_digests', 'digester', 'auth_config', 'replica_settings', 'build', 'serve_client',
-           'wait_running', 'deploy', 'endpoints', 'replica_states', 'status', 'logs', 'undeploy', 'update', 'is_pinned',
-           'history', 'alias_moves', 'revert', 'follow', 'follow_aliases', 'maintain_audit']
+           'wait_running', 'deploy', 'endpoints', 'replica_states', 'forget_replicas', 'status', 'logs', 'undeploy',
+           'update', 'is_pinned', 'history', 'alias_moves', 'revert', 'follow', 'follow_aliases', 'maintain_audit']
 
 # %% ../../nbs/api/55_serving_control.ipynb #afb0344f
 import asyncio, hashlib, hmac, json, math, os, sys, time, uuid
@@ -203,10 +203,16 @@ def _app_config(client, app:str) -> dict:
     return json.loads(json.dumps(deployed[app]))
 
 def replica_states(s:ResolvedSettings, app:str, replica_ids:list[str]|None=None) -> list[dict]:
-    "What each replica of `app` reports it serves (written by the replicas beside the audit log)."
-    d = Path(s.audit_dir)/app/"replicas"
-    states = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
+    "What each replica of `app` reports it serves, as the replicas published it in the cluster's key-value store (from any node)."
+    from ml_prod.serving.replica import state_key
+    states = [json.loads(v) for _, v in sorted(_compat.kv_items(state_key(app)).items())]
     return [x for x in states if replica_ids is None or x["replica"] in replica_ids]
+
+def forget_replicas(app:str, keep:list[str]|None=None) -> int:
+    "Delete the published status of `app`'s replicas not in `keep` (all of them without it): replicas Ray no longer lists."
+    from ml_prod.serving.replica import state_key
+    if keep is None: return _compat.kv_delete(state_key(app), prefix=True)
+    return sum(_compat.kv_delete(k) for k in _compat.kv_items(state_key(app)) if k.removeprefix(state_key(app)) not in keep)
 
 def _events(s:ResolvedSettings, app:str) -> list[dict]:
     "`app`'s served history from the tracking store, oldest first: the event's details with its time, reason (kind), actor and id."
@@ -230,6 +236,7 @@ def status(s:ResolvedSettings|None=None) -> list[dict]:
         dep = a.get("deployments", {}).get(DEPLOYMENT, {})
         urls = _replica_urls(details, name)
         replicas = _replicas(dep, urls)
+        forget_replicas(name, [r["id"] for r in replicas])  # the published status of replicas Ray no longer lists
         cfg = (a.get("deployed_app_config") or {}).get("deployments", [{}])[0].get("user_config", {})
         evs = _events(s, name)
         last = ([e for e in evs if e["reason"] in _CONFIGS] or [None])[-1]  # the history is appended in time order
@@ -260,6 +267,7 @@ def undeploy(app:str|None=None, s:ResolvedSettings|None=None) -> list[str]:
     names = [app] if app else sorted(_deployed(client))
     if app: _app_config(client, app)
     _compat.delete_apps(client, names, blocking=True)
+    for n in names: forget_replicas(n)
     return names
 
 # %% ../../nbs/api/55_serving_control.ipynb #e60612e0

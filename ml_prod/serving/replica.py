@@ -6,7 +6,7 @@ Docs: https://ml-prod.github.io/ml_prod/api/serving_replica.html.md"""
 
 # %% auto #0
 __all__ = ['SALT_ENV', 'TRACKING_CREDENTIAL_ENV', 'key_digest', 'new_salt', 'read_api_keys', 'authorized', 'is_loopback',
-           'Batcher', 'RateLimit', 'EndpointCore', 'Feedback', 'StepFailed', 'StepRunner']
+           'Batcher', 'RateLimit', 'state_key', 'EndpointCore', 'Feedback', 'StepFailed', 'StepRunner']
 
 # %% ../../nbs/api/53_serving_replica.ipynb #1db5cd1a
 import asyncio, hashlib, hmac, ipaddress, json, math, os, re, sys, time, uuid
@@ -327,8 +327,12 @@ class _Requests:
         return 200, {"stored": len(items)}, {}
 
 # %% ../../nbs/api/53_serving_replica.ipynb #678f9859
+def state_key(app:str, replica:str="") -> str:
+    "The key of a replica's published status in the cluster's key-value store (with no replica: the prefix of the application's)."
+    return f"serving/replicas/{app}/{replica}"
+
 class _Status:
-    "What a replica of `EndpointCore` serves: its status, and the file beside the audit log that `serve status` reads."
+    "What a replica of `EndpointCore` serves: its status, published where `serve status` reads it."
     def status(self) -> dict:
         "What this replica serves, for `serve status`."
         s = self.state
@@ -355,14 +359,10 @@ class _Status:
         self._write_state()
 
     def _write_state(self):
-        "This replica's status as a file beside the audit log, which `serve status` reads."
-        d = self.audit_dir/self.app/"replicas"
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d/f".{self.replica}.json.tmp"
-        try:
-            tmp.write_text(json.dumps(self.status()))
-            tmp.replace(d/f"{self.replica}.json")
-        except OSError as e: _log.warning("%s: cannot write %s: %s", self.app, d, e)  # a full disk must not fail the request
+        "Publish this replica's status in the cluster's key-value store (`state_key`), which `serve status` and updates read from any node."
+        from ml_prod.runtime import _compat
+        try: _compat.kv_put(state_key(self.app, self.replica), json.dumps(self.status()))  # in-process, without Ray: nothing to publish to
+        except Exception as e: _log.warning("%s: cannot publish this replica's status: %s", self.app, e)  # never fails the request
 
 # %% ../../nbs/api/53_serving_replica.ipynb #2e85de07
 from ..settings import read_tracking_credentials
