@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 ML_PROD = str(Path(sys.executable).parent / "ml_prod")
 ROWS, REQUESTS = 2000, 25
-MONITOR = 1000  # the tutorial's monitor_requests (its default)
+MONITOR = 1000  # requests in each monitored window: the smallest window drift is judged on
 
 
 @pytest.mark.slow
@@ -18,7 +18,7 @@ def test_demo_runs_the_tutorial_end_to_end(project_dir):
     with socket.socket() as sock:  # Serve's HTTP port: a free one, not the default 8000 another Ray may hold
         sock.bind(("127.0.0.1", 0)); port = sock.getsockname()[1]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "ML_PROD_SERVE_PORT": str(port)}
-    p = subprocess.run([ML_PROD, "demo", "--rows", str(ROWS), "--epochs", "1", "--requests", str(REQUESTS)],
+    p = subprocess.run([ML_PROD, "demo", "--rows", str(ROWS), "--epochs", "1", "--requests", str(REQUESTS), "--monitor-requests", str(MONITOR)],
                        cwd=project_dir, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     state = project_dir / ".ml_prod"

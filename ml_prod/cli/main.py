@@ -70,11 +70,12 @@ def run_tutorial(s, out:Path, **parameters) -> Path:
 def demo(profile:Optional[str]=ProfileOpt,
          rows:int=typer.Option(20_000, help="Transactions to generate"),
          epochs:int=typer.Option(5, help="Training epochs"),
-         requests:int=typer.Option(300, help="Transactions sent to the endpoint")):
+         requests:int=typer.Option(300, help="Transactions sent to the endpoint"),
+         monitor_requests:int=typer.Option(1000, help="Transactions in each monitored window (at least 1,000: the smallest window drift is judged on)")):
     "Run the fraud tutorial end to end: synthetic data and training as tracked jobs, then the model served and queried over HTTP."
     s = _settings(profile)
     out = Path(s.state_dir)/"demo"/"fraud_end_to_end.ipynb"
-    try: run_tutorial(s, out, rows=rows, epochs=epochs, requests=requests)
+    try: run_tutorial(s, out, rows=rows, epochs=epochs, requests=requests, monitor_requests=monitor_requests)
     except MlProdError as e: _fail(e)
     except KeyboardInterrupt: err.print("interrupted: the tutorial's jobs were cancelled"); raise typer.Exit(130)
     typer.echo(f"\nThe executed tutorial: {out}")
