@@ -9,6 +9,9 @@ the session when a test leaves a Jupyter kernel running.
   session waits up to 10 s for kernels (`ipykernel_launcher`) that are its descendants or carry that
   marker (a kernel orphaned by a killed Ray worker is no longer a descendant), then reports the ones
   left, kills them and fails the session. Kernels of other sessions on the machine are not touched.
+* `fresh_venv`: one fresh virtualenv per session with ml_prod installed, without extras, from a wheel built from
+  this checkout (test_install, test_init; the install takes minutes, so it is done once), and `sh`/`clean_env`
+  to run commands in it.
 * Serving: one persistent local cluster for the whole session (`serving_project`, `project`) and the
   helpers the serving tests share (`cli`, `log_version`, `deploy`, `status`, `raw_project`,
   `ray_deployed`, ...); test modules import them from here (`from conftest import ...`), never from
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -65,6 +69,44 @@ def project_dir(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(root)
     return root
+
+
+# ---- a fresh virtualenv with ml_prod from a wheel of this checkout ----------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def sh(*cmd, cwd=None, env=None, timeout=1200) -> subprocess.CompletedProcess:
+    "Run `cmd`; fail with its output unless it exits 0."
+    r = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert r.returncode == 0, f"{' '.join(map(str, cmd))} exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def clean_env(venv: Path) -> dict:
+    "The environment of a shell in `venv`: nothing of this test session's Python, ml_prod, Ray or MLflow settings."
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ML_PROD_", "RAY_ADDRESS", "MLFLOW_", "PYTHON", "VIRTUAL_ENV"))}
+    return {**env, "PATH": f"{venv / 'bin'}:{env.get('PATH', '')}", "VIRTUAL_ENV": str(venv), "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@pytest.fixture(scope="session")
+def fresh_venv(tmp_path_factory) -> Path:
+    """A fresh virtualenv with `pip install ml_prod-*.whl` (no extras), the wheel built from a copy of this checkout's
+    sources (the build leaves nothing in the checkout); the dependencies come from the package index (pip's cache
+    makes it quicker). One per session: the tests that use it may add packages (test_init adds pytest)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    shutil.copytree(REPO / "ml_prod", src / "ml_prod", ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("pyproject.toml", "README.md"): shutil.copy(REPO / f, src / f)
+    sh(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", tmp / "dist", src)
+    wheel = next((tmp / "dist").glob("ml_prod-*.whl"))
+    venv = tmp / "venv"
+    sh(sys.executable, "-m", "venv", venv)
+    t0 = time.monotonic()
+    sh(venv / "bin" / "python", "-m", "pip", "install", "--quiet", wheel, env=clean_env(venv))
+    print(f"pip install {wheel.name} (no extras): {time.monotonic() - t0:.0f} s")
+    return venv
 
 
 # ---- one persistent serving cluster for the session ------------------------------------------------

@@ -29,6 +29,7 @@ def proj(tmp_path_factory):
     (root / "space.yaml").write_text("nosuchparam: {uniform: [0, 1]}\n")
     (root / "spec.yaml").write_text("applications:\n  fraud: {route: 7}\n")
     (root / "values.yaml").write_text("- just\n- a list\n")
+    (root / "taken").mkdir()
     return root
 
 
@@ -105,6 +106,13 @@ BAD_INPUTS = [
     # demo
     (["demo", "--rows", "10"], 2, "rows = 10"),
     (["demo", "--epochs", "many"], 2, "--epochs"),
+    # init and docs (the project folder has no docs/build.py)
+    (["init", "Bad_Name"], 2, "NAME 'Bad_Name'"),
+    (["init", "taken"], 2, "taken already exists: choose another NAME, or pass --force"),
+    (["docs", "build"], 2, "no docs/build.py"),
+    (["docs", "serve"], 2, "no docs/build.py"),
+    (["docs", "serve", "--dir", "nosite"], 2, "nosite/index.html does not exist"),
+    (["docs", "serve", "--port", "-1"], 2, "--port"),
 ]
 
 
@@ -119,7 +127,7 @@ def test_bad_input_exits_2_with_a_message_that_names_it(proj, argv, code, fragme
 
 def test_the_table_covers_every_command_group():
     "Each group of `ml_prod --help` has a row."
-    groups = {"run", "jobs", "cluster", "config", "pipeline", "tune", "reproduce", "models", "serve", "audit", "demo"}
+    groups = {"run", "jobs", "cluster", "config", "pipeline", "tune", "reproduce", "models", "serve", "audit", "demo", "init", "docs"}
     assert groups <= {argv[0] for argv, _, _ in BAD_INPUTS} | {argv[2] for argv, _, _ in BAD_INPUTS if argv[0] == "--profile"}
 
 

@@ -2,12 +2,14 @@
 
 The site is built from nbs/ into the test's tmp folder, served from 127.0.0.1 by http.server, and opened
 in Chromium: every internal link resolves (pages, anchors and images), searching `run_notebook` lands on
-its reference, and the fraud tutorial shows its plot. Screenshots go to the test's tmp folder. Without
+its reference, and the fraud tutorial shows its plot. Screenshots go to the test's tmp folder (the README's,
+nbs/images/docs_jobs_submit.png, is taken again and written there with ML_PROD_UPDATE_SCREENSHOT=1). The site is
+built by `ml_prod docs build`, which runs docs/build.py as `make docs` does. Without
 /usr/bin/chromium the browser tests are skipped, except in CI (`CI` set), where they fail.
 """
 from __future__ import annotations
 
-import base64, functools, http.server, json, os, re, shutil, subprocess, sys, threading
+import base64, functools, http.server, json, os, re, shutil, struct, subprocess, sys, threading
 from pathlib import Path
 from urllib.parse import urldefrag, urlparse
 
@@ -25,8 +27,10 @@ def build(out: Path, nbs: Path | None = None) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
+    "The site as `ml_prod docs build` builds it (the command runs docs/build.py, as `make docs` does)."
     out = tmp_path_factory.mktemp("docs") / "site"
-    r = build(out)
+    r = subprocess.run([str(Path(sys.executable).parent / "ml_prod"), "docs", "build", "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT / "nbs", timeout=600)  # found from a folder below the root
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return out
 
@@ -132,6 +136,25 @@ def test_tutorial_shows_its_plot(page, url, tmp_path):
     assert body in saved  # the very image the executed notebook saved
     page.screenshot(path=str(tmp_path / "tutorial.png"), full_page=True)
     img.screenshot(path=str(tmp_path / "tutorial_plot.png"))
+
+
+SCREENSHOT = ROOT / "nbs" / "images" / "docs_jobs_submit.png"  # shown in the README
+
+
+def _png_size(png: bytes) -> tuple[int, int]: return struct.unpack(">II", png[16:24])  # the IHDR chunk's width, height
+
+
+def test_readme_screenshot_is_a_page_of_the_site(page, url, tmp_path):
+    "The README's screenshot is the top of api/jobs_submit.html at 1200x720; `ML_PROD_UPDATE_SCREENSHOT=1` writes it again."
+    page.set_viewport_size({"width": 1200, "height": 720})
+    page.goto(url + "api/jobs_submit.html")
+    assert page.locator("h1", has_text="jobs.submit").is_visible()
+    shot = tmp_path / SCREENSHOT.name
+    page.screenshot(path=str(shot))
+    if os.environ.get("ML_PROD_UPDATE_SCREENSHOT"): shutil.copy(shot, SCREENSHOT)
+    assert f"]({SCREENSHOT.relative_to(ROOT)})" in (ROOT / "README.md").read_text()
+    assert SCREENSHOT.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", SCREENSHOT
+    assert _png_size(SCREENSHOT.read_bytes()) == _png_size(shot.read_bytes()) == (1200, 720)
 
 
 def test_cli_reference_lists_every_command(site):
