@@ -13,7 +13,7 @@ from . import store
 from . import tags as keys
 
 # %% auto #0
-__all__ = ['Event', 'actor', 'append', 'read', 'beat', 'close']
+__all__ = ['CLAIM_TTL_S', 'Event', 'actor', 'append', 'read', 'beat', 'close', 'ClaimHeld', 'describe_claim', 'hold']
 
 # %% ../../nbs/api/14a_tracking_events.ipynb #c33b9964
 _TRANSIENT = ("database is locked", "database table is locked", "Giving up after")
@@ -110,3 +110,78 @@ def close(s:ResolvedSettings, e:Event, status:str="FINISHED"):
     "End open event `e` (its run ends with `status`)."
     _retry(store.client(s).set_terminated, e.event_id, status)
     e.open = False
+
+# %% ../../nbs/api/14a_tracking_events.ipynb #7572588a
+import os, threading
+from contextlib import contextmanager
+from ..errors import MlProdError
+
+class ClaimHeld(MlProdError):
+    "Another writer holds the claim on a stream (`hold`); the message names it and says what to do."
+
+CLAIM_TTL_S = 30.0  # a claim lives this long after its last renewal
+_local = threading.local()  # the claims this thread holds: stream -> its event
+
+def _expires(e:Event) -> float: return (e.beat or e.time) + float(e.data.get("ttl_s", CLAIM_TTL_S))
+
+def _live(s:ResolvedSettings, stream:str, mine:Event|None=None) -> list[Event]:
+    "The other open claims on `stream` whose holder renewed them within their ttl; the expired ones are closed (their holder died)."
+    now, out = time.time(), []
+    for e in read(s, stream, kinds=("claim",), open_only=True):
+        if mine and e.event_id == mine.event_id: continue
+        if _expires(e) > now: out.append(e)
+        else: close(s, e, "KILLED")
+    return out
+
+def _attempt(s:ResolvedSettings, stream:str, data:dict, by:str) -> tuple[Event|None, list[Event]]:
+    "One try: (our claim, []) if we hold `stream` now, else (None, the live claims of others)."
+    if others := _live(s, stream): return None, others
+    mine = append(s, stream, "claim", data, by=by, keep_open=True)
+    if not (others := _live(s, stream, mine)): return mine, []
+    close(s, mine, "KILLED")  # another writer appended at the same time: both step back, then try again
+    return None, others
+
+def describe_claim(e:Event, now:float|None=None) -> str:
+    "A claim as people read it: who, doing what, pid, host, since when, last renewal."
+    d, now = e.data, now or time.time()
+    return (f"{e.actor} ({d.get('purpose', 'a change')}, pid {d.get('pid')} on {d.get('host')}, since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e.time))}, renewed {now - (e.beat or e.time):.0f} s ago)")
+
+def _renew(s:ResolvedSettings, e:Event, every_s:float, stop:threading.Event):
+    while not stop.wait(every_s):
+        try: beat(s, e)
+        except Exception: pass  # the store is briefly unreachable: the claim lasts its ttl, the next renewal tries again
+
+# %% ../../nbs/api/14a_tracking_events.ipynb #381f15c4
+@contextmanager
+def hold(s:ResolvedSettings,
+         stream:str, # what is claimed, e.g. "serving/fraud/claim"
+         purpose:str, # what the holder does, e.g. "serve update"
+         wait_s:float=60, # how long to wait for another holder (0: try once)
+         ttl_s:float=CLAIM_TTL_S, # the claim expires this long after its last renewal (its holder died)
+         by:str|None=None, # who holds it (default user@host)
+         hint:str="run it again once that one has finished", # what to do when it is held
+         poll_s:float=1.0, # how often a waiting writer looks again
+        ):
+    "Hold the claim on `stream` while the block runs (renewed meanwhile, closed after); `ClaimHeld` if another writer holds it beyond `wait_s`."
+    held = _local.__dict__.setdefault("held", {})
+    if stream in held: yield held[stream]; return  # nested in a block of this thread that holds it
+    data, deadline = dict(purpose=purpose, pid=os.getpid(), host=socket.gethostname(), ttl_s=ttl_s), time.time() + wait_s
+    while True:
+        mine, others = _attempt(s, stream, data, by or actor())
+        if mine or time.time() >= deadline: break
+        time.sleep(min(poll_s * (0.5 + random.random()), max(0.05, deadline - time.time())))
+    if not mine:
+        w = min(others, key=lambda e: (e.time, e.event_id))
+        raise ClaimHeld(f"the claim on {stream} is held by {describe_claim(w)}; waited {wait_s:.0f} s. {hint[:1].upper() + hint[1:]} "
+                        f"(if that process is gone, its claim expires {float(w.data.get('ttl_s', CLAIM_TTL_S)):.0f} s after its last renewal, at "
+                        f"{time.strftime('%H:%M:%S', time.localtime(_expires(w)))}).")
+    stop = threading.Event()
+    renewer = threading.Thread(target=_renew, args=(s, mine, ttl_s / 4, stop), name=f"ml_prod-claim-{stream}", daemon=True)
+    held[stream] = mine
+    renewer.start()
+    try: yield mine
+    finally:
+        stop.set(); renewer.join()
+        del held[stream]
+        close(s, mine)
