@@ -106,6 +106,16 @@ BAD_INPUTS = [
     # demo
     (["demo", "--rows", "10"], 2, "rows = 10"),
     (["demo", "--epochs", "many"], 2, "--epochs"),
+    # schedule
+    (["schedule", "add", "s", "--cron", "0 * *", "--notebook", "nb.ipynb"], 2, "not a five-field crontab"),
+    (["schedule", "add", "s", "--cron", "0 * * * *"], 2, "give exactly one target"),
+    (["schedule", "add", "s", "--cron", "0 * * * *", "--notebook", "missing.ipynb"], 2, "missing.ipynb"),
+    (["schedule", "add", "s", "--cron", "0 * * * *", "--notebook", "nb.ipynb", "--timezone", "Mars/Base"], 2, "unknown timezone"),
+    (["schedule", "add", "s", "--cron", "0 * * * *", "--pipeline", "pipe.yaml", "--timeout-s", "60"], 2, "timeout_s applies to notebook and monitor runs"),
+    (["schedule", "apply", "missing.yaml"], 2, "missing.yaml"),
+    (["schedule", "show", "nosuch"], 2, "no schedule 'nosuch'"),
+    (["schedule", "pause", "nosuch"], 2, "no schedule 'nosuch'"),
+    (["schedule", "run-now", "nosuch"], 2, "no schedule 'nosuch'"),
     # init and docs (the project folder has no docs/build.py)
     (["init", "Bad_Name"], 2, "NAME 'Bad_Name'"),
     (["init", "taken"], 2, "taken already exists: choose another NAME, or pass --force"),
@@ -127,7 +137,7 @@ def test_bad_input_exits_2_with_a_message_that_names_it(proj, argv, code, fragme
 
 def test_the_table_covers_every_command_group():
     "Each group of `ml_prod --help` has a row."
-    groups = {"run", "jobs", "cluster", "config", "pipeline", "tune", "reproduce", "models", "serve", "audit", "demo", "init", "docs"}
+    groups = {"run", "jobs", "cluster", "config", "pipeline", "tune", "reproduce", "models", "serve", "audit", "demo", "init", "docs", "schedule"}
     assert groups <= {argv[0] for argv, _, _ in BAD_INPUTS} | {argv[2] for argv, _, _ in BAD_INPUTS if argv[0] == "--profile"}
 
 

@@ -1,4 +1,4 @@
-"""`ml_prod pipeline ...`, `ml_prod tune` and `ml_prod reproduce`.
+"""`ml_prod pipeline ...`, `ml_prod tune`, `ml_prod reproduce` and `ml_prod schedule ...`.
 
 Docs: https://ml-prod.github.io/ml_prod/api/cli_flows.html.md"""
 
@@ -6,7 +6,7 @@ Docs: https://ml-prod.github.io/ml_prod/api/cli_flows.html.md"""
 
 # %% ../../nbs/api/93_cli_flows.ipynb #eaed3c2b
 from __future__ import annotations
-import json, os, re, sys
+import json, os, re, sys, time
 from pathlib import Path
 from typing import Literal, Optional
 import typer
@@ -18,8 +18,9 @@ from .jobs import NotebookArg, _job
 from .common import _fail, _settings
 
 # %% auto #0
-__all__ = ['pipeline_app', 'PipelineArg', 'pipeline_run', 'pipeline_check', 'pipeline_state', 'pipeline_show', 'tune',
-           'reproduce']
+__all__ = ['pipeline_app', 'PipelineArg', 'schedule_app', 'NameArg', 'pipeline_run', 'pipeline_check', 'pipeline_state',
+           'pipeline_show', 'tune', 'reproduce', 'schedule_add', 'schedule_apply', 'schedule_list', 'schedule_show',
+           'schedule_pause', 'schedule_resume', 'schedule_remove', 'schedule_run_now']
 
 # %% ../../nbs/api/93_cli_flows.ipynb #f3718eda
 pipeline_app = group("Pipelines: DAGs of notebook jobs declared in YAML, cached by content hash.")
@@ -131,3 +132,137 @@ def reproduce(run_id:str=typer.Argument(..., help="The job run to re-run"),
     except MlProdError as e: _fail(e)
     typer.echo(rep.summary())
     raise typer.Exit(0 if rep.result.ok else 1)
+
+# %% ../../nbs/api/93_cli_flows.ipynb #e8c75846
+schedule_app = group("Schedules: notebooks, pipelines and monitors fired on a cron by the control service.")
+app.add_typer(schedule_app, name="schedule")
+NameArg = typer.Argument(..., metavar="NAME", help="The schedule's name")
+
+def _store(profile:str|None):
+    from ml_prod.control.scheduler import ScheduleStore
+    s = _settings(profile)
+    return s, ScheduleStore.of(s)
+
+def _target_path(s, path:Path, what:str) -> str:
+    "A target file as the store keeps it: relative to the project folder when inside it (the service reads it from there)."
+    p = path.expanduser().resolve()
+    if not p.is_file(): raise ParameterError(f"--{what} {path}: no such file (from {Path.cwd()})")
+    try: return str(p.relative_to(Path(s.project_dir).resolve()))
+    except ValueError: return str(p)
+
+def _when(t) -> str: return t.strftime("%Y-%m-%d %H:%M:%S %Z") if hasattr(t, "strftime") else "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+# %% ../../nbs/api/93_cli_flows.ipynb #6d6c1b42
+@schedule_app.command("add", cls=PairsCommand)
+def schedule_add(name:str=NameArg,
+                 cron:str=typer.Option(..., "--cron", help="Five-field crontab, e.g. '0 * * * *' for hourly"),
+                 timezone:str=typer.Option("UTC", "--timezone", help="IANA timezone the cron is read in"),
+                 notebook:Optional[Path]=typer.Option(None, "--notebook", help="Target: a notebook to run as a job"),
+                 pipeline:Optional[Path]=typer.Option(None, "--pipeline", help="Target: a pipeline YAML file"),
+                 monitor:Optional[str]=typer.Option(None, "--monitor", help="Target: a serving application to monitor"),
+                 param:Optional[list[str]]=PairOpt("-p", "--param", help="A parameter of the notebook (or of the monitoring notebook), NAME VALUE"),
+                 misfire_grace_hours:float=typer.Option(6, "--misfire-grace-hours", min=0, help="A fire later than this is recorded as missed, not run"),
+                 timeout_s:Optional[float]=typer.Option(None, "--timeout-s", min=1, help="Cancel a fired run after this long (notebook and monitor)"),
+                 retries:int=typer.Option(0, "--retries", min=0, help="Extra attempts after a failed run"),
+                 backoff_s:float=typer.Option(60, "--backoff-s", min=0, help="Wait before the first retry, doubled each time"),
+                 profile:Optional[str]=ProfileOpt):
+    "Add schedule NAME (or replace the one of that name) with one target: --notebook, --pipeline or --monitor."
+    from ml_prod.flows.schedules import schedule
+    from ml_prod.monitoring.job import monitor_notebook
+    s, store = _store(profile)
+    try:
+        with store:
+            if sum(x is not None for x in (notebook, pipeline, monitor)) != 1:
+                raise ParameterError("give exactly one target: --notebook NB, --pipeline FILE or --monitor APP")
+            if param and pipeline: raise ParameterError("-p applies to --notebook and --monitor: a pipeline's parameters are in its YAML file")
+            nb = notebook and _target_path(s, notebook, "notebook")
+            values = gather_parameters(param, None, notebook or monitor_notebook()) if param else {}
+            spec = schedule(dict(name=name, cron=cron, timezone=timezone, notebook=nb, pipeline=pipeline and _target_path(s, pipeline, "pipeline"),
+                                 monitor=monitor, parameters=values, misfire_grace_hours=misfire_grace_hours, timeout_s=timeout_s,
+                                 retries=retries, backoff_s=backoff_s))
+            store.put(spec)
+            nxt = store.get(name)[1]
+    except MlProdError as e: _fail(e)
+    console.print(f"schedule {name}: {cron} ({timezone}), next fire {_when(nxt)}; the control service fires it (`ml_prod control status`)")
+
+@schedule_app.command("apply")
+def schedule_apply(file:Path=typer.Argument(..., help="A YAML file of schedules (a list, or `schedules:` holding one)"),
+                   profile:Optional[str]=ProfileOpt):
+    "Add or replace every schedule of FILE (schedules as code); re-applying an unchanged file shifts no planned fire."
+    from ml_prod.flows.schedules import load_schedules
+    s, store = _store(profile)
+    try:
+        with store:
+            specs = load_schedules(file)
+            for x in specs:
+                if x.notebook: x.notebook = _target_path(s, (file.parent/x.notebook) if not Path(x.notebook).is_absolute() else Path(x.notebook), "notebook")
+                if x.pipeline: x.pipeline = _target_path(s, (file.parent/x.pipeline) if not Path(x.pipeline).is_absolute() else Path(x.pipeline), "pipeline")
+                store.put(x)
+    except MlProdError as e: _fail(e)
+    console.print(f"applied {len(specs)} schedule(s) from {file}: {', '.join(x.name for x in specs)}")
+
+# %% ../../nbs/api/93_cli_flows.ipynb #87db0ef0
+def _target(x) -> str: return f"notebook {x.notebook}" if x.notebook else f"pipeline {x.pipeline}" if x.pipeline else f"monitor {x.monitor}"
+
+@schedule_app.command("list")
+def schedule_list(profile:Optional[str]=ProfileOpt):
+    "Every schedule: cron, target, next planned fire and its last outcome."
+    s, store = _store(profile)
+    with store:
+        rows = [dict(name=x.name, cron=x.cron, timezone=x.timezone, target=_target(x), paused=x.paused, next=nxt,
+                     last=(h[0] if (h := store.history(x.name, limit=1)) else None)) for x, nxt in store.all()]
+    def show(rows):
+        t = Table("name", "cron", "target", "next fire", "last outcome")
+        for r in rows: t.add_row(r["name"], f"{r['cron']} ({r['timezone']})", r["target"], "paused" if r["paused"] else _when(r["next"]),
+                                 f"{r['last']['outcome']} ({_when(r['last']['planned'])})" if r["last"] else "-")
+        console.print(t if rows else "no schedules: add one with `ml_prod schedule add` or `ml_prod schedule apply FILE`")
+    emit(rows, show)
+
+@schedule_app.command("show")
+def schedule_show(name:str=NameArg, limit:int=typer.Option(20, "--limit", min=1, help="Fires of the history shown"), profile:Optional[str]=ProfileOpt):
+    "Schedule NAME and its history: planned time, actual start, run id, outcome, why a fire did not run."
+    s, store = _store(profile)
+    try:
+        with store: (x, nxt), hist = store.get(name), store.history(name, limit=limit)
+    except MlProdError as e: _fail(e)
+    def show(d):
+        console.print(f"{x.name}: {x.cron} ({x.timezone}), {_target(x)}, {'paused' if x.paused else 'next fire ' + _when(nxt)}; "
+                      f"misfire grace {x.misfire_grace_hours:g} h, retries {x.retries}", soft_wrap=True)
+        t = Table("planned", "attempt", "started", "run", "outcome", "detail")
+        for h in hist: t.add_row(_when(h["planned"]), str(h["attempt"]), _when(h["started"]), h["run_id"] or "-", h["outcome"], h["detail"] or "")
+        console.print(t if hist else "no fires yet")
+    emit(dict(schedule=x, next=nxt, history=hist), show)
+
+# %% ../../nbs/api/93_cli_flows.ipynb #855a5157
+def _change(name:str, profile:str|None, what:str):
+    s, store = _store(profile)
+    try:
+        with store:
+            getattr(store, what)(name)
+            nxt = store.get(name)[1] if what != "remove" else None
+    except MlProdError as e: _fail(e)
+    return nxt
+
+@schedule_app.command("pause")
+def schedule_pause(name:str=NameArg, profile:Optional[str]=ProfileOpt):
+    "Pause NAME: it fires nothing until resumed."
+    _change(name, profile, "pause"); console.print(f"schedule {name} paused")
+
+@schedule_app.command("resume")
+def schedule_resume(name:str=NameArg, profile:Optional[str]=ProfileOpt):
+    "Resume NAME from its next planned fire (fires planned while it was paused are not made up)."
+    console.print(f"schedule {name} resumed, next fire {_when(_change(name, profile, 'resume'))}")
+
+@schedule_app.command("remove")
+def schedule_remove(name:str=NameArg, profile:Optional[str]=ProfileOpt):
+    "Remove NAME (its history stays in the store)."
+    _change(name, profile, "remove"); console.print(f"schedule {name} removed")
+
+@schedule_app.command("run-now")
+def schedule_run_now(name:str=NameArg, profile:Optional[str]=ProfileOpt):
+    "Fire NAME once now, as a detached tracked run recorded in its history (needs `ml_prod cluster up`)."
+    from ml_prod.control.scheduler import run_now
+    s = _settings(profile)
+    try: r = run_now(name, s)
+    except MlProdError as e: _fail(e)
+    emit(r, lambda r: console.print(f"{name} fired: run {r.get('run_id') or '(a pipeline: its run id appears in `ml_prod schedule show`)'}, {r['outcome']}"))

@@ -432,9 +432,9 @@ def _reuse_upstream(r:_Run, needed:list[str], flag:str):
         r.results[n] = StepResult(r.outputs[n].run_id, r.p.steps[n].notebook, "CACHED", name=n)
 
 # %% ../../nbs/api/40_flows_pipelines.ipynb #295a7bb9
-def _open_parent(r:_Run, source:str, options:dict):
+def _open_parent(r:_Run, source:str, options:dict, extra:dict|None=None):
     "The pipeline's parent MLflow run."
-    tags = {keys.PIPELINE: r.p.name, keys.PIPELINE_FILE: source, keys.PIPELINE_OPTIONS: json.dumps(options),
+    tags = {**(extra or {}), keys.PIPELINE: r.p.name, keys.PIPELINE_FILE: source, keys.PIPELINE_OPTIONS: json.dumps(options),
             keys.PROFILE: r.s.profile, keys.CWD: r.cwd}
     r.parent = r.c.create_run(r.exp, tags=tags, run_name=f"pipeline:{r.p.name}").info.run_id
     r.c.log_text(r.parent, json.dumps(r.p.model_dump(), indent=2, default=str), "pipeline.json")
@@ -513,6 +513,7 @@ def run_pipeline(pipeline:Pipeline|str|Path, # the pipeline, or its YAML file
                  cwd:str|Path|None=None, # the working directory of every step (default: this one)
                  profile:str|None=None, # settings profile, when `settings` is not given
                  secrets:dict|None=None, # values of the secrets given as {env: NAME}, by NAME (default: this environment's)
+                 tags:dict|None=None, # more tags of the parent run (a schedule's name and planned time)
                 ) -> PipelineResult:
     "Run a pipeline's steps as notebook jobs on Ray, in parallel where the DAG allows, reusing cached steps."
     source = str(pipeline) if not isinstance(pipeline, Pipeline) else pipeline._source
@@ -522,7 +523,7 @@ def run_pipeline(pipeline:Pipeline|str|Path, # the pipeline, or its YAML file
     _check_secrets(p, [*needed, *todo], secrets or {})
     r = _Run(p, s, str(Path(cwd or Path.cwd()).resolve()), force or bool(only or from_step), secrets)
     _reuse_upstream(r, needed, f"only={only!r}" if only else f"from_step={from_step!r}")
-    _open_parent(r, source, dict(only=only, from_step=from_step, force=force))
+    _open_parent(r, source, dict(only=only, from_step=from_step, force=force), tags)
     for n in needed: _record(r, r.results[n])
     status = "FAILED"
     try:

@@ -7,12 +7,13 @@ Docs: https://ml-prod.github.io/ml_prod/api/flows_schedules.html.md"""
 # %% ../../nbs/api/43_flows_schedules.ipynb #35da9358
 from __future__ import annotations
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 from ..errors import ConfigError, field_errors
 
 # %% auto #0
-__all__ = ['Schedule', 'trigger', 'schedule', 'fires', 'due', 'decide', 'monitor_window']
+__all__ = ['Schedule', 'trigger', 'schedule', 'load_schedules', 'fires', 'due', 'decide', 'monitor_window']
 
 # %% ../../nbs/api/43_flows_schedules.ipynb #e76df036
 class Schedule(BaseModel):
@@ -48,6 +49,8 @@ class Schedule(BaseModel):
     def _one_target(self):
         n = sum(x is not None for x in (self.notebook, self.pipeline, self.monitor))
         if n != 1: raise ValueError("set exactly one of notebook, pipeline, monitor")
+        if self.pipeline and self.timeout_s is not None: raise ValueError("timeout_s applies to notebook and monitor runs: give a pipeline's steps their own timeouts")
+        if self.parameters and self.pipeline: raise ValueError("parameters apply to notebook and monitor runs: a pipeline's parameters are in its YAML file")
         return self
 
 # %% ../../nbs/api/43_flows_schedules.ipynb #37a7d93e
@@ -66,6 +69,22 @@ def schedule(d:dict, # one schedule as read from YAML
     try: return Schedule(**d)
     except ValidationError as e:
         raise ConfigError(f"schedule {d.get('name', '?')!r} is invalid:\n" + field_errors(e.errors(), list(Schedule.model_fields)))
+
+def load_schedules(path:str|Path, # a YAML file: a list of schedules, or `schedules:` holding one
+                  ) -> list[Schedule]:
+    "The checked schedules of a YAML file (schedules as code); a bad entry or a name used twice raises `ConfigError` naming it."
+    import yaml
+    p = Path(path)
+    try: data = yaml.safe_load(p.read_text())
+    except OSError as e: raise ConfigError(f"schedules file {p}: {e.strerror}: give the path of a YAML file") from None
+    except yaml.YAMLError as e: raise ConfigError(f"schedules file {p} is not valid YAML: {e}") from None
+    items = data.get("schedules") if isinstance(data, dict) else data
+    if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
+        raise ConfigError(f"schedules file {p}: write a list of schedules (each a mapping with name, cron and a target), or `schedules:` holding one")
+    out = [schedule(x) for x in items]
+    if dup := sorted({x.name for x in out if [y.name for y in out].count(x.name) > 1}):
+        raise ConfigError(f"schedules file {p}: name {', '.join(map(repr, dup))} is used twice: each schedule needs its own name")
+    return out
 
 # %% ../../nbs/api/43_flows_schedules.ipynb #a63e4225
 def fires(s:Schedule,        # the schedule

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from ..runtime import _compat
 
 # %% auto #0
-__all__ = ['DETACH_START_TIMEOUT_S', 'JobHandle', 'submit_notebook', 'run_notebook', 'run_notebooks']
+__all__ = ['DETACH_START_TIMEOUT_S', 'JobHandle', 'submit_notebook', 'run_notebook', 'finish', 'run_notebooks']
 
 # %% ../../nbs/api/23_jobs_submit.ipynb #29e41909
 @dataclass
@@ -200,7 +200,12 @@ def run_notebook(notebook:str|Path, # the .ipynb to run
                  **kwargs, # as for `submit_notebook`
                 ) -> JobResult:
     "Run a notebook as a tracked job on Ray and wait for it; Ctrl-C cancels it."
-    h = submit_notebook(notebook, parameters, **kwargs)
+    return finish(submit_notebook(notebook, parameters, **kwargs), check)
+
+def finish(h:JobHandle, # a submitted job
+           check:bool=True, # raise JobFailed when the job does not finish
+          ) -> JobResult:
+    "Wait for `h` and return its result; Ctrl-C cancels it."
     try: result = h.wait()
     except KeyboardInterrupt:
         h.cancel()

@@ -16,7 +16,7 @@ from ..tracking import tags as keys
 # %% auto #0
 __all__ = ['MONITOR_NOTEBOOK', 'UNHEALTHY', 'monitor_notebook', 'window_edges', 'window_name', 'reference_model',
            'served_decision', 'window_rows', 'evaluate', 'verdict', 'MonitorResult', 'reason_text', 'run_verdict',
-           'table_metrics', 'log_table', 'log_verdict', 'plots', 'monitor', 'latest_verdict']
+           'table_metrics', 'log_table', 'log_verdict', 'plots', 'submit_monitor', 'monitor', 'latest_verdict']
 
 # %% ../../nbs/api/64_monitoring_job.ipynb #0be736d2
 MONITOR_NOTEBOOK = "notebooks/monitor.ipynb"  # inside the ml_prod package
@@ -209,22 +209,23 @@ def plots(table, win, profile:dict, edges:list[tuple[float, float]], max_feature
     return figs
 
 # %% ../../nbs/api/64_monitoring_job.ipynb #2bfddcba
-def monitor(app:str,  # the application whose audit log to read
-            start="-1h",  # first time included: ISO time, epoch seconds or relative to now like '-2h'
-            end=None,  # end of the window (excluded), in the same forms (default: now)
-            *,
-            windows:int=1,  # windows the range is cut into (one MLflow step each); the verdict is the last one's
-            model:str="",  # the reference: models:/NAME/VERSION (default: the version that served most of the window)
-            settings=None,  # ResolvedSettings (default: load_settings())
-            cpus:float=1,  # CPUs reserved for the job
-            timeout:float|None=1800,  # seconds before the job is killed and FAILED
-            parameters:dict|None=None,  # more of the notebook's parameters: thresholds, minimum window, ...
-           ) -> MonitorResult:
-    "Run the monitoring notebook on `app`'s window as a tracked job and return its verdict."
+def submit_monitor(app:str,  # the application whose audit log to read
+                   start="-1h",  # first time included: ISO time, epoch seconds or relative to now like '-2h'
+                   end=None,  # end of the window (excluded), in the same forms (default: now)
+                   *,
+                   windows:int=1,  # windows the range is cut into (one MLflow step each); the verdict is the last one's
+                   model:str="",  # the reference: models:/NAME/VERSION (default: the version that served most of the window)
+                   settings=None,  # ResolvedSettings (default: load_settings())
+                   cpus:float=1,  # CPUs reserved for the job
+                   timeout:float|None=1800,  # seconds before the job is killed and FAILED
+                   parameters:dict|None=None,  # more of the notebook's parameters: thresholds, minimum window, ...
+                   tags:dict|None=None,  # more tags of the run (a schedule's name and planned time)
+                   detach:bool=False,  # run in a detached Ray actor that outlives this process (the scheduler's runs)
+                  ):
+    "Start the monitoring notebook on `app`'s window as a tracked job; returns its `JobHandle` at once."
     from ml_prod.audit.query import parse_time
-    from ml_prod.jobs.submit import run_notebook
+    from ml_prod.jobs.submit import submit_notebook
     from ml_prod.settings import load_settings
-    from ml_prod.tracking.store import client
     s = settings or load_settings()
     if not isinstance(app, str) or not app: raise ConfigError(f"app = {app!r}: name the application to monitor")
     now = time.time()
@@ -232,10 +233,16 @@ def monitor(app:str,  # the application whose audit log to read
     if t0 is None: raise ConfigError("since = None: give the first time of the window, e.g. -1h")
     window_edges(t0, t1, windows)
     values = {**(parameters or {}), "app": app, "start": t0, "end": t1, "windows": windows, "model": model, "audit_dir": str(s.audit_dir)}
-    tags = {keys.MONITOR_APP: app, keys.MONITOR_START: keys.seconds(t0), keys.MONITOR_END: keys.seconds(t1)}
-    r = run_notebook(monitor_notebook(), values, settings=s, experiment=keys.MONITOR_EXPERIMENT, cpus=cpus, timeout=timeout,
-                     run_name=f"monitor {app}", tags=tags)
-    return run_verdict(client(s).get_run(r.run_id))
+    tags = {**(tags or {}), keys.MONITOR_APP: app, keys.MONITOR_START: keys.seconds(t0), keys.MONITOR_END: keys.seconds(t1)}
+    return submit_notebook(monitor_notebook(), values, settings=s, experiment=keys.MONITOR_EXPERIMENT, cpus=cpus, timeout=timeout,
+                           run_name=f"monitor {app}", tags=tags, detach=detach)
+
+def monitor(app:str, start="-1h", end=None, **kwargs) -> MonitorResult:
+    "Run the monitoring notebook on `app`'s window as a tracked job (arguments as for `submit_monitor`) and return its verdict."
+    from ml_prod.jobs.submit import finish
+    from ml_prod.tracking.store import client
+    h = submit_monitor(app, start, end, **kwargs)
+    return run_verdict(client(h.settings).get_run(finish(h).run_id))
 
 def latest_verdict(app:str, settings=None) -> MonitorResult|None:
     "The verdict of `app`'s latest finished monitoring run, or None."

@@ -23,8 +23,9 @@ __all__ = ['PREFIX', 'ERROR_MAX', 'STEP_ERROR_MAX', 'JOB', 'PROFILE', 'CWD', 'RE
            'LEASE_BEAT', 'MONITOR_EXPERIMENT', 'MONITOR_APP', 'MONITOR_START', 'MONITOR_END', 'MONITOR_STATUS',
            'MONITOR_RESULT', 'MONITOR_MODEL', 'BATCH_EXPERIMENT', 'BATCH_MODEL', 'BATCH_REQUESTED', 'BATCH_APP',
            'BATCH_INPUT', 'BATCH_INPUT_SHA256', 'BATCH_OUTPUT', 'BATCH_RESUMES', 'BATCH_ROWS_SCORED',
-           'BATCH_ROWS_REJECTED', 'BATCH_FILES_SCORED', 'BATCH_FILES_SKIPPED', 'BATCH_SECONDS', 'flag', 'clip',
-           'param_value', 'input_key', 'step_key', 'millis', 'prefixed', 'unprefixed', 'seconds', 'payload_key']
+           'BATCH_ROWS_REJECTED', 'BATCH_FILES_SCORED', 'BATCH_FILES_SKIPPED', 'BATCH_SECONDS', 'SCHEDULE',
+           'SCHEDULE_PLANNED', 'SCHEDULE_ATTEMPT', 'flag', 'clip', 'param_value', 'input_key', 'step_key', 'millis',
+           'prefixed', 'unprefixed', 'seconds', 'payload_key']
 
 # %% ../../nbs/api/12_tracking_tags.ipynb #3f9ac1a3
 PREFIX = "ml_prod."       # the start of every key below; metrics with it are ml_prod's own (left out of a model's metrics)
@@ -192,3 +193,8 @@ BATCH_ROWS_REJECTED = "ml_prod.batch.rows_rejected" # metric: rows this run refu
 BATCH_FILES_SCORED = "ml_prod.batch.files_scored"   # metric: input files this run completed
 BATCH_FILES_SKIPPED = "ml_prod.batch.files_skipped" # metric: input files completed by an earlier run of the same output
 BATCH_SECONDS = "ml_prod.batch.seconds"             # metric: wall-clock seconds of the run
+
+# %% ../../nbs/api/12_tracking_tags.ipynb #c58461d8
+SCHEDULE = "ml_prod.schedule"                  # fired run: the schedule's name
+SCHEDULE_PLANNED = "ml_prod.schedule.planned"  # fired run: the planned fire time it stands for, unix seconds (see `seconds`)
+SCHEDULE_ATTEMPT = "ml_prod.schedule.attempt"  # fired run: 1 for the first attempt, 2 for the first retry, ...
