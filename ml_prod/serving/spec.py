@@ -13,9 +13,9 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 from ..errors import ConfigError, field_errors
 
 # %% auto #0
-__all__ = ['SERVE_ENV', 'DEPLOYMENT', 'Arm', 'Batching', 'Autoscaling', 'Limits', 'Decision', 'Audit', 'Step', 'Application',
-           'ServeSpec', 'spec_from_dict', 'load_spec', 'pick_arm', 'pin_arm', 'user_config', 'step_args', 'app_config',
-           'build_config']
+__all__ = ['Verdict', 'SERVE_ENV', 'DEPLOYMENT', 'Arm', 'Batching', 'Autoscaling', 'Limits', 'Decision', 'Audit', 'Step',
+           'Trigger', 'Promotion', 'Canary', 'Lifecycle', 'Application', 'ServeSpec', 'spec_from_dict', 'load_spec',
+           'pick_arm', 'pin_arm', 'user_config', 'step_args', 'app_config', 'build_config']
 
 # %% ../../nbs/api/50_serving_spec.ipynb #82e8324b
 class _Strict(BaseModel): model_config = ConfigDict(extra="forbid")
@@ -118,6 +118,46 @@ _StepSpec = Annotated[Annotated[str, Tag(_FUSED)] | Annotated[Step, Tag(_SEPARAT
                       Discriminator(lambda v: _SEPARATE if isinstance(v, (dict, Step)) else _FUSED)]
 _REGISTERED = r"^models:/[^/@\s]+(/[0-9]+|@[A-Za-z0-9_.-]+)$"  # models:/NAME/VERSION or models:/NAME@ALIAS of the profile's registry
 
+# %% ../../nbs/api/50_serving_spec.ipynb #04d00ad0
+Verdict = Literal["data_drift", "integrity", "quality_drop", "service_degraded"]
+
+class Trigger(_Strict):
+    "When the loop retrains: consecutive unhealthy monitoring verdicts with enough rows (and labels) behind them, and never within a cooldown."
+    on: list[Verdict] = Field(["data_drift", "quality_drop"], min_length=1, description="Monitoring verdicts that count towards a retrain")
+    windows: int = Field(2, ge=1, description="Consecutive monitoring windows with such a verdict before a retrain (one drifted window does not flap the model)")
+    min_rows: int = Field(500, ge=1, description="Fewest requests in each of those windows")
+    min_labels: int = Field(100, ge=0, description="Fewest labelled rows behind a quality_drop verdict for it to count")
+    cooldown_s: float = Field(3600, ge=0, description="Seconds after a retrain started before another may start")
+
+class Promotion(_Strict):
+    "How a challenger must beat the champion on the same frozen holdout (the one promotion guard, `ml_prod.models.promote`)."
+    metric: str = Field("roc_auc", min_length=1, description="The metric compared: roc_auc, average_precision, log_loss, accuracy, precision, recall or f1")
+    mode: Literal["max", "min"] = Field("max", description="max: higher is better; min: lower is better (log_loss)")
+    margin: float = Field(0.0, ge=0, description="The challenger must be better by at least this much")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="The paired-bootstrap interval of the difference that must exclude zero")
+    resamples: int = Field(1000, ge=100, le=100_000, description="Paired bootstrap resamples of the holdout")
+    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="The latest share of labelled production rows kept for evaluation and never trained on")
+    min_holdout_rows: int = Field(200, ge=10, description="Fewest labelled holdout rows for an evaluation (fewer: the loop waits for labels)")
+
+class Canary(_Strict):
+    "The challenger's canary: a small share of live traffic, compared with the champion over the same interval."
+    weight: float = Field(0.1, gt=0, lt=1, description="Share of traffic the canary takes")
+    min_requests: int = Field(200, ge=1, description="Canary requests needed before a verdict")
+    hold_s: float = Field(300, ge=0, description="Seconds the canary's figures must hold before it takes all traffic")
+    timeout_s: float = Field(3600, gt=0, description="A canary short of min_requests after this long is rolled back")
+    max_error_rate_increase: float = Field(0.01, ge=0, description="Canary error rate minus the champion's above which it is rolled back")
+    max_latency_ratio: float = Field(1.5, ge=1, description="Canary p95 latency over the champion's above which it is rolled back")
+
+class Lifecycle(_Strict):
+    "The retrain-evaluate-canary-promote loop of one application."
+    mode: Literal["automatic", "approval", "dry_run"] = Field("automatic", description="automatic; approval: a person approves each promotion; dry_run: report what it would do, change nothing")
+    retrain: str = Field(min_length=1, description="The retraining pipeline's YAML file, relative to the spec (its last step registers the challenger)")
+    arm: str|None = Field(None, description="The champion's arm, serving models:/NAME@ALIAS (default: the only arm taking traffic)")
+    training_data: bool = Field(False, description="Also retrain on the original training data, not only on recent labelled production rows")
+    trigger: Trigger = Field(default_factory=Trigger)
+    promotion: Promotion = Field(default_factory=Promotion)
+    canary: Canary = Field(default_factory=Canary)
+
 # %% ../../nbs/api/50_serving_spec.ipynb #0e4c9ea0
 _UNREGISTERED = ("arm {arm!r}: model {uri!r} is not a registered model version: serve models:/NAME@ALIAS or models:/NAME/VERSION "
                  "(register it with `ml_prod models register RUN --name NAME`), or set allow_unregistered_models: true on the application "
@@ -142,6 +182,7 @@ class Application(_Strict):
     access_log: bool = Field(False, description="Ray Serve's access log line per request (the audit log already records every request)")
     limits: Limits = Field(default_factory=Limits)
     audit: Audit = Field(default_factory=Audit)
+    lifecycle: Lifecycle|None = Field(None, description="The retrain-evaluate-canary-promote loop of this application (`ml_prod.lifecycle`); kept out of Ray Serve's config")
 
     @field_validator("arms")
     @classmethod
@@ -170,6 +211,19 @@ class Application(_Strict):
         if self.replicas and self.autoscaling: raise ValueError("set replicas or autoscaling, not both")
         return self
 
+    @model_validator(mode="after")
+    def _lifecycle_arm(self):
+        "The loop moves the alias of one arm's model: that arm must exist, take traffic and serve models:/NAME@ALIAS."
+        if self.lifecycle is None: return self
+        live = [n for n, a in self.arms.items() if a.weight > 0 and not a.shadow]
+        arm = self.lifecycle.arm or (live[0] if len(live) == 1 else None)
+        if arm is None: raise ValueError(f"lifecycle.arm: name the champion's arm (arms taking traffic: {live})")
+        if arm not in self.arms: raise ValueError(f"lifecycle.arm = {arm!r}: no such arm (arms: {sorted(self.arms)})")
+        if not re.match(r"^models:/[^/@]+@[^/@]+$", self.arms[arm].model):
+            raise ValueError(f"lifecycle: arm {arm!r} serves {self.arms[arm].model!r}; the loop moves an alias, so serve models:/NAME@ALIAS")
+        self.lifecycle.arm = arm
+        return self
+
     @property
     def route_prefix(self) -> str: return f"/{self.name}"
 
@@ -191,7 +245,7 @@ class ServeSpec(_Strict):
         raise ConfigError(f"No application {name!r} in this spec (it has {[a.name for a in self.applications]}).")
 
 # %% ../../nbs/api/50_serving_spec.ipynb #435f1e77
-_MODELS = [Arm, Batching, Autoscaling, Step, Limits, Decision, Audit, Application, ServeSpec]
+_MODELS = [Arm, Batching, Autoscaling, Step, Limits, Decision, Audit, Trigger, Promotion, Canary, Lifecycle, Application, ServeSpec]
 _FIELDS = sorted({f for m in _MODELS for f in m.model_fields})
 
 def spec_from_dict(data, # the parsed YAML
