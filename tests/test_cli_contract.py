@@ -116,6 +116,9 @@ BAD_INPUTS = [
     (["schedule", "show", "nosuch"], 2, "no schedule 'nosuch'"),
     (["schedule", "pause", "nosuch"], 2, "no schedule 'nosuch'"),
     (["schedule", "run-now", "nosuch"], 2, "no schedule 'nosuch'"),
+    # lifecycle
+    (["lifecycle", "approve", "fraud"], 2, "--reason: say why"),
+    (["lifecycle", "explain"], 2, "Missing argument 'APP'"),
     # init and docs (the project folder has no docs/build.py)
     (["init", "Bad_Name"], 2, "NAME 'Bad_Name'"),
     (["init", "taken"], 2, "taken already exists: choose another NAME, or pass --force"),
@@ -137,7 +140,7 @@ def test_bad_input_exits_2_with_a_message_that_names_it(proj, argv, code, fragme
 
 def test_the_table_covers_every_command_group():
     "Each group of `ml_prod --help` has a row."
-    groups = {"run", "jobs", "cluster", "config", "pipeline", "tune", "reproduce", "models", "serve", "audit", "demo", "init", "docs", "schedule"}
+    groups = {"run", "jobs", "cluster", "config", "pipeline", "tune", "reproduce", "models", "serve", "audit", "demo", "init", "docs", "schedule", "lifecycle"}
     assert groups <= {argv[0] for argv, _, _ in BAD_INPUTS} | {argv[2] for argv, _, _ in BAD_INPUTS if argv[0] == "--profile"}
 
 

@@ -15,7 +15,7 @@ from ..errors import MlProdError, ParameterError
 from ..settings import load_settings, settings_table
 from .common import ProfileOpt, app, err
 from .common import _fail, _settings
-from . import jobs, models, flows, serve, control, monitor, batch, project  # each registers its commands on `app`
+from . import jobs, models, flows, serve, control, lifecycle, monitor, batch, project  # each registers its commands on `app`
 
 # %% auto #0
 __all__ = ['main', 'tutorial_notebook', 'check_example_installed', 'run_tutorial', 'demo']

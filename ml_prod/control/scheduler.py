@@ -317,7 +317,7 @@ def run_now(name:str, s:ResolvedSettings|None=None, now:float|None=None, store:S
     store = store or ScheduleStore.of(s)
     try:
         spec, _ = store.get(name)
-        now = time.time() if now is None else now
+        now = round(time.time() if now is None else now, 6)  # as the run's planned-time tag keeps it (`tags.seconds`)
         if (n := _running(store, launcher or Launcher(s), name, {})): raise ScheduleError(f"{name!r} has {n} run(s) not ended yet: never two at once; wait, or cancel it with `ml_prod job cancel`")
         r = _fire(store, launcher or Launcher(s), spec, now, 1, now, detail="run-now")
         if r is None: raise ScheduleError(f"{name!r} was fired at this very time already")
