@@ -160,14 +160,6 @@ class ScheduleStore(ScheduleStore):
         with self.engine.connect() as c: return [dict(r._mapping) for r in c.execute(q)]
 
 # %% ../../nbs/api/82_control_scheduler.ipynb #82441c97
-class _PipelineRun:
-    "A detached Ray actor that runs one scheduled pipeline, then exits."
-    def run(self, path:str, s:ResolvedSettings, tags:dict):
-        import ray
-        from ml_prod.flows.pipelines import run_pipeline
-        try: return run_pipeline(path, settings=s, cwd=s.project_dir, tags=tags).parent_run_id
-        finally: ray.actor.exit_actor()
-
 def _path(s:ResolvedSettings, p:str) -> str:
     "A target's path, relative ones read from the project folder (the service does not run where the schedule was added)."
     q = Path(p).expanduser()
@@ -188,12 +180,8 @@ class Launcher:
             from ml_prod.monitoring.job import submit_monitor
             return submit_monitor(spec.monitor, window[0], window[1], settings=self.s, timeout=spec.timeout_s or 1800, parameters=spec.parameters,
                                   tags=tags, detach=True).run_id
-        import ray
-        from ml_prod.runtime.cluster import NAMESPACE, connect
-        connect(self.s)
-        actor = ray.remote(_PipelineRun).options(name=f"ml_prod_schedule:{spec.name}:{planned:.0f}:{attempt}", namespace=NAMESPACE,
-                                                 lifetime="detached", get_if_exists=True, num_cpus=0)
-        actor.remote().run.remote(_path(self.s, spec.pipeline), self.s, tags)
+        from ml_prod.flows.pipelines import start_pipeline
+        start_pipeline(_path(self.s, spec.pipeline), self.s, f"ml_prod_schedule:{spec.name}:{planned:.0f}:{attempt}", tags)
         return None
 
     def runs(self, name:str) -> list[dict]:
