@@ -32,7 +32,7 @@ help:
 	@echo "make readme   render README.md from nbs/index.ipynb"
 	@echo "make tutorial run ml_prod demo in a fresh project and save the executed tutorial with its outputs"
 	@echo "make check    fail if export, normalize or readme would change anything"
-	@echo "make docs     build the docs site into docs/site/ with Sphinx + myst-nb (offline; any warning fails it)"
+	@echo "make docs     build the docs site into docs/site/ with Sphinx + myst-nb (offline; any warning fails it; ml_prod docs build runs the same docs/build.py)"
 	@echo "make bench    run every benchmark script bench/*.py"
 
 venv: $(VENV)/.installed

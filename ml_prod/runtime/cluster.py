@@ -224,7 +224,9 @@ def connect(s:ResolvedSettings|None=None, # settings of the project (default: th
     if env := {**runtime_env, **(init_kwargs.get("runtime_env") or {})}: kw["runtime_env"] = env
     with _loopback_node(loopback), _without(_secret_names(s, os.environ) if not address else []):
         if not address:
-            ctx = ray.init(num_cpus=s.ray_num_cpus, include_dashboard=False, **kw)
+            # address="local": a Ray of our own; without it ray.init joins the last `ray start` cluster of this machine
+            # (/tmp/ray/ray_current_cluster: another project's, or one long gone, where it waits for a GCS that never answers)
+            ctx = ray.init(address="local", num_cpus=s.ray_num_cpus, include_dashboard=False, **kw)
         else:
             try: ctx = ray.init(address=address, **kw)
             except (ConnectionError, RuntimeError) as e:
