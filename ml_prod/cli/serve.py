@@ -44,10 +44,16 @@ def _ensure_control(s):
 @serve_app.command("up")
 def serve_up(spec:Path=SpecArg, profile:Optional[str]=ProfileOpt,
              timeout:float=typer.Option(180, help="Seconds to wait for the applications to serve")):
-    "Deploy the spec's applications and wait until they answer."
+    "Deploy the spec's applications and wait until they answer; an application's `lifecycle:` section is checked first and recorded for its loop."
+    from ml_prod.lifecycle import engine
     from ml_prod.serving import control
+    from ml_prod.serving.spec import load_spec
     s = _settings(profile)
-    try: urls = control.deploy(spec, s, timeout_s=timeout)
+    try:
+        looped = [a for a in load_spec(spec).applications if a.lifecycle] if spec.is_file() else []
+        for a in looped: engine.check(a, spec.parent)
+        urls = control.deploy(spec, s, timeout_s=timeout)
+        for a in looped: engine.register(s, a, spec.parent)
     except MlProdError as e: _fail(e)
     _ensure_control(s)
     for app_name, e in urls.items():

@@ -151,9 +151,13 @@ class Canary(_Strict):
 class Lifecycle(_Strict):
     "The retrain-evaluate-canary-promote loop of one application."
     mode: Literal["automatic", "approval", "dry_run"] = Field("automatic", description="automatic; approval: a person approves each promotion; dry_run: report what it would do, change nothing")
-    retrain: str = Field(min_length=1, description="The retraining pipeline's YAML file, relative to the spec (its last step registers the challenger)")
+    retrain: str = Field(min_length=1, description="The retraining pipeline's YAML file, relative to the spec; it registers the challenger under `challenger_alias`")
+    data_parameter: str = Field("train.data_path", pattern=r"^[^.\s]+\.[^.\s]+$", description="step.parameter of the retrain pipeline that receives the Parquet file of recent labelled production rows")
+    label: str = Field("label", min_length=1, description="The label's column in that file (what the training notebook reads)")
+    lookback_s: float = Field(7 * 86400, gt=0, description="Production rows from this many seconds back are used (training rows and the later holdout)")
+    challenger_alias: str = Field("challenger", min_length=1, description="The alias the retrain pipeline's register step moves to the new version")
     arm: str|None = Field(None, description="The champion's arm, serving models:/NAME@ALIAS (default: the only arm taking traffic)")
-    training_data: bool = Field(False, description="Also retrain on the original training data, not only on recent labelled production rows")
+    canary_arm: str = Field("challenger", min_length=1, description="The arm, weight 0 in the spec, serving models:/NAME@<challenger_alias>, that the loop gives the canary's share")
     trigger: Trigger = Field(default_factory=Trigger)
     promotion: Promotion = Field(default_factory=Promotion)
     canary: Canary = Field(default_factory=Canary)
@@ -216,12 +220,18 @@ class Application(_Strict):
         "The loop moves the alias of one arm's model: that arm must exist, take traffic and serve models:/NAME@ALIAS."
         if self.lifecycle is None: return self
         live = [n for n, a in self.arms.items() if a.weight > 0 and not a.shadow]
-        arm = self.lifecycle.arm or (live[0] if len(live) == 1 else None)
+        lc = self.lifecycle
+        arm = lc.arm or (live[0] if len(live) == 1 else None)
         if arm is None: raise ValueError(f"lifecycle.arm: name the champion's arm (arms taking traffic: {live})")
         if arm not in self.arms: raise ValueError(f"lifecycle.arm = {arm!r}: no such arm (arms: {sorted(self.arms)})")
         if not re.match(r"^models:/[^/@]+@[^/@]+$", self.arms[arm].model):
             raise ValueError(f"lifecycle: arm {arm!r} serves {self.arms[arm].model!r}; the loop moves an alias, so serve models:/NAME@ALIAS")
-        self.lifecycle.arm = arm
+        name = self.arms[arm].model[len("models:/"):].split("@")[0]
+        canary = self.arms.get(lc.canary_arm)
+        if canary is None or canary.model != f"models:/{name}@{lc.challenger_alias}" or canary.weight != 0 or canary.shadow:
+            raise ValueError(f"lifecycle.canary_arm = {lc.canary_arm!r}: add the arm the loop's canary uses, "
+                             f"{lc.canary_arm}: {{model: \"models:/{name}@{lc.challenger_alias}\", weight: 0}}")
+        lc.arm = arm
         return self
 
     @property

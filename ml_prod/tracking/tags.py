@@ -24,8 +24,8 @@ __all__ = ['PREFIX', 'ERROR_MAX', 'STEP_ERROR_MAX', 'JOB', 'PROFILE', 'CWD', 'RE
            'MONITOR_RESULT', 'MONITOR_MODEL', 'BATCH_EXPERIMENT', 'BATCH_MODEL', 'BATCH_REQUESTED', 'BATCH_APP',
            'BATCH_INPUT', 'BATCH_INPUT_SHA256', 'BATCH_OUTPUT', 'BATCH_RESUMES', 'BATCH_ROWS_SCORED',
            'BATCH_ROWS_REJECTED', 'BATCH_FILES_SCORED', 'BATCH_FILES_SKIPPED', 'BATCH_SECONDS', 'SCHEDULE',
-           'SCHEDULE_PLANNED', 'SCHEDULE_ATTEMPT', 'flag', 'clip', 'param_value', 'input_key', 'step_key', 'millis',
-           'prefixed', 'unprefixed', 'seconds', 'payload_key']
+           'SCHEDULE_PLANNED', 'SCHEDULE_ATTEMPT', 'LIFECYCLE_APP', 'LIFECYCLE_RETRAIN', 'flag', 'clip', 'param_value',
+           'input_key', 'step_key', 'millis', 'prefixed', 'unprefixed', 'seconds', 'payload_key']
 
 # %% ../../nbs/api/12_tracking_tags.ipynb #3f9ac1a3
 PREFIX = "ml_prod."       # the start of every key below; metrics with it are ml_prod's own (left out of a model's metrics)
@@ -198,3 +198,5 @@ BATCH_SECONDS = "ml_prod.batch.seconds"             # metric: wall-clock seconds
 SCHEDULE = "ml_prod.schedule"                  # fired run: the schedule's name
 SCHEDULE_PLANNED = "ml_prod.schedule.planned"  # fired run: the planned fire time it stands for, unix seconds (see `seconds`)
 SCHEDULE_ATTEMPT = "ml_prod.schedule.attempt"  # fired run: 1 for the first attempt, 2 for the first retry, ...
+LIFECYCLE_APP = "ml_prod.lifecycle.app"          # retrain pipeline run the loop started: the application
+LIFECYCLE_RETRAIN = "ml_prod.lifecycle.retrain"  # retrain pipeline run the loop started: the id of the retrain (how the loop finds its run after a restart)
