@@ -38,6 +38,14 @@ class Settings(BaseModel):
     serve_api_key_file: str = Field("", description="File holding the serving API key(s), one a line (read if set)")
     audit_dir: str = Field("{state_dir}/audit", description="Folder (or URI) of the prediction audit log")
     replica_tracking_credentials: str = Field("", description="File on every node (mode 0600) with the tracking user of serving replicas, one line `user:password` (empty: the node's user)")
+    notify_url: str = Field("", description="Webhook that gets an HMAC-signed JSON POST on a failed scheduled run, a drift verdict and every move of a retrain loop (empty: log lines only)")
+    notify_secret_env: str = Field("ML_PROD_NOTIFY_SECRET", description="Environment variable holding the webhook's HMAC-SHA256 key (the receiver checks X-ML-Prod-Signature)")
+
+    @field_validator("notify_url")
+    @classmethod
+    def _webhook(cls, v):
+        if v and not v.startswith(("http://", "https://")): raise ValueError("must be an http:// or https:// URL, or empty for log lines only")
+        return v
 
     @field_validator("tracking_uri", "artifact_location", "audit_dir")
     @classmethod

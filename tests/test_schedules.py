@@ -170,6 +170,39 @@ def test_apply_twice_keeps_one_row_per_schedule_and_its_next_fire(tmp_path):
     st.close()
 
 
+def test_a_failed_run_and_a_missed_fire_are_notified_signed(tmp_path, monkeypatch):
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+    from ml_prod.control.scheduler import tick
+    from ml_prod.flows.schedules import schedule
+    from ml_prod.notify import verify
+    from ml_prod.settings import load_settings
+    got = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def log_message(self, *a): pass
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            got.append((verify("k3y", dict(self.headers), body), json.loads(body)))
+            self.send_response(204); self.end_headers()
+    srv = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    (tmp_path / "settings.ini").write_text(f"[DEFAULT]\nnotify_url = http://127.0.0.1:{srv.server_port}/hook\n")
+    monkeypatch.setenv("ML_PROD_NOTIFY_SECRET", "k3y")
+    runs = []
+    st, L = store(tmp_path), Launcher(runs)
+    L.s = load_settings(path=tmp_path / "settings.ini", env={"ML_PROD_NOTIFY_SECRET": "k3y"})
+    add(st, hour(0) + 10)
+    st.put(schedule(dict(name="nightly", cron="0 3 * * *", notebook="n.ipynb", misfire_grace_hours=1)), now=hour(0) + 10)
+    tick(now=hour(1) + 1, store=st, launcher=L)
+    L.end("FAILED", at=hour(1) + 30)
+    tick(now=hour(5) + 1, store=st, launcher=L)  # the 01:00 run failed; the 03:00 nightly fire is 2 h late: missed
+    srv.shutdown()
+    kinds = sorted((ok, m["kind"], m.get("schedule")) for ok, m in got)
+    assert kinds == [(True, "schedule.failed", "hourly"), (True, "schedule.missed", "nightly")], got
+    st.close()
+
+
 # ---- real jobs fired by the control service -------------------------------------------------------
 
 NOTEBOOK = {"cells": [{"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": "x: int = 1", "outputs": [], "execution_count": None},

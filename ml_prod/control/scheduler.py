@@ -15,7 +15,7 @@ from ..settings import ResolvedSettings
 from ..tracking import tags as keys
 
 # %% auto #0
-__all__ = ['JOBS_TABLE', 'HISTORY_TABLE', 'LOST_AFTER_S', 'ACTIVE', 'ScheduleError', 'UnknownSchedule', 'store_url',
+__all__ = ['JOBS_TABLE', 'HISTORY_TABLE', 'LOST_AFTER_S', 'ACTIVE', 'UNHEALTHY', 'ScheduleError', 'UnknownSchedule', 'store_url',
            'ScheduleStore', 'Launcher', 'tick', 'run_now', 'scheduler_task']
 
 # %% ../../nbs/api/82_control_scheduler.ipynb #c73b7153
@@ -194,7 +194,8 @@ class Launcher:
             for r in c.search_runs(exps[i:i + 100], f"tags.`{keys.SCHEDULE}` = '{name}'", max_results=1000):
                 t = r.data.tags
                 out.append(dict(run_id=r.info.run_id, status=r.info.status, planned=float(t[keys.SCHEDULE_PLANNED]),
-                                attempt=int(t.get(keys.SCHEDULE_ATTEMPT, 1)), ended=r.info.end_time and r.info.end_time / 1000))
+                                attempt=int(t.get(keys.SCHEDULE_ATTEMPT, 1)), ended=r.info.end_time and r.info.end_time / 1000,
+                                verdict=t.get(keys.MONITOR_STATUS)))
         return out
 
 # %% ../../nbs/api/82_control_scheduler.ipynb #cc66c26b
@@ -236,6 +237,7 @@ def _reconcile(store, launcher, specs:dict, now:float) -> tuple[list, dict]:
             if (r["status"], r["run_id"]) != (h["outcome"], h["run_id"]):
                 store.update(h["id"], outcome=r["status"], run_id=r["run_id"], ended=r["ended"] if r["status"] in ("FINISHED", "FAILED", "KILLED") else None)
                 changed.append(dict(schedule=h["schedule"], planned=h["planned"], attempt=h["attempt"], outcome=r["status"], run_id=r["run_id"]))
+                _tell(launcher, h, r)
         elif h["outcome"] == "submitted" and now - (h["started"] or h["created"]) > LOST_AFTER_S:
             store.update(h["id"], outcome="FAILED", ended=now, detail=f"its run never appeared in the tracking store within {LOST_AFTER_S:g} s")
             changed.append(dict(schedule=h["schedule"], planned=h["planned"], attempt=h["attempt"], outcome="FAILED"))
@@ -245,6 +247,18 @@ def _reconcile(store, launcher, specs:dict, now:float) -> tuple[list, dict]:
             store.update(h["id"], outcome="submitted", started=time.time(), run_id=run_id, detail="started after a restart cut its first launch short")
             changed.append(dict(schedule=h["schedule"], planned=h["planned"], attempt=h["attempt"], outcome="submitted", run_id=run_id, relaunched=True))
     return changed, runs
+
+UNHEALTHY = ("data_drift", "integrity", "quality_drop", "service_degraded")
+
+def _tell(launcher, h:dict, r:dict):
+    "Notify a fired run that failed, and a monitoring run whose verdict is unhealthy (`ml_prod.notify`)."
+    s = getattr(launcher, "s", None)
+    if s is None: return  # a launcher without settings (the examples' recording one) has nobody to tell
+    from ml_prod.notify import notify
+    if r["status"] in ("FAILED", "KILLED"):
+        notify(s, "schedule.failed", schedule=h["schedule"], planned=h["planned"], attempt=h["attempt"], run_id=r["run_id"], status=r["status"])
+    elif r["status"] == "FINISHED" and r.get("verdict") in UNHEALTHY:
+        notify(s, "monitor.unhealthy", schedule=h["schedule"], planned=h["planned"], run_id=r["run_id"], verdict=r["verdict"])
 
 def _running(store, launcher, name:str, runs:dict) -> int:
     "How many of `name`'s runs have not ended: its RUNNING or queued runs in the run records, and fires whose run is not visible yet."
@@ -290,6 +304,9 @@ def tick(s:ResolvedSettings|None=None, # settings (the store and launcher come f
                 outcome = "missed" if why.startswith("missed") else "skipped"
                 if store.record(spec.name, planned.timestamp(), 1, kind, outcome, now, coalesced=len(folded), detail=why) is not None:
                     out["skipped"].append(dict(schedule=spec.name, planned=planned.timestamp(), outcome=outcome, detail=why))
+                    if outcome == "missed" and getattr(launcher, "s", None) is not None:
+                        from ml_prod.notify import notify
+                        notify(launcher.s, "schedule.missed", schedule=spec.name, planned=planned.timestamp(), detail=why)
             elif (r := _fire(store, launcher, spec, planned.timestamp(), 1, now, coalesced=len(folded))): out["fired"].append(r)
             store.advance(spec.name, now)
         return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from ..errors import ConfigError
 from .policy import LoopError, LoopState, PHASES, transition
+from ..notify import notify
 from ..settings import ResolvedSettings
 from ..tracking import events
 from ..tracking import tags as keys
@@ -41,6 +42,7 @@ def move(s:ResolvedSettings, app:str, to:str, reason:str, now:float|None=None, b
         if expect is not None and st.phase != expect: raise LoopError(f"{app}: the loop is {st.phase} now, no longer {expect}: look again with `ml_prod lifecycle status`")
         new = transition(st, to, now or time.time(), **facts)
         events.append(s, stream(app), "move", dict(phase=to, previous=st.phase, reason=reason, facts=new.facts, figures=figures or {}), by=by)
+    notify(s, "lifecycle.move", app=app, phase=to, previous=st.phase, reason=reason, by=by or events.actor(), figures=figures or {})
     return current(s, app)
 
 # %% ../../nbs/api/71_lifecycle_state.ipynb #0679ec26
@@ -58,9 +60,9 @@ def resume(s:ResolvedSettings, app:str, reason:str="", by:str|None=None) -> Loop
 
 def decide(s:ResolvedSettings, app:str, approve:bool, reason:str, by:str|None=None) -> events.Event:
     "Approve or reject `app`'s pending promotion; the decision, who made it and why are recorded for the engine's next step."
-    if not reason.strip(): raise ConfigError("--reason: say why (it is kept with the decision, e.g. 'holdout AUC +0.02, checked the drift report')")
     st = current(s, app)
     if st.phase != "awaiting_approval": raise LoopError(f"{app}: no promotion is pending (the loop is {st.phase}); `ml_prod lifecycle status` shows it")
+    if not reason.strip(): raise ConfigError("--reason: say why (it is kept with the decision, e.g. 'holdout AUC +0.02, checked the drift report')")
     return events.append(s, stream(app), "approval", dict(approved=approve, reason=reason, challenger=st.facts.get("challenger"), move_time=st.since), by=by)
 
 def approval(s:ResolvedSettings, st:LoopState) -> events.Event|None:
