@@ -153,9 +153,18 @@ def _target_path(s, path:Path, what:str) -> str:
 def _when(t) -> str: return t.strftime("%Y-%m-%d %H:%M:%S %Z") if hasattr(t, "strftime") else "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 # %% ../../nbs/api/93_cli_flows.ipynb #6d6c1b42
+def _interval(text:str) -> float:
+    "Seconds in `30s`, `5m`, `2h`, `1d` or a plain number of seconds."
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([smhd]?)\s*", text)
+    if not m: raise ParameterError(f"--every {text!r}: write a number of seconds or e.g. 30s, 5m, 2h, 1d")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+def _when_text(x) -> str: return f"{x.cron} ({x.timezone})" if x.cron else f"every {x.every_s:g} s"
+
 @schedule_app.command("add", cls=PairsCommand)
 def schedule_add(name:str=NameArg,
-                 cron:str=typer.Option(..., "--cron", help="Five-field crontab, e.g. '0 * * * *' for hourly"),
+                 cron:Optional[str]=typer.Option(None, "--cron", help="Five-field crontab, e.g. '0 * * * *' for hourly"),
+                 every:Optional[str]=typer.Option(None, "--every", help="Or a fixed interval: 30s, 5m, 2h (fires at multiples of it)"),
                  timezone:str=typer.Option("UTC", "--timezone", help="IANA timezone the cron is read in"),
                  notebook:Optional[Path]=typer.Option(None, "--notebook", help="Target: a notebook to run as a job"),
                  pipeline:Optional[Path]=typer.Option(None, "--pipeline", help="Target: a pipeline YAML file"),
@@ -177,13 +186,13 @@ def schedule_add(name:str=NameArg,
             if param and pipeline: raise ParameterError("-p applies to --notebook and --monitor: a pipeline's parameters are in its YAML file")
             nb = notebook and _target_path(s, notebook, "notebook")
             values = gather_parameters(param, None, notebook or monitor_notebook()) if param else {}
-            spec = schedule(dict(name=name, cron=cron, timezone=timezone, notebook=nb, pipeline=pipeline and _target_path(s, pipeline, "pipeline"),
+            spec = schedule(dict(name=name, cron=cron, every_s=_interval(every) if every else None, timezone=timezone, notebook=nb, pipeline=pipeline and _target_path(s, pipeline, "pipeline"),
                                  monitor=monitor, parameters=values, misfire_grace_hours=misfire_grace_hours, timeout_s=timeout_s,
                                  retries=retries, backoff_s=backoff_s))
             store.put(spec)
             nxt = store.get(name)[1]
     except MlProdError as e: _fail(e)
-    console.print(f"schedule {name}: {cron} ({timezone}), next fire {_when(nxt)}; the control service fires it (`ml_prod control status`)")
+    console.print(f"schedule {name}: {_when_text(spec)}, next fire {_when(nxt)}; the control service fires it (`ml_prod control status`)")
 
 @schedule_app.command("apply")
 def schedule_apply(file:Path=typer.Argument(..., help="A YAML file of schedules (a list, or `schedules:` holding one)"),
@@ -209,11 +218,11 @@ def schedule_list(profile:Optional[str]=ProfileOpt):
     "Every schedule: cron, target, next planned fire and its last outcome."
     s, store = _store(profile)
     with store:
-        rows = [dict(name=x.name, cron=x.cron, timezone=x.timezone, target=_target(x), paused=x.paused, next=nxt,
+        rows = [dict(name=x.name, cron=x.cron, every_s=x.every_s, timezone=x.timezone, target=_target(x), paused=x.paused, next=nxt,
                      last=(h[0] if (h := store.history(x.name, limit=1)) else None)) for x, nxt in store.all()]
     def show(rows):
         t = Table("name", "cron", "target", "next fire", "last outcome")
-        for r in rows: t.add_row(r["name"], f"{r['cron']} ({r['timezone']})", r["target"], "paused" if r["paused"] else _when(r["next"]),
+        for r in rows: t.add_row(r["name"], f"{r['cron']} ({r['timezone']})" if r["cron"] else f"every {r['every_s']:g} s", r["target"], "paused" if r["paused"] else _when(r["next"]),
                                  f"{r['last']['outcome']} ({_when(r['last']['planned'])})" if r["last"] else "-")
         console.print(t if rows else "no schedules: add one with `ml_prod schedule add` or `ml_prod schedule apply FILE`")
     emit(rows, show)
@@ -226,7 +235,7 @@ def schedule_show(name:str=NameArg, limit:int=typer.Option(20, "--limit", min=1,
         with store: (x, nxt), hist = store.get(name), store.history(name, limit=limit)
     except MlProdError as e: _fail(e)
     def show(d):
-        console.print(f"{x.name}: {x.cron} ({x.timezone}), {_target(x)}, {'paused' if x.paused else 'next fire ' + _when(nxt)}; "
+        console.print(f"{x.name}: {_when_text(x)}, {_target(x)}, {'paused' if x.paused else 'next fire ' + _when(nxt)}; "
                       f"misfire grace {x.misfire_grace_hours:g} h, retries {x.retries}", soft_wrap=True)
         t = Table("planned", "attempt", "started", "run", "outcome", "detail")
         for h in hist: t.add_row(_when(h["planned"]), str(h["attempt"]), _when(h["started"]), h["run_id"] or "-", h["outcome"], h["detail"] or "")

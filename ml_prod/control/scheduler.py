@@ -10,7 +10,7 @@ import json, time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from ..errors import ConfigError, MlProdError
-from ..flows.schedules import Schedule, due, monitor_window, schedule as check_schedule, trigger
+from ..flows.schedules import Schedule, due, monitor_window, schedule as check_schedule, trigger_of
 from ..settings import ResolvedSettings
 from ..tracking import tags as keys
 
@@ -90,15 +90,15 @@ class ScheduleStore:
 # %% ../../nbs/api/82_control_scheduler.ipynb #1ef3f67e
 def _next_after(spec:Schedule, t:datetime) -> datetime|None:
     "The first planned fire of `spec` strictly after `t`."
-    return trigger(spec.cron, spec.timezone).get_next_fire_time(None, t + timedelta(microseconds=1))
+    return trigger_of(spec).get_next_fire_time(None, t + timedelta(microseconds=1))
 
 class ScheduleStore(ScheduleStore):
     def put(self, spec:Schedule, now:float|None=None) -> Schedule:
         "Add `spec`, or replace the schedule of that name (its next planned fire is kept when the cron and timezone did not change)."
         now_dt, old = _utc(now or time.time()), self.aps.get_job(spec.name)
-        same = old is not None and (old.kwargs.get("cron"), old.kwargs.get("timezone")) == (spec.cron, spec.timezone)
+        same = old is not None and (old.kwargs.get("cron"), old.kwargs.get("every_s"), old.kwargs.get("timezone")) == (spec.cron, spec.every_s, spec.timezone)
         nxt = None if spec.paused else (old.next_run_time if same and old.next_run_time else _next_after(spec, now_dt))
-        self.aps.add_job(_aps_target, trigger(spec.cron, spec.timezone), id=spec.name, name=spec.name, kwargs=spec.model_dump(),
+        self.aps.add_job(_aps_target, trigger_of(spec), id=spec.name, name=spec.name, kwargs=spec.model_dump(),
                          replace_existing=True, next_run_time=nxt)
         return spec
 

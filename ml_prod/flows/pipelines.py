@@ -22,8 +22,8 @@ from ..jobs.query import JobResult
 __all__ = ['PipelineError', 'StepResources', 'Step', 'Pipeline', 'pipeline_from_dict', 'load_pipeline', 'Ref', 'parse_ref',
            'references', 'dependencies', 'find_cycle', 'topological_order', 'downstream', 'upstream', 'env_ref',
            'secret_env_names', 'pipeline_errors', 'check_pipeline', 'StepOutput', 'resolve', 'notebook_hash',
-           'cache_key', 'cached_run', 'StepResult', 'PipelineResult', 'start_pipeline', 'render_pipeline',
-           'latest_pipeline_run', 'show_pipeline']
+           'cache_key', 'cached_run', 'StepResult', 'PipelineResult', 'with_overrides', 'run_pipeline',
+           'start_pipeline', 'render_pipeline', 'latest_pipeline_run', 'show_pipeline']
 
 # %% ../../nbs/api/40_flows_pipelines.ipynb #e211b136
 class PipelineError(MlProdError):
@@ -495,6 +495,53 @@ def _loop(r:_Run, todo:list[str]):
     except KeyboardInterrupt:  # Ctrl-C: stop the running steps' kernels too
         for h, _, _ in running.values(): h.cancel()
         raise
+
+# %% ../../nbs/api/40_flows_pipelines.ipynb #8a68c8cd
+def with_overrides(p:Pipeline, overrides:dict) -> Pipeline:
+    "`p` with some steps' parameter values replaced, `{step: {parameter: value}}`; an unknown step raises `PipelineError`."
+    if not overrides: return p
+    if bad := [n for n in overrides if n not in p.steps]: raise PipelineError(f"{p._source}: overrides name unknown step {bad[0]!r} (steps: {', '.join(p.steps)})")
+    q = p.model_copy(update=dict(steps={n: st.model_copy(update=dict(parameters={**st.parameters, **overrides.get(n, {})})) for n, st in p.steps.items()}))
+    q._base_dir, q._source = p._base_dir, p._source
+    return q
+
+def _check_secrets(p:Pipeline, steps:list[str], secrets:dict):
+    "Refuse to start when a secret of `steps` is given neither in `secrets` nor in the environment."
+    import os
+    if missing := [n for n in secret_env_names(p, steps) if n not in secrets and n not in os.environ]:
+        raise PipelineError(f"{p._source}: the secret parameters are read from {', '.join(missing)}, which "
+                            f"{'is' if len(missing) == 1 else 'are'} not set: export {'it' if len(missing) == 1 else 'them'}, "
+                            "or pass `ml_prod pipeline run -s NAME VALUE` (run_pipeline(secrets=...))")
+
+def run_pipeline(pipeline:Pipeline|str|Path, # the pipeline, or its YAML file
+                 settings:ResolvedSettings|None=None, # settings (default: load_settings(profile))
+                 only:str|None=None, # run just this step (its upstream must be cached)
+                 from_step:str|None=None, # run this step and everything downstream of it
+                 force:bool=False, # run every selected step even when cached
+                 cwd:str|Path|None=None, # the working directory of every step (default: this one)
+                 profile:str|None=None, # settings profile, when `settings` is not given
+                 secrets:dict|None=None, # values of the secrets given as {env: NAME}, by NAME (default: this environment's)
+                 tags:dict|None=None, # more tags of the parent run (a schedule's name and planned time)
+                 overrides:dict|None=None, # {step: {parameter: value}} replacing the file's values (the retrain loop's fresh data)
+                ) -> PipelineResult:
+    "Run a pipeline's steps as notebook jobs on Ray, in parallel where the DAG allows, reusing cached steps."
+    source = str(pipeline) if not isinstance(pipeline, Pipeline) else pipeline._source
+    p = check_pipeline(with_overrides(load_pipeline(pipeline) if not isinstance(pipeline, Pipeline) else pipeline, overrides or {}))
+    s = settings or load_settings(profile)
+    todo, needed = _plan(p, only, from_step)
+    _check_secrets(p, [*needed, *todo], secrets or {})
+    r = _Run(p, s, str(Path(cwd or Path.cwd()).resolve()), force or bool(only or from_step), secrets)
+    _reuse_upstream(r, needed, f"only={only!r}" if only else f"from_step={from_step!r}")
+    _open_parent(r, source, dict(only=only, from_step=from_step, force=force), tags)
+    for n in needed: _record(r, r.results[n])
+    status = "FAILED"
+    try:
+        _loop(r, todo)
+        status = "FINISHED" if all(x.status in ("FINISHED", "CACHED") for x in r.results.values()) else "FAILED"
+    except KeyboardInterrupt: status = "KILLED"; raise
+    finally: r.c.set_terminated(r.parent, status)
+    order = topological_order(p)
+    return PipelineResult(p.name, r.parent, {n: r.results[n] for n in order if n in r.results}, time.time() - r.start)
 
 # %% ../../nbs/api/40_flows_pipelines.ipynb #5b851a4c
 class _DetachedPipeline:

@@ -6,21 +6,22 @@ Docs: https://ml-prod.github.io/ml_prod/api/flows_schedules.html.md"""
 
 # %% ../../nbs/api/43_flows_schedules.ipynb #35da9358
 from __future__ import annotations
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 from ..errors import ConfigError, field_errors
 
 # %% auto #0
-__all__ = ['Schedule', 'trigger', 'schedule', 'load_schedules', 'fires', 'due', 'decide', 'monitor_window']
+__all__ = ['EPOCH', 'Schedule', 'trigger', 'trigger_of', 'schedule', 'load_schedules', 'fires', 'due', 'decide', 'monitor_window']
 
 # %% ../../nbs/api/43_flows_schedules.ipynb #e76df036
 class Schedule(BaseModel):
-    "One schedule: a cron expression in a timezone and exactly one target (notebook, pipeline or monitor)."
+    "One schedule: a cron expression in a timezone (or an interval) and exactly one target (notebook, pipeline or monitor)."
     model_config = ConfigDict(extra="forbid")
     name: str                          # the schedule's id: stable across restarts and `apply`
-    cron: str                          # five-field crontab, e.g. "0 * * * *"
+    cron: str | None = None            # five-field crontab, e.g. "0 * * * *" ...
+    every_s: float | None = None       # ... or a fixed interval in seconds (fires at multiples of it since 2000-01-01 UTC)
     timezone: str = "UTC"              # IANA name the cron is read in
     notebook: str | None = None        # target: a notebook path ...
     parameters: dict[str, Any] = {}    # ... with its parameters
@@ -35,7 +36,14 @@ class Schedule(BaseModel):
     @field_validator("cron")
     @classmethod
     def _cron(cls, v):
-        trigger(v, "UTC"); return v
+        if v is not None: trigger(v, "UTC")
+        return v
+
+    @field_validator("every_s")
+    @classmethod
+    def _every(cls, v):
+        if v is not None and not v >= 1: raise ValueError("must be at least 1 second")
+        return v
 
     @field_validator("timezone")
     @classmethod
@@ -49,6 +57,7 @@ class Schedule(BaseModel):
     def _one_target(self):
         n = sum(x is not None for x in (self.notebook, self.pipeline, self.monitor))
         if n != 1: raise ValueError("set exactly one of notebook, pipeline, monitor")
+        if (self.cron is None) == (self.every_s is None): raise ValueError("set exactly one of cron (a crontab) and every_s (an interval in seconds)")
         if self.pipeline and self.timeout_s is not None: raise ValueError("timeout_s applies to notebook and monitor runs: give a pipeline's steps their own timeouts")
         if self.parameters and self.pipeline: raise ValueError("parameters apply to notebook and monitor runs: a pipeline's parameters are in its YAML file")
         return self
@@ -61,6 +70,14 @@ def trigger(cron:str, # five-field crontab
     from apscheduler.triggers.cron import CronTrigger
     try: return CronTrigger.from_crontab(cron, timezone=tz)
     except ValueError as e: raise ValueError(f"not a five-field crontab ({e}): e.g. '0 * * * *' for hourly")
+
+EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)  # an interval schedule fires at EPOCH + k * every_s: the same times after any restart
+
+def trigger_of(s:Schedule):
+    "The APScheduler trigger of `s`: its `CronTrigger`, or an `IntervalTrigger` anchored at `EPOCH`."
+    if s.cron is not None: return trigger(s.cron, s.timezone)
+    from apscheduler.triggers.interval import IntervalTrigger
+    return IntervalTrigger(seconds=s.every_s, start_date=EPOCH, timezone="UTC")
 
 # %% ../../nbs/api/43_flows_schedules.ipynb #fae6dc97
 def schedule(d:dict, # one schedule as read from YAML
@@ -92,7 +109,7 @@ def fires(s:Schedule,        # the schedule
           until:datetime,    # inclusive end (now)
          ) -> list[datetime]:
     "Every planned fire time of `s` in `(after, until]`."
-    t, out, prev = trigger(s.cron, s.timezone), [], None
+    t, out, prev = trigger_of(s), [], None
     nxt = t.get_next_fire_time(None, after + timedelta(microseconds=1))
     while nxt is not None and nxt <= until:
         out.append(nxt); nxt = t.get_next_fire_time(nxt, nxt + timedelta(microseconds=1))
@@ -127,6 +144,6 @@ def monitor_window(last_end:datetime|None, # end of the last successful window; 
                   ) -> tuple[datetime, datetime]:
     "`(start, end)` of a monitor window: from the last successful end to the planned time, no gap and no overlap."
     if last_end is not None: return last_end, planned
-    t = trigger(s.cron, s.timezone)
+    t = trigger_of(s)
     nxt = t.get_next_fire_time(None, planned + timedelta(microseconds=1))
     return planned - (nxt - planned), planned
