@@ -7,7 +7,9 @@ experiment (status, start and end times, heartbeat metrics), read with MLflow's 
 
 The last test races an operator's `serve update` with the alias follower on a real Ray Serve application (the
 session's shared serving cluster, conftest's `project`: run it under the serving lock) and reads Ray Serve's own
-copy of the deployed config."""
+copy of the deployed config. On the code before the claim (8f1634c) it fails: the operator's update returned with
+the canary's weight 3, and Serve's config ended with weight 1.0, the follower's update (started from the config it
+had read before the operator's apply) having put the old weight back."""
 from __future__ import annotations
 
 import json
