@@ -72,3 +72,19 @@ def test_the_scaffolded_projects_tests_pass_in_a_fresh_virtualenv(tmp_path, fres
                        capture_output=True, text=True, timeout=900, env=env)
     print(f"the scaffolded project's tests: {time.monotonic() - t0:.0f} s\n{r.stdout[-2000:]}")
     assert r.returncode == 0 and "6 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_the_scaffolded_pipeline_runs(tmp_path):
+    "The README's first command: the training pipeline, with the example's packages (this checkout's .venv has them)."
+    assert init(tmp_path, "fraud-watch").returncode == 0
+    proj = tmp_path / "fraud-watch"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ML_PROD_", "RAY_ADDRESS", "MLFLOW_"))}
+    t0 = time.monotonic()
+    r = subprocess.run([ML_PROD, "pipeline", "run", "pipeline.yaml"], cwd=proj, capture_output=True, text=True, timeout=1100,
+                       env={**env, "RAY_USAGE_STATS_ENABLED": "0", "COLUMNS": "200"})
+    print(f"ml_prod pipeline run in the scaffolded project: {time.monotonic() - t0:.0f} s")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = subprocess.run([ML_PROD, "--json", "models", "show", "fraud-watch"], cwd=proj, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0 and "challenger" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
