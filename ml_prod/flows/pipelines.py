@@ -563,7 +563,7 @@ def start_pipeline(pipeline:str|Path, # the pipeline's YAML file
     from ml_prod.runtime.cluster import NAMESPACE, connect
     check_pipeline(with_overrides(load_pipeline(pipeline), overrides or {}))  # refused here, not in a detached actor nobody watches
     connect(settings)
-    actor = ray.remote(_DetachedPipeline).options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0)
+    actor = ray.remote(_DetachedPipeline).options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0).remote()
     actor.run.remote(str(Path(pipeline).resolve()), settings, str(cwd or settings.project_dir), tags or {}, overrides or {})
 
 # %% ../../nbs/api/40_flows_pipelines.ipynb #dd80e93c
