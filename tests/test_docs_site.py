@@ -157,6 +157,21 @@ def test_readme_screenshot_is_a_page_of_the_site(page, url, tmp_path):
     assert _png_size(SCREENSHOT.read_bytes()) == _png_size(shot.read_bytes()) == (1200, 720)
 
 
+def test_docs_serve_shows_the_site_on_localhost(site):
+    "`ml_prod docs serve --dir SITE --port 0` serves the built site on 127.0.0.1 (port 0: any free one) until stopped."
+    from urllib.request import urlopen
+    p = subprocess.Popen([str(Path(sys.executable).parent / "ml_prod"), "docs", "serve", "--dir", str(site), "--port", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = p.stdout.readline()
+        base = re.search(r"at (http://127\.0\.0\.1:\d+/)", line)
+        assert base, line
+        assert urlopen(base[1] + "index.html", timeout=30).read() == (site / "index.html").read_bytes()
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
+
+
 def test_cli_reference_lists_every_command(site):
     out = subprocess.run([str(Path(sys.executable).parent / "ml_prod"), "--help"], capture_output=True, text=True,
                          env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}).stdout
