@@ -248,9 +248,7 @@ def _canary(s, a:Application, st, now:float) -> dict:
     if action == "promote":
         set_alias(s, name, alias, v, reason=f"lifecycle {a.name}: canary held: {why}", actor="ml_prod lifecycle",
                   evaluation_run=st.facts.get("retrain_run"))
-        from ml_prod.serving import control
-        control.follow(a.name, s)  # the champion's arm onto the new version before the canary's share returns to it
-        _set_canary(s, a, 0.0)
+        _set_canary(s, a, 0.0)  # one new config: the champion's arm re-pinned to the new version, and all the traffic back to it
         state.move(s, a.name, "promoted", f"version {v} promoted to {name}@{alias}: {why}", now=now, expect="canary", by="ml_prod lifecycle", figures=figs)
     else:
         _set_canary(s, a, 0.0)
