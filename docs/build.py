@@ -287,9 +287,11 @@ def yaml_md() -> str:
     "Each YAML format's fields (type, default, meaning), from its pydantic models at build time."
     from ml_prod.serving.spec import ServeSpec
     from ml_prod.flows.pipelines import Pipeline
+    from ml_prod.flows.schedules import Schedule
     out = ["# YAML formats", "", "Generated from the pydantic schemas at build time, so this page is what the loader accepts.", ""]
     for title, top, loader in [("The serving spec (`serve.yaml`)", ServeSpec, "ml_prod.serving.spec.load_spec"),
-                               ("The pipeline (`pipeline.yaml`)", Pipeline, "ml_prod.flows.pipelines.load_pipeline")]:
+                               ("The pipeline (`pipeline.yaml`)", Pipeline, "ml_prod.flows.pipelines.load_pipeline"),
+                               ("Schedules (`schedules.yaml`: a list of these, or `schedules:` holding one)", Schedule, "ml_prod.flows.schedules.load_schedules")]:
         out += [f"## {title}", "", f"Read by {{py:obj}}`{loader}`; the top level is `{top.__name__}`, unknown keys are refused "
                 "where the model says so.", ""]
         seen: list = []

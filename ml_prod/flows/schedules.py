@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ..errors import ConfigError, field_errors
 
 # %% auto #0
@@ -19,19 +19,19 @@ __all__ = ['EPOCH', 'Schedule', 'trigger', 'trigger_of', 'schedule', 'load_sched
 class Schedule(BaseModel):
     "One schedule: a cron expression in a timezone (or an interval) and exactly one target (notebook, pipeline or monitor)."
     model_config = ConfigDict(extra="forbid")
-    name: str                          # the schedule's id: stable across restarts and `apply`
-    cron: str | None = None            # five-field crontab, e.g. "0 * * * *" ...
-    every_s: float | None = None       # ... or a fixed interval in seconds (fires at multiples of it since 2000-01-01 UTC)
-    timezone: str = "UTC"              # IANA name the cron is read in
-    notebook: str | None = None        # target: a notebook path ...
-    parameters: dict[str, Any] = {}    # ... with its parameters
-    pipeline: str | None = None        # target: a pipeline YAML file
-    monitor: str | None = None         # target: a serving app to monitor
-    misfire_grace_hours: float = 6     # a fire later than this after its planned time is recorded as missed
-    timeout_s: float | None = None     # cancel a fired run after this long
-    retries: int = 0                   # extra attempts after a failure ...
-    backoff_s: float = 60              # ... waiting this long, doubled each time
-    paused: bool = False               # a paused schedule fires nothing
+    name: str = Field(..., description="The schedule's id: stable across restarts and `apply`")
+    cron: str | None = Field(None, description="Five-field crontab, e.g. '0 * * * *' for hourly (or every_s)")
+    every_s: float | None = Field(None, description='A fixed interval in seconds instead of a cron: fires at 2000-01-01 UTC + k * every_s')
+    timezone: str = Field("UTC", description='IANA name the cron is read in')
+    notebook: str | None = Field(None, description='Target: a notebook run as a job, relative to the project folder')
+    parameters: dict[str, Any] = Field({}, description="The notebook's (or the monitoring notebook's) parameters")
+    pipeline: str | None = Field(None, description='Target: a pipeline YAML file, relative to the project folder')
+    monitor: str | None = Field(None, description='Target: a serving application whose audit window to judge')
+    misfire_grace_hours: float = Field(6, ge=0, description='A fire later than this after its planned time is recorded as missed, not run')
+    timeout_s: float | None = Field(None, gt=0, description='Cancel a fired notebook or monitoring run after this long')
+    retries: int = Field(0, ge=0, le=20, description='Extra attempts after a failed run')
+    backoff_s: float = Field(60, ge=0, description='Wait before the first retry, doubled each time')
+    paused: bool = Field(False, description='A paused schedule fires nothing')
 
     @field_validator("cron")
     @classmethod
