@@ -14,7 +14,7 @@ from conftest import clean_env, sh
 
 ROOT = Path(__file__).resolve().parents[1]
 ML_PROD = str(Path(sys.executable).parent / "ml_prod")
-FILES = {".gitignore", "README.md", "pipeline.yaml", "pyproject.toml", "ray_cluster.yaml", "schedules.yaml", "serve.yaml",
+FILES = {".gitignore", "README.md", "pipeline.yaml", "pyproject.toml", "ray_cluster.yaml", "retrain.yaml", "schedules.yaml", "serve.yaml",
          "settings.ini", "tests/test_project.py", "jobs/data.ipynb", "jobs/train.ipynb", "jobs/evaluate.ipynb", "jobs/register.ipynb"}
 
 
@@ -28,7 +28,7 @@ def files(root: Path) -> set[str]: return {str(p.relative_to(root)) for p in roo
 
 def test_init_scaffolds_a_project(tmp_path):
     r = init(tmp_path, "fraud-watch")
-    assert r.returncode == 0 and "created fraud-watch (13 files)" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "created fraud-watch (14 files)" in r.stdout, r.stdout + r.stderr
     proj = tmp_path / "fraud-watch"
     assert files(proj) == FILES
     for job in ("data", "train", "evaluate", "register"):  # copied from the example, as they are
