@@ -1,0 +1,96 @@
+"""The panels' plain-Python states and widgets driven without a browser, on real components: the launcher panel
+submits to the session's local Ray (conftest's `ray_local`), its job is tracked in MLflow on SQLite in a fresh
+project, and its watcher thread follows it to the end while the caller's thread stays free.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+from conftest import client, wait_for
+from ml_prod.settings import load_settings
+
+pytest.importorskip("ipywidgets")
+
+PARAMS = ('steps: int = 3  # steps to take {min: 1, max: 20}\n'
+          'pause_s: float = 0.5  # seconds per step {min: 0, max: 60}\n'
+          'mode = "fast"  # {choices: [fast, careful]}\n'
+          'token: str = ""  # api token {secret: true}\n')
+BODY = ("import time, hashlib, mlflow\n"
+        "for i in range(steps):\n    print('step', i, flush=True)\n    time.sleep(pause_s)\n"
+        "mlflow.log_metric('steps_done', steps)\n"
+        "mlflow.log_param('token_sha256', hashlib.sha256(token.encode()).hexdigest())\n")
+
+
+def make_nb(path: Path) -> Path:
+    nb = new_notebook(cells=[new_code_cell(PARAMS, metadata={"tags": ["parameters"]}), new_code_cell(BODY)])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.fixture
+def env(ray_local, project_dir):
+    return load_settings(), make_nb(project_dir / "steps.ipynb")
+
+
+def test_launch_from_the_panel_returns_at_once_and_the_watcher_follows_to_the_end(env):
+    from ml_prod.ui.launcher import launcher
+    s, nb = env
+    panel = launcher(nb, settings=s, poll_s=0.2, cwd=nb.parent)
+    panel.fields["steps"].value = 6
+    panel.fields["token"].value = "hunter2"
+    assert panel.fields["token"].value == "" and panel.state.errors == {}
+    t0 = time.monotonic()
+    panel.launch_button.click()
+    launch_s = time.monotonic() - t0
+    assert panel.launch_button.disabled is True and "submitting" in panel.message.value
+    run_id = wait_for(lambda: panel.state.handle and panel.state.handle.run_id, timeout=60)
+    # the job takes 6 x 0.5 s and more (a kernel starts): the caller had its thread back long before
+    wait_for(lambda: "FINISHED" in panel.status.value, timeout=120)
+    run = client(s).get_run(run_id)
+    took_s = (run.info.end_time - run.info.start_time) / 1000
+    print(f"launch returned in {launch_s:.2f} s; the job ran {took_s:.1f} s")
+    assert launch_s < 0.5 and took_s > 3.0
+    assert run.info.status == "FINISHED" and run.data.metrics["steps_done"] == 6.0
+    assert run.data.params["steps"] == "6" and "token" not in run.data.params
+    assert run.data.params["token_sha256"] == hashlib.sha256(b"hunter2").hexdigest()  # the secret reached the kernel
+    assert "step 5" in panel.output.value and run_id in panel.links.value
+    assert panel.state.result.output_notebook in panel.links.value
+    assert panel.launch_button.disabled is False and panel.cancel_button.disabled is True
+    wait_for(lambda: not panel._thread.is_alive(), timeout=10)
+
+
+def test_cancel_from_the_panel_ends_the_run_killed(env):
+    from ml_prod.ui.launcher import launcher
+    s, nb = env
+    panel = launcher(nb, settings=s, poll_s=0.2, cwd=nb.parent)
+    panel.fields["steps"].value, panel.fields["pause_s"].value = 20, 30.0
+    panel.launch()
+    wait_for(lambda: "step 0" in panel.output.value, timeout=120)  # the kernel runs the loop
+    assert panel.cancel_button.disabled is False and panel.launch_button.disabled is True
+    with pytest.raises(Exception, match="still runs: cancel it or wait"):
+        panel.state.launch()
+    t0 = time.monotonic()
+    panel.cancel_button.click()
+    wait_for(lambda: "KILLED" in panel.status.value, timeout=60)
+    print(f"KILLED {time.monotonic() - t0:.1f} s after cancel")
+    assert client(s).get_run(panel.state.handle.run_id).info.status == "KILLED"
+
+
+def test_a_field_in_error_stops_the_launch_before_anything_is_recorded(env):
+    from ml_prod.ui.launcher import launcher
+    s, nb = env
+    panel = launcher(nb, settings=s)
+    panel.fields["mode"].value = "careful"
+    panel.state.set("steps", "40")  # past the slider's max: as a text value would be
+    panel.launch()
+    assert "fix the fields first: steps: out of range, allowed 1 <= steps <= 20" in panel.message.value
+    assert panel.state.handle is None
+    assert client(s).search_runs([e.experiment_id for e in client(s).search_experiments()]) == []
