@@ -277,16 +277,7 @@ def step(s:ResolvedSettings, app:str, now:float|None=None) -> dict:
 def tick(s:ResolvedSettings) -> dict:
     "The control service's `lifecycle` task: one step of every application with a policy; an application's error is kept and the others go on."
     out = {}
-    for app in _policy_apps(s):
+    for app in state.apps(s, kinds=("policy",)):
         try: out[app] = step(s, app)
         except MlProdError as e: out[app] = dict(action="error", reason=str(e))
     return out
-
-def _policy_apps(s:ResolvedSettings) -> list[str]:
-    "Applications with a recorded policy whose loop never moved."
-    from ml_prod.tracking.store import client
-    c = client(s)
-    exp = c.get_experiment_by_name(keys.EVENTS_EXPERIMENT)
-    if exp is None: return []
-    runs = c.search_runs([exp.experiment_id], f"tags.`{keys.STREAM}` LIKE 'lifecycle/%' and tags.`{keys.KIND}` = 'policy'", max_results=5000)
-    return sorted({r.data.tags[keys.STREAM].split("/", 1)[1] for r in runs})

@@ -70,13 +70,13 @@ def approval(s:ResolvedSettings, st:LoopState) -> events.Event|None:
     return next((e for e in reversed(events.read(s, stream(st.app), kinds=("approval",))) if e.data.get("move_time") == st.since), None)
 
 # %% ../../nbs/api/71_lifecycle_state.ipynb #0787f5fe
-def apps(s:ResolvedSettings) -> list[str]:
-    "The applications whose loop has moved at least once."
+def apps(s:ResolvedSettings, kinds:tuple[str, ...]=("policy", "move")) -> list[str]:
+    "The applications with a loop: a recorded policy (`ml_prod serve up`) or a move, or only those with an event of `kinds`."
     from ml_prod.tracking.store import client
     c = client(s)
     exp = c.get_experiment_by_name(keys.EVENTS_EXPERIMENT)
     if exp is None: return []
-    runs = c.search_runs([exp.experiment_id], f"tags.`{keys.STREAM}` LIKE 'lifecycle/%' and tags.`{keys.KIND}` = 'move'", max_results=5000)
+    runs = [r for k in kinds for r in c.search_runs([exp.experiment_id], f"tags.`{keys.STREAM}` LIKE 'lifecycle/%' and tags.`{keys.KIND}` = '{k}'", max_results=5000)]
     return sorted({r.data.tags[keys.STREAM].split("/", 1)[1] for r in runs})
 
 def status(s:ResolvedSettings, app:str|None=None) -> list[dict]:
