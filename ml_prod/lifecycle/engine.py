@@ -18,7 +18,7 @@ from ..tracking import tags as keys
 
 # %% auto #0
 __all__ = ['RESTART_AFTER_S', 'check', 'register', 'policy', 'verdicts', 'production_rows', 'freeze', 'retrain_run',
-           'challenger_of', 'scores', 'arm_figures', 'step', 'tick']
+           'challenger_of', 'scores', 'arm_figures', 'describe_version', 'step', 'tick']
 
 # %% ../../nbs/api/72_lifecycle_engine.ipynb #72b82a93
 def check(a:Application, spec_dir:str|Path):
@@ -246,6 +246,7 @@ def _canary(s, a:Application, st, now:float) -> dict:
     if action == "wait": return dict(action="wait", reason=why)
     v = st.facts["challenger"]
     if action == "promote":
+        describe_version(s, name, v, a.name, st.facts, figs)
         set_alias(s, name, alias, v, reason=f"lifecycle {a.name}: canary held: {why}", actor="ml_prod lifecycle",
                   evaluation_run=st.facts.get("retrain_run"))
         _set_canary(s, a, 0.0)  # one new config: the champion's arm re-pinned to the new version, and all the traffic back to it
@@ -255,6 +256,23 @@ def _canary(s, a:Application, st, now:float) -> dict:
         state.move(s, a.name, "rolled_back", f"canary of version {v} rolled back: {why}", now=now, expect="canary", by="ml_prod lifecycle", figures=figs)
     state.move(s, a.name, "cooling_down", f"after {action}", now=now, by="ml_prod lifecycle")
     return dict(action=action, reason=why)
+
+def describe_version(s:ResolvedSettings, name:str, version:int, app:str, facts:dict, canary:dict):
+    "Write on the registered version why the loop promoted it, so the MLflow UI tells the story without ml_prod: description and tags."
+    from ml_prod.tracking.store import client
+    c, ev = client(s), facts.get("evaluation") or {}
+    train_run = c.get_model_version(name, str(version)).run_id
+    text = (f"Promoted by the ml_prod retrain loop of application {app!r}. Trained by run {train_run} of retrain pipeline run "
+            f"{facts.get('retrain_run')} on {facts.get('train_rows')} labelled production rows (sha256 {str(facts.get('train_sha256'))[:12]}). "
+            f"Evaluated against version {facts.get('champion')} on a frozen holdout of {facts.get('holdout_rows')} later rows "
+            f"(sha256 {str(facts.get('holdout_sha256'))[:12]}): {ev.get('metric')} {ev.get('challenger')} vs {ev.get('champion')}, "
+            f"difference {ev.get('difference')}, {ev.get('confidence')} interval [{ev.get('low')}, {ev.get('high')}]. "
+            f"Canary: {canary.get('canary_requests')} requests, {canary.get('canary_errors')} errors. `ml_prod lifecycle explain {app}` has every step.")
+    c.update_model_version(name, str(version), description=text)
+    for k, val in {"ml_prod.lifecycle.app": app, "ml_prod.lifecycle.retrain_run": facts.get("retrain_run"), "ml_prod.lifecycle.train_run": train_run,
+                   "ml_prod.lifecycle.train_sha256": facts.get("train_sha256"), "ml_prod.lifecycle.holdout_sha256": facts.get("holdout_sha256"),
+                   "ml_prod.lifecycle.evaluation": json.dumps(ev, sort_keys=True)}.items():
+        c.set_model_version_tag(name, str(version), k, str(val))
 
 def _cooling(s, a:Application, st, now:float) -> dict:
     left = a.lifecycle.trigger.cooldown_s - (now - (st.facts.get("last_retrain") or st.since))
