@@ -91,6 +91,6 @@ def test_a_field_in_error_stops_the_launch_before_anything_is_recorded(env):
     panel.fields["mode"].value = "careful"
     panel.state.set("steps", "40")  # past the slider's max: as a text value would be
     panel.launch()
-    assert "fix the fields first: steps: out of range, allowed 1 <= steps <= 20" in panel.message.value
+    assert "fix the fields first: steps: out of range, allowed 1 &lt;= steps &lt;= 20" in panel.message.value  # HTML-escaped
     assert panel.state.handle is None
     assert client(s).search_runs([e.experiment_id for e in client(s).search_experiments()]) == []
