@@ -16,7 +16,7 @@ import papermill as pm
 import pytest
 import yaml
 
-from conftest import cli, deploy, wait_for
+from conftest import cli, deploy, status, wait_for
 from test_monitoring import EXAMPLE, fraud_rows, label, send
 
 MODEL, APP = "fraud-loop", "loop"
@@ -159,7 +159,6 @@ def test_approval_waits_and_a_rejection_or_a_worse_challenger_changes_nothing(pr
     stays and the canary never gets traffic. Then, in automatic mode, a retrain whose labels were scrambled gives a
     worse challenger: refused on the holdout, no canary, the champion stays."""
     import mlflow
-    from ml_prod.serving.control import status
     from ml_prod.settings import load_settings
     s = load_settings()
     app, model = "loop2", "fraud-loop2"
@@ -178,7 +177,7 @@ def test_approval_waits_and_a_rejection_or_a_worse_challenger_changes_nothing(pr
                       "trigger": {"windows": 1, "min_rows": 200, "min_labels": 0, "cooldown_s": 0},
                       "promotion": {"min_holdout_rows": 100, "resamples": 300}, "canary": {"weight": 0.25, "min_requests": 40, "hold_s": 10}}}
     phase2 = lambda: json.loads(cli("--json", "lifecycle", "status", app).stdout)[0]
-    canary_weight = lambda: next(x for x in status(s) if x["app"] == app)["arms"]["challenger"]["weight"]
+    canary_weight = lambda: status(app)["arms"]["challenger"]["weight"]  # through the CLI: this process may be on the session's other Ray (ray_local)
 
     def drift_and_judge(seed: int):
         drifted = fraud_rows(project, f"loop2-drifted-{seed}", rows=2500, seed=seed, data_drift=1.0, concept_drift=1.0, fraud_rate=0.1)
