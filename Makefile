@@ -10,13 +10,17 @@ PY     := $(BIN)/python
 EXAMPLES := ml_prod/examples
 SHIPPED := ml_prod/notebooks
 
-# SKIP_SLOW=1 leaves out `#| slow` notebook cells and pytest's `slow` scenarios
+# SKIP_SLOW=1 leaves out `#| slow` notebook cells and pytest's `slow` scenarios; LONG=1 adds the `long` ones,
+# which CI (`make test`) leaves out to stay inside its time limit
 ifeq ($(SKIP_SLOW),1)
 NBDEV_TEST_FLAGS :=
-PYTEST_ARGS      := -m "not slow"
-else
+PYTEST_ARGS      := -m "not slow and not long"
+else ifeq ($(LONG),1)
 NBDEV_TEST_FLAGS := --flags slow
 PYTEST_ARGS      :=
+else
+NBDEV_TEST_FLAGS := --flags slow
+PYTEST_ARGS      := -m "not long"
 endif
 
 .DEFAULT_GOAL := help
@@ -24,7 +28,7 @@ endif
 
 help:
 	@echo "make demo     set up .venv and run the fraud example as tracked jobs on a local Ray (ml_prod demo)"
-	@echo "make test     set up .venv and run all tests: nbdev-test on nbs/, then pytest tests (SKIP_SLOW=1: skip slow ones)"
+	@echo "make test     set up .venv and run all tests: nbdev-test on nbs/, then pytest tests (SKIP_SLOW=1: skip slow ones; LONG=1: add the long scenarios)"
 	@echo "make venv     create .venv and install ml_prod with every extra: lab, example, dev (re-runs only when pyproject.toml changes)"
 	@echo "make export   write ml_prod/ from the notebooks in nbs/"
 	@echo "make normalize  nbdev-clean the notebooks in nbs/, $(EXAMPLES)/ and $(SHIPPED)/ (metadata, execution counts; outputs kept)"

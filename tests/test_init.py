@@ -75,6 +75,7 @@ def test_the_scaffolded_projects_tests_pass_in_a_fresh_virtualenv(tmp_path, fres
     assert r.returncode == 0 and f"{n} passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 
+@pytest.mark.long  # beyond CI's time limit: `make test LONG=1`
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_the_scaffolded_pipeline_runs(tmp_path):

@@ -152,6 +152,7 @@ SCRAMBLE = {"cells": [
     "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}, "nbformat": 4, "nbformat_minor": 5}
 
 
+@pytest.mark.long  # beyond CI's time limit: `make test LONG=1`
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_approval_waits_and_a_rejection_or_a_worse_challenger_changes_nothing(project, monkeypatch):

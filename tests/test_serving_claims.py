@@ -183,6 +183,7 @@ def deployed_config() -> dict:
     return {n: (a["pinned"], a["weight"]) for n, a in cfg["deployments"][0]["user_config"]["arms"].items()}
 
 
+@pytest.mark.long  # beyond CI's time limit: `make test LONG=1`
 def test_update_while_the_alias_moves_keeps_both_changes(project):
     from ml_prod.settings import load_settings
     v1 = log_version(ALIAS)
