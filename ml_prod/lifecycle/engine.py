@@ -269,9 +269,9 @@ def describe_version(s:ResolvedSettings, name:str, version:int, app:str, facts:d
             f"difference {ev.get('difference')}, {ev.get('confidence')} interval [{ev.get('low')}, {ev.get('high')}]. "
             f"Canary: {canary.get('canary_requests')} requests, {canary.get('canary_errors')} errors. `ml_prod lifecycle explain {app}` has every step.")
     c.update_model_version(name, str(version), description=text)
-    for k, val in {"ml_prod.lifecycle.app": app, "ml_prod.lifecycle.retrain_run": facts.get("retrain_run"), "ml_prod.lifecycle.train_run": train_run,
-                   "ml_prod.lifecycle.train_sha256": facts.get("train_sha256"), "ml_prod.lifecycle.holdout_sha256": facts.get("holdout_sha256"),
-                   "ml_prod.lifecycle.evaluation": json.dumps(ev, sort_keys=True)}.items():
+    for k, val in {keys.LIFECYCLE_APP: app, keys.LIFECYCLE_RETRAIN_RUN: facts.get("retrain_run"), keys.LIFECYCLE_TRAIN_RUN: train_run,
+                   keys.LIFECYCLE_TRAIN_SHA256: facts.get("train_sha256"), keys.LIFECYCLE_HOLDOUT_SHA256: facts.get("holdout_sha256"),
+                   keys.LIFECYCLE_EVALUATION: json.dumps(ev, sort_keys=True)}.items():
         c.set_model_version_tag(name, str(version), k, str(val))
 
 def _cooling(s, a:Application, st, now:float) -> dict:

@@ -60,9 +60,9 @@ def resume(s:ResolvedSettings, app:str, reason:str="", by:str|None=None) -> Loop
 
 def decide(s:ResolvedSettings, app:str, approve:bool, reason:str, by:str|None=None) -> events.Event:
     "Approve or reject `app`'s pending promotion; the decision, who made it and why are recorded for the engine's next step."
+    if not reason.strip(): raise ConfigError("--reason: say why (it is kept with the decision, e.g. 'holdout AUC +0.02, checked the drift report')")
     st = current(s, app)
     if st.phase != "awaiting_approval": raise LoopError(f"{app}: no promotion is pending (the loop is {st.phase}); `ml_prod lifecycle status` shows it")
-    if not reason.strip(): raise ConfigError("--reason: say why (it is kept with the decision, e.g. 'holdout AUC +0.02, checked the drift report')")
     return events.append(s, stream(app), "approval", dict(approved=approve, reason=reason, challenger=st.facts.get("challenger"), move_time=st.since), by=by)
 
 def approval(s:ResolvedSettings, st:LoopState) -> events.Event|None:

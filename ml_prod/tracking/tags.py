@@ -24,8 +24,9 @@ __all__ = ['PREFIX', 'ERROR_MAX', 'STEP_ERROR_MAX', 'JOB', 'PROFILE', 'CWD', 'RE
            'MONITOR_RESULT', 'MONITOR_MODEL', 'BATCH_EXPERIMENT', 'BATCH_MODEL', 'BATCH_REQUESTED', 'BATCH_APP',
            'BATCH_INPUT', 'BATCH_INPUT_SHA256', 'BATCH_OUTPUT', 'BATCH_RESUMES', 'BATCH_ROWS_SCORED',
            'BATCH_ROWS_REJECTED', 'BATCH_FILES_SCORED', 'BATCH_FILES_SKIPPED', 'BATCH_SECONDS', 'SCHEDULE',
-           'SCHEDULE_PLANNED', 'SCHEDULE_ATTEMPT', 'LIFECYCLE_APP', 'LIFECYCLE_RETRAIN', 'flag', 'clip', 'param_value',
-           'input_key', 'step_key', 'millis', 'prefixed', 'unprefixed', 'seconds', 'payload_key']
+           'SCHEDULE_PLANNED', 'SCHEDULE_ATTEMPT', 'LIFECYCLE_APP', 'LIFECYCLE_RETRAIN', 'LIFECYCLE_RETRAIN_RUN',
+           'LIFECYCLE_TRAIN_RUN', 'LIFECYCLE_TRAIN_SHA256', 'LIFECYCLE_HOLDOUT_SHA256', 'LIFECYCLE_EVALUATION', 'flag',
+           'clip', 'param_value', 'input_key', 'step_key', 'millis', 'prefixed', 'unprefixed', 'seconds', 'payload_key']
 
 # %% ../../nbs/api/12_tracking_tags.ipynb #3f9ac1a3
 PREFIX = "ml_prod."       # the start of every key below; metrics with it are ml_prod's own (left out of a model's metrics)
@@ -200,3 +201,9 @@ SCHEDULE_PLANNED = "ml_prod.schedule.planned"  # fired run: the planned fire tim
 SCHEDULE_ATTEMPT = "ml_prod.schedule.attempt"  # fired run: 1 for the first attempt, 2 for the first retry, ...
 LIFECYCLE_APP = "ml_prod.lifecycle.app"          # retrain pipeline run the loop started: the application
 LIFECYCLE_RETRAIN = "ml_prod.lifecycle.retrain"  # retrain pipeline run the loop started: the id of the retrain (how the loop finds its run after a restart)
+# On the model version the loop promoted (with LIFECYCLE_APP), so the MLflow UI tells its story without ml_prod:
+LIFECYCLE_RETRAIN_RUN = "ml_prod.lifecycle.retrain_run"        # promoted version: the retrain pipeline run that made it
+LIFECYCLE_TRAIN_RUN = "ml_prod.lifecycle.train_run"            # promoted version: the training run that logged it
+LIFECYCLE_TRAIN_SHA256 = "ml_prod.lifecycle.train_sha256"      # promoted version: sha256 of the labelled production rows it was trained on
+LIFECYCLE_HOLDOUT_SHA256 = "ml_prod.lifecycle.holdout_sha256"  # promoted version: sha256 of the frozen holdout it was judged on
+LIFECYCLE_EVALUATION = "ml_prod.lifecycle.evaluation"          # promoted version: the paired comparison with the champion, JSON
