@@ -7,7 +7,7 @@ end to end with the fraud example's notebooks as ml_prod jobs on Ray.
   distinct run; no alias event may be lost, and the log must chain (each move starts where the
   previous one ended) and agree with the registry's final state.
 * Promotion (slow, ~60-90 s on 2 CPUs): data -> two trainings -> register champion and challenger
-  -> guarded promote -> a deliberately bad challenger is refused -> force -> rollback.
+  -> guarded promote (paired bootstrap on the same holdout rows) -> a deliberately bad challenger is refused -> force -> rollback.
 """
 from __future__ import annotations
 
@@ -180,6 +180,8 @@ def test_promote_guard_with_fraud_notebooks(ray_local, project_dir):
     print(f"guarded promotion: {time.time() - t1:.1f} s")
     assert (e.from_version, e.to_version, e.action, e.details["decision"]) == (1, 2, "promote", "promoted")
     assert float(e.details["challenger_score"]) >= float(e.details["champion_score"])
+    import pandas as pd  # the guard compared both versions on every holdout row, and its interval of the difference is above zero
+    assert e.details["rows"] == len(pd.read_parquet(project_dir / "holdout.parquet")) == 3000 and e.details["low"] > 0, e.details
     c = tracking.client(s)
     ev = c.get_run(e.evaluation_run)
     assert ev.data.params["model_uri"] == "models:/fraud/2" and ev.data.tags["ml_prod.alias"] == "challenger"

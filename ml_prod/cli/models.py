@@ -84,14 +84,16 @@ def models_promote(name:str=typer.Argument(..., help="Registered model name"),
                    mode:str=typer.Option("max", "--mode", help="max: higher is better; min: lower is better"),
                    data:Optional[Path]=typer.Option(None, "--data", help="Held-out data both versions are evaluated on"),
                    notebook:Optional[Path]=typer.Option(None, "--notebook", help="Evaluation notebook (default: the fraud example's evaluate.ipynb)"),
-                   force:bool=typer.Option(False, "--force", help="Promote even when the challenger is worse"),
+                   margin:float=typer.Option(0.0, "--margin", help="How much better the challenger must be"),
+                   confidence:float=typer.Option(0.95, "--confidence", help="The paired-bootstrap interval of the difference that must exclude zero"),
+                   force:bool=typer.Option(False, "--force", help="Promote even when the guard refuses"),
                    reason:str=typer.Option("", "--reason", help="Why: kept in the alias event"),
                    profile:Optional[str]=ProfileOpt):
-    "Evaluate --from and --to on the same data and move --to to the --from version unless it is worse."
+    "Evaluate --from and --to on the same rows and move --to to the --from version if it is better (paired bootstrap)."
     from ml_prod.models import promote
     s = _settings(profile)
     kw = dict(evaluate_notebook=notebook) if notebook else {}
-    try: e = promote.promote(s, name, from_alias, to_alias, metric, mode, str(data) if data else None, force=force, reason=reason, **kw)
+    try: e = promote.promote(s, name, from_alias, to_alias, metric, mode, str(data) if data else None, force=force, reason=reason, margin=margin, confidence=confidence, **kw)
     except MlProdError as e: _fail(e)
     typer.echo(e.summary())
 

@@ -10,7 +10,8 @@ import hashlib, json, time
 from pathlib import Path
 from ..errors import MlProdError
 from . import state
-from .policy import ArmFigures, LoopError, BUSY, canary_verdict, paired_bootstrap, promotion_verdict, retrain_due, split_holdout
+from ..models.promote import paired_bootstrap, promotion_verdict
+from .policy import ArmFigures, LoopError, BUSY, canary_verdict, retrain_due, split_holdout
 from ..serving.spec import Application
 from ..settings import ResolvedSettings
 from ..tracking import events

@@ -1,4 +1,4 @@
-"""The pure decisions of the retrain-evaluate-canary-promote loop: when to retrain, whether a challenger beats the champion (paired bootstrap on one holdout), how a canary is judged, and which phase may follow which.
+"""The pure decisions of the retrain-evaluate-canary-promote loop: when to retrain, how a canary is judged, and which phase may follow which.
 
 Docs: https://ml-prod.github.io/ml_prod/api/lifecycle_policy.html.md"""
 
@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from ..errors import MlProdError
-from ..serving.spec import Canary, Promotion, Trigger
+from ..serving.spec import Canary, Trigger
 
 # %% auto #0
-__all__ = ['PHASES', 'MOVES', 'BUSY', 'window_counts', 'retrain_due', 'LoopError', 'split_holdout', 'metric_value',
-           'paired_bootstrap', 'promotion_verdict', 'ArmFigures', 'canary_verdict', 'LoopState', 'transition']
+__all__ = ['PHASES', 'MOVES', 'BUSY', 'window_counts', 'retrain_due', 'LoopError', 'split_holdout', 'ArmFigures',
+           'canary_verdict', 'LoopState', 'transition']
 
 # %% ../../nbs/api/70_lifecycle_policy.ipynb #afaa6e36
 def window_counts(v) -> tuple[int, int]:
@@ -65,67 +65,6 @@ def split_holdout(rows,                  # a DataFrame of labelled production ro
     train, holdout = rows.iloc[:len(rows) - k], rows.iloc[len(rows) - k:]
     if shared := set(train["request_id"]) & set(holdout["request_id"]): raise LoopError(f"holdout and training rows share {len(shared)} request ids")
     return train, holdout
-
-# %% ../../nbs/api/70_lifecycle_policy.ipynb #abb97eee
-def _auc(y, s):
-    import numpy as np
-    pos = y == 1
-    n1, n0 = int(pos.sum()), int((~pos).sum())
-    if n1 == 0 or n0 == 0: return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s)); ranks[order] = np.arange(1, len(s) + 1)
-    _, inv, counts = np.unique(s, return_inverse=True, return_counts=True)  # ties share their mean rank
-    sums = np.bincount(inv, weights=ranks); ranks = (sums / counts)[inv]
-    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-def _ap(y, s):
-    import numpy as np
-    order = np.argsort(-s, kind="mergesort"); y = y[order]
-    tp = np.cumsum(y); k = np.arange(1, len(y) + 1)
-    return float((tp / k)[y == 1].sum() / max(y.sum(), 1)) if y.sum() else float("nan")
-
-def metric_value(name:str, y, score, threshold:float=0.5) -> float:
-    "Metric `name` of scores `score` against labels `y` (0/1); precision, recall, f1 and accuracy at `threshold`."
-    import numpy as np
-    y, s = np.asarray(y, dtype=int), np.asarray(score, dtype=float)
-    if name == "roc_auc": return _auc(y, s)
-    if name == "average_precision": return _ap(y, s)
-    if name == "log_loss":
-        p = np.clip(s, 1e-15, 1 - 1e-15); return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-    d = s >= threshold
-    tp, fp, fn = int((d & (y == 1)).sum()), int((d & (y == 0)).sum()), int((~d & (y == 1)).sum())
-    if name == "accuracy": return float((d == (y == 1)).mean())
-    if name == "precision": return tp / (tp + fp) if tp + fp else float("nan")
-    if name == "recall": return tp / (tp + fn) if tp + fn else float("nan")
-    if name == "f1": return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
-    raise LoopError(f"metric {name!r}: use roc_auc, average_precision, log_loss, accuracy, precision, recall or f1")
-
-# %% ../../nbs/api/70_lifecycle_policy.ipynb #8ce9ee27
-def paired_bootstrap(y, champion, challenger, # labels and both models' scores on the same holdout rows
-                     p:Promotion,             # metric, mode, resamples, confidence
-                     threshold:float=0.5,     # for the thresholded metrics
-                     seed:int=0,
-                    ) -> dict:
-    "Both metrics on the holdout, their difference (positive: the challenger is better) and its paired-bootstrap interval."
-    import numpy as np
-    y, a, b = np.asarray(y, dtype=int), np.asarray(champion, dtype=float), np.asarray(challenger, dtype=float)
-    if not len(y) == len(a) == len(b): raise LoopError(f"labels and scores differ in length: {len(y)}, {len(a)}, {len(b)}: score the same holdout rows")
-    sign = 1 if p.mode == "max" else -1
-    m = lambda idx: sign * (metric_value(p.metric, y[idx], b[idx], threshold) - metric_value(p.metric, y[idx], a[idx], threshold))
-    rng = np.random.default_rng(seed)
-    diffs = np.array([m(rng.integers(0, len(y), len(y))) for _ in range(p.resamples)])
-    diffs = diffs[np.isfinite(diffs)]
-    lo, hi = (np.quantile(diffs, [(1 - p.confidence) / 2, 1 - (1 - p.confidence) / 2]) if len(diffs) else (float("nan"),) * 2)
-    return dict(metric=p.metric, mode=p.mode, rows=len(y), champion=metric_value(p.metric, y, a, threshold), challenger=metric_value(p.metric, y, b, threshold),
-                difference=m(np.arange(len(y))), low=float(lo), high=float(hi), confidence=p.confidence, resamples=int(len(diffs)))
-
-def promotion_verdict(b:dict, p:Promotion) -> tuple[bool, str]:
-    "`(promote, reason)`: better by at least the margin, with the interval of the difference above zero."
-    fig = (f"{b['metric']} challenger {b['challenger']:.4f} vs champion {b['champion']:.4f} on {b['rows']} holdout rows: "
-           f"difference {b['difference']:+.4f}, {b['confidence']:.0%} interval [{b['low']:+.4f}, {b['high']:+.4f}]")
-    if not b["difference"] >= p.margin: return False, f"not better by the margin {p.margin:g}: {fig}"
-    if not b["low"] > 0: return False, f"the interval includes zero (the holdout cannot tell them apart): {fig}"
-    return True, f"better: {fig}"
 
 # %% ../../nbs/api/70_lifecycle_policy.ipynb #7c89bc77
 @dataclass

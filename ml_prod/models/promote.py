@@ -1,4 +1,4 @@
-"""Promotion behind an evaluation guard: the challenger replaces the champion only when it scores at least as well on the same data.
+"""The one promotion guard: a challenger replaces the champion only when it beats it on the same rows, by a margin, with a paired-bootstrap interval of the difference above zero.
 
 Docs: https://ml-prod.github.io/ml_prod/api/models_promote.html.md"""
 
@@ -6,6 +6,7 @@ Docs: https://ml-prod.github.io/ml_prod/api/models_promote.html.md"""
 
 # %% ../../nbs/api/31_models_promote.ipynb #9e6bd97a
 from __future__ import annotations
+from dataclasses import dataclass
 from pathlib import Path
 from importlib.resources import files
 from ..errors import MlProdError, ParameterError
@@ -16,7 +17,87 @@ from .registry import AliasEvent, PromotionRefused, REFUSED, RegistryError, _ali
 import uuid
 
 # %% auto #0
-__all__ = ['FRAUD_EVALUATE', 'evaluate_versions', 'promote']
+__all__ = ['METRICS', 'FRAUD_EVALUATE', 'SCORES', 'Guard', 'metric_value', 'paired_bootstrap', 'promotion_verdict',
+           'evaluate_versions', 'promote']
+
+# %% ../../nbs/api/31_models_promote.ipynb #6a1d74d6
+METRICS = ("roc_auc", "average_precision", "log_loss", "accuracy", "precision", "recall", "f1")
+
+@dataclass(frozen=True)
+class Guard:
+    "How a challenger must beat the champion on the same rows (the loop's `lifecycle.promotion` section has the same fields)."
+    metric: str = "roc_auc"   # one of METRICS
+    mode: str = "max"         # max: higher is better; min: lower is better (log_loss)
+    margin: float = 0.0       # the challenger must be better by at least this much
+    confidence: float = 0.95  # the paired-bootstrap interval of the difference that must exclude zero
+    resamples: int = 1000     # paired bootstrap resamples of the rows
+
+    def __post_init__(self):
+        if self.metric not in METRICS: raise ParameterError(f"metric {self.metric!r}: use one of {', '.join(METRICS)}")
+        if self.mode not in ("max", "min"): raise ParameterError(f"mode {self.mode!r}: use 'max' (higher is better) or 'min'")
+        if not self.margin >= 0: raise ParameterError(f"margin {self.margin!r}: give 0 or more (how much better the challenger must be)")
+        if not 0.5 < self.confidence < 1: raise ParameterError(f"confidence {self.confidence!r}: give a level between 0.5 and 1, e.g. 0.95")
+        if not 100 <= self.resamples <= 100_000: raise ParameterError(f"resamples {self.resamples!r}: give 100 to 100000")
+
+def _auc(y, s):
+    import numpy as np
+    pos = y == 1
+    n1, n0 = int(pos.sum()), int((~pos).sum())
+    if n1 == 0 or n0 == 0: return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s)); ranks[order] = np.arange(1, len(s) + 1)
+    _, inv, counts = np.unique(s, return_inverse=True, return_counts=True)  # ties share their mean rank
+    sums = np.bincount(inv, weights=ranks); ranks = (sums / counts)[inv]
+    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+def _ap(y, s):
+    import numpy as np
+    order = np.argsort(-s, kind="mergesort"); y = y[order]
+    tp = np.cumsum(y); k = np.arange(1, len(y) + 1)
+    return float((tp / k)[y == 1].sum() / max(y.sum(), 1)) if y.sum() else float("nan")
+
+def metric_value(name:str, y, score, threshold:float=0.5) -> float:
+    "Metric `name` of scores `score` against labels `y` (0/1); precision, recall, f1 and accuracy at `threshold`."
+    import numpy as np
+    y, s = np.asarray(y, dtype=int), np.asarray(score, dtype=float)
+    if name == "roc_auc": return _auc(y, s)
+    if name == "average_precision": return _ap(y, s)
+    if name == "log_loss":
+        p = np.clip(s, 1e-15, 1 - 1e-15); return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    d = s >= threshold
+    tp, fp, fn = int((d & (y == 1)).sum()), int((d & (y == 0)).sum()), int((~d & (y == 1)).sum())
+    if name == "accuracy": return float((d == (y == 1)).mean())
+    if name == "precision": return tp / (tp + fp) if tp + fp else float("nan")
+    if name == "recall": return tp / (tp + fn) if tp + fn else float("nan")
+    if name == "f1": return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
+    raise ParameterError(f"metric {name!r}: use one of {', '.join(METRICS)}")
+
+# %% ../../nbs/api/31_models_promote.ipynb #9751e0cc
+def paired_bootstrap(y, champion, challenger, # labels and both models' scores on the same holdout rows
+                     p:Guard,                 # metric, mode, resamples, confidence (a Guard, or the loop's Promotion)
+                     threshold:float=0.5,     # for the thresholded metrics
+                     seed:int=0,
+                    ) -> dict:
+    "Both metrics on the holdout, their difference (positive: the challenger is better) and its paired-bootstrap interval."
+    import numpy as np
+    y, a, b = np.asarray(y, dtype=int), np.asarray(champion, dtype=float), np.asarray(challenger, dtype=float)
+    if not len(y) == len(a) == len(b): raise ParameterError(f"labels and scores differ in length: {len(y)}, {len(a)}, {len(b)}: score the same holdout rows")
+    sign = 1 if p.mode == "max" else -1
+    m = lambda idx: sign * (metric_value(p.metric, y[idx], b[idx], threshold) - metric_value(p.metric, y[idx], a[idx], threshold))
+    rng = np.random.default_rng(seed)
+    diffs = np.array([m(rng.integers(0, len(y), len(y))) for _ in range(p.resamples)])
+    diffs = diffs[np.isfinite(diffs)]
+    lo, hi = (np.quantile(diffs, [(1 - p.confidence) / 2, 1 - (1 - p.confidence) / 2]) if len(diffs) else (float("nan"),) * 2)
+    return dict(metric=p.metric, mode=p.mode, rows=len(y), champion=metric_value(p.metric, y, a, threshold), challenger=metric_value(p.metric, y, b, threshold),
+                difference=m(np.arange(len(y))), low=float(lo), high=float(hi), confidence=p.confidence, resamples=int(len(diffs)))
+
+def promotion_verdict(b:dict, p:Guard) -> tuple[bool, str]:
+    "`(promote, reason)`: better by at least the margin, with the interval of the difference above zero."
+    fig = (f"{b['metric']} challenger {b['challenger']:.4f} vs champion {b['champion']:.4f} on {b['rows']} holdout rows: "
+           f"difference {b['difference']:+.4f}, {b['confidence']:.0%} interval [{b['low']:+.4f}, {b['high']:+.4f}]")
+    if not b["difference"] >= p.margin: return False, f"not better by the margin {p.margin:g}: {fig}"
+    if not b["low"] > 0: return False, f"the interval includes zero (the holdout cannot tell them apart): {fig}"
+    return True, f"better: {fig}"
 
 # %% ../../nbs/api/31_models_promote.ipynb #51af0c2a
 FRAUD_EVALUATE = Path(str(files("ml_prod")/"examples"/"fraud"/"evaluate.ipynb"))
@@ -47,12 +128,25 @@ def _checked(r):
     return r
 
 # %% ../../nbs/api/31_models_promote.ipynb #ece53c46
-def _score(r, metric:str) -> float:
-    if metric not in r.metrics:
-        raise ParameterError(f"metric {metric!r} was not logged by the evaluation (run {r.run_id}); it logged: {', '.join(sorted(r.metrics)) or 'nothing'}")
-    return float(r.metrics[metric])
+SCORES = "scores.parquet"  # what an evaluation logs for the guard: `label` and `score`, one row per row of data_path
 
-def _better_or_equal(a:float, b:float, mode:str) -> bool: return a >= b if mode == "max" else a <= b
+def _row_scores(s, r) -> tuple:
+    "`(labels, scores)` that evaluation run `r` logged in SCORES."
+    import os, tempfile, pandas as pd
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in the CLI's output
+    with tempfile.TemporaryDirectory() as d:
+        try: df = pd.read_parquet(store.client(s).download_artifacts(r.run_id, SCORES, d))
+        except Exception as e: raise ParameterError(f"evaluation run {r.run_id} logged no readable {SCORES} ({type(e).__name__}): the guard compares both "
+                                                    "versions row by row; log `label` and `score` per row as the fraud example's evaluate.ipynb does") from None
+    if missing := {"label", "score"} - set(df.columns): raise ParameterError(f"{SCORES} of evaluation run {r.run_id} has no column {', '.join(sorted(missing))}")
+    return df["label"].to_numpy(dtype=int), df["score"].to_numpy(dtype=float)
+
+def _paired(s, new, old) -> tuple:
+    "`(labels, champion scores, challenger scores)` of two evaluations that scored the same rows (checked)."
+    (y, b), (y0, a) = _row_scores(s, new), _row_scores(s, old)
+    if len(y) != len(y0) or (y != y0).any():
+        raise ParameterError(f"evaluations {new.run_id} and {old.run_id} scored different rows ({len(y)} and {len(y0)}): evaluate both on the same data_path")
+    return y, a, b
 
 def _require(c, name:str, alias:str) -> int:
     v = _alias_version(c, name, alias) if c.search_registered_models(f"name = '{_q(name)}'") else None
@@ -68,13 +162,15 @@ def promote(s:ResolvedSettings,
             mode:str="max", # "max": higher is better; "min": lower is better
             data_path:str|None=None, # held-out data both versions are evaluated on
             evaluate_notebook:str|Path=FRAUD_EVALUATE, # takes `model_uri` and `data_path`, logs `metric`
-            force:bool=False, # promote even when the challenger is worse
+            force:bool=False, # promote even when the guard refuses
             reason:str="", # why: kept in the event
             actor:str|None=None, # who promotes (default user@host)
             parameters:dict|None=None, # further parameters of the evaluation notebook
+            margin:float=0.0, # how much better the challenger must be
+            confidence:float=0.95, # the paired-bootstrap interval of the difference that must exclude zero
            ) -> AliasEvent:
-    "Move `to_alias` to the `from_alias` version if it evaluates at least as well; raises `PromotionRefused` otherwise."
-    if mode not in ("max", "min"): raise ParameterError(f"mode {mode!r}: use 'max' (higher is better) or 'min'")
+    "Move `to_alias` to the `from_alias` version if the guard says it is better; raises `PromotionRefused` otherwise."
+    g = Guard(metric, mode, margin, confidence)
     c = store.client(s)
     challenger, champion = _require(c, name, from_alias), _alias_version(c, name, to_alias)
     if champion is None:
@@ -84,10 +180,12 @@ def promote(s:ResolvedSettings,
     if champion == challenger: raise RegistryError(f"{name}@{to_alias} already is version {challenger} ({name}@{from_alias})")
     if not data_path: raise ParameterError("promote needs data_path: the held-out data both versions are evaluated on")
     res = evaluate_versions(s, name, {from_alias: challenger, to_alias: champion}, data_path, Path(evaluate_notebook), parameters)
-    new, old = _score(res[from_alias], metric), _score(res[to_alias], metric)
-    ok = _better_or_equal(new, old, mode)
-    details = dict(decision="promoted" if ok else ("forced" if force else "refused"), metric=metric, mode=mode,
-                   challenger_score=new, champion_score=old, champion_evaluation_run=res[to_alias].run_id)
+    y, champ, chall = _paired(s, res[from_alias], res[to_alias])
+    b = paired_bootstrap(y, champ, chall, g, threshold=float((parameters or {}).get("threshold", 0.5)))
+    ok, why = promotion_verdict(b, g)
+    details = dict(decision="promoted" if ok else ("forced" if force else "refused"), metric=metric, mode=mode, margin=margin, verdict=why,
+                   challenger_score=b["challenger"], champion_score=b["champion"], difference=b["difference"], low=b["low"], high=b["high"],
+                   confidence=confidence, rows=b["rows"], champion_evaluation_run=res[to_alias].run_id)
     if not ok and not force: _refuse(s, name, to_alias, champion, challenger, reason, actor, res[from_alias].run_id, details)
     with _alias_lock(s, name):
         return _move(s, c, name, to_alias, challenger, reason, actor, res[from_alias].run_id, "promote", details, expect_from=champion)
@@ -95,6 +193,5 @@ def promote(s:ResolvedSettings,
 def _refuse(s, name, alias, champion, challenger, reason, actor, eval_run, details):
     e = record_event(s, AliasEvent(name, alias, champion, challenger, _now(), actor or default_actor(), reason,
                                    "promote", eval_run, details, kind=REFUSED))
-    raise PromotionRefused(f"refused to promote {name} version {challenger} to {alias}: {details['metric']} "
-                           f"{details['challenger_score']:.4f} is worse than version {champion}'s {details['champion_score']:.4f} "
-                           f"(mode {details['mode']}); use force to override", e)
+    raise PromotionRefused(f"refused to promote {name} version {challenger} to {alias} over version {champion}: {details['verdict']}; "
+                           "use force to override", e)
