@@ -2,7 +2,8 @@
 load it without importing the tests. Its `model_config` makes it different (`offset`), slow (`delay`
 seconds per call, `load_delay` seconds to load, except in the process `logged_by`) or broken (fails to score: always with `broken`, only
 inside a Ray Serve replica with `broken_in_replica`, like a model whose dependency the cluster's nodes
-lack). With `pid_file` every load appends "PID PARENT_PID" to that file; with `calls_file` every
+lack; with `fail_above`, inside a replica, any call holding a row whose amount is above it: an error rate
+that follows the traffic's share of such rows). With `pid_file` every load appends "PID PARENT_PID" to that file; with `calls_file` every
 predict call appends the number of rows it scored. With `hold_file` and `hold_country` a call holding a row of that
 country waits while that file exists (a run stopped at a known row, whatever the batching). With `nodes_file` every predict call
 made in a Ray actor appends that actor's node id and process id."""
@@ -44,6 +45,8 @@ class Tiny(mlflow.pyfunc.PythonModel):
         if self.cfg.get("nodes_file"): _append_node(self.cfg["nodes_file"])
         if self.cfg.get("broken"): raise ValueError("weights are corrupt")
         if self.cfg.get("broken_in_replica") and _in_replica(): raise ImportError("a dependency this model needs is missing on the cluster's nodes")
+        if self.cfg.get("fail_above") is not None and (model_input["amount"] > self.cfg["fail_above"]).any() and _in_replica():
+            raise ValueError(f"cannot score amounts above {self.cfg['fail_above']}")
         time.sleep(self.cfg.get("delay", 0.0))
         if self.cfg.get("hold_file") and (model_input["country"] == self.cfg["hold_country"]).any():
             while os.path.exists(self.cfg["hold_file"]): time.sleep(0.05)
