@@ -1,2 +1,4 @@
-"""JupyterLab control panels (ipywidgets, imported when a panel is shown), each over a plain-Python state: `launcher(nb)`."""
+"""JupyterLab control panels (ipywidgets, imported when a panel is shown), each over a plain-Python state: `launcher(nb)`, `deployments(app)`, `loop()`."""
 from ml_prod.ui.launcher import launcher  # the function, not the module of the same name: `ml_prod.ui.launcher(nb)`
+from ml_prod.ui.deployments import deployments  # likewise `ml_prod.ui.deployments(app)`
+from ml_prod.ui.loop import loop  # likewise `ml_prod.ui.loop()`
