@@ -5,6 +5,9 @@ project, and its watcher thread follows it to the end while the caller's thread 
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,7 +16,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from conftest import client, wait_for
+from conftest import RECORD, client, deploy, log_version, status, wait_for
 from ml_prod.settings import load_settings
 
 pytest.importorskip("ipywidgets")
@@ -94,3 +97,67 @@ def test_a_field_in_error_stops_the_launch_before_anything_is_recorded(env):
     assert "fix the fields first: steps: out of range, allowed 1 &lt;= steps &lt;= 20" in panel.message.value  # HTML-escaped
     assert panel.state.handle is None
     assert client(s).search_runs([e.experiment_id for e in client(s).search_experiments()]) == []
+
+
+# The deployments panel's state runs in a child process, as a notebook's kernel would: in the full suite this process
+# is on the session's ray_local Ray, not the serving cluster (see test_lifecycle's note on conftest.status).
+DEPLOYMENTS_CHILD = """
+import json, sys
+from ml_prod.ui.deployments import DeploymentsState
+st = DeploymentsState(sys.argv[1])
+st.refresh()
+before = st.weights()
+st.set_weights(json.loads(sys.argv[2]))
+print(json.dumps(dict(before=before, after=st.weights())))
+"""
+
+
+def test_deployments_panel_moves_traffic_in_place_and_the_answers_follow(project):
+    import httpx
+    log_version("panel_a"), log_version("panel_b", offset=0.5)
+    url = deploy(project, {"name": "panels", "arms": {"a": {"model": "models:/tiny@panel_a", "weight": 1},
+                                                      "b": {"model": "models:/tiny@panel_b", "weight": 0}}})
+    c = httpx.Client(base_url=url, timeout=10)
+    arms = lambda: [c.post("/predict", json=RECORD).json()["arm"] for _ in range(30)]
+    assert set(arms()) == {"a"}
+    pid = status("panels")["replicas"][0]["pid"]
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", DEPLOYMENTS_CHILD, "panels", json.dumps({"a": 0, "b": 1})],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    print(f"weights applied through the panel's state in {time.monotonic() - t0:.1f} s: {r.stdout.strip()}")
+    assert set(arms()) == {"b"}  # the endpoint's own answers: every request now goes to b
+    st = status("panels")  # `ml_prod serve status`: the deployed config, and the same replica process (no restart)
+    assert {n: a["weight"] for n, a in st["arms"].items()} == {"a": 0, "b": 1} and st["replicas"][0]["pid"] == pid
+    r = subprocess.run([sys.executable, "-c", DEPLOYMENTS_CHILD, "panels", json.dumps({"nope": 1})], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "panels has no arm 'nope'" in r.stderr  # the same check as `ml_prod serve update`
+
+
+def test_loop_panel_approves_a_pending_promotion_through_the_guard(project_dir):
+    from ml_prod.lifecycle.state import move
+    from ml_prod.tracking import tags as keys
+    from ml_prod.ui.loop import loop
+    s = load_settings()  # the fresh project: events on MLflow's SQLite store in its state folder
+    move(s, "fraud", "retraining", "drift", retrain_run="p1", last_retrain=time.time())
+    move(s, "fraud", "evaluating", "retrain pipeline p1 FINISHED", challenger=7)
+    move(s, "fraud", "awaiting_approval", "challenger 7 better")
+    panel = loop(s)
+    panel.app.value, panel.by.value = "fraud", "ana@laptop"
+    panel.approve_button.click()  # no reason: refused by decide's guard, nothing recorded
+    assert "--reason: say why" in panel.message.value
+    panel.reason.value = "holdout AUC +0.02, drift report checked"
+    panel.approve_button.click()
+    c = client(s)
+    exp = c.get_experiment_by_name(keys.EVENTS_EXPERIMENT)
+    runs = c.search_runs([exp.experiment_id], f"tags.`{keys.KIND}` = 'approval'")
+    assert len(runs) == 1, [r.data.tags for r in runs]
+    t = runs[0].data.tags
+    assert t[keys.STREAM] == "lifecycle/fraud" and t[keys.ACTOR] == "ana@laptop"
+    data = json.loads(t[keys.payload_key(0)])  # one part: the decision is short
+    assert t[keys.PAYLOAD_PARTS] == "1" and data["approved"] is True and data["challenger"] == 7
+    assert data["reason"] == "holdout AUC +0.02, drift report checked"
+    move(s, "fraud", "canary", "approved by ana@laptop", canary_since=time.time())  # the engine's next step (test_lifecycle runs it for real)
+    panel.state.refresh(); panel._draw()
+    panel.reject_button.click()  # nothing pending now: decide's guard refuses, nothing recorded
+    assert "no promotion is pending (the loop is canary)" in panel.message.value
+    assert len(c.search_runs([exp.experiment_id], f"tags.`{keys.KIND}` = 'approval'")) == 1
