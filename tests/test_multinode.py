@@ -49,6 +49,7 @@ from ml_prod.serving.spec import SERVE_ENV
 from ml_prod.settings import load_settings
 
 pytestmark = pytest.mark.slow
+LONG = pytest.mark.long  # the two-node scenarios, about 10 min together: beyond CI's time limit, `make test LONG=1`
 
 BIN = Path(sys.executable).parent
 MARKER = "ML_PROD_MULTINODE_TEST"  # set in the environment of every process this module starts
@@ -455,6 +456,7 @@ def _no_tracking_user_left():
     for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"): os.environ.pop(k, None)
 
 
+@LONG
 def test_job_finishes_on_the_trainer_node(cluster, job):
     assert job["status"] == "FINISHED", job["error"]
     assert job["auth_mode"] == "token"
@@ -467,6 +469,7 @@ def test_job_finishes_on_the_trainer_node(cluster, job):
     assert run.data.metrics["on_worker"] == 1
 
 
+@LONG
 def test_artifacts_go_through_the_proxy(cluster, job):
     c = operator_client(cluster)
     run = c.get_run(job["run_id"])
@@ -520,6 +523,7 @@ def tiny(cluster):
     return "models:/tiny@champion"
 
 
+@LONG
 def test_serving_on_two_nodes_audits_to_shared_storage(cluster, tiny):
     "Two replicas, one on each node, answer over HTTP; every answer has its audit record in the profile's shared audit_dir."
     import httpx
@@ -601,6 +605,7 @@ def wait_for(what: str, probe, timeout: float = 180, every: float = 2):
     pytest.fail(f"{what}: not within {timeout} s")
 
 
+@LONG
 def test_replicas_read_the_registry_as_the_read_only_user(cluster, tiny):
     """Replicas call the tracking server as `replica`, the user of the profile's replica_tracking_credentials file, not as the
     operator their nodes run as: once `replica`'s password changes on the server, a replica started afterwards cannot load its
@@ -673,6 +678,7 @@ def test_replicas_read_the_registry_as_the_read_only_user(cluster, tiny):
         api(url, "/api/2.0/mlflow/users/update-password", "admin", pw["admin"], {"username": READER, "password": pw[READER]}, method="PATCH")
 
 
+@LONG
 def test_batch_scoring_spreads_over_both_nodes(cluster, job, tiny):
     """`ml_prod batch score` on the two-node cluster: its scoring actors run on both nodes (each model call writes its
     process's Ray node id to a file), and every input row is in the output once, scored by the version resolved."""
@@ -701,6 +707,7 @@ def test_batch_scoring_spreads_over_both_nodes(cluster, job, tiny):
     assert sorted(got["id"]) == list(range(4000)) and set(got["model_version"]) == {version}
 
 
+@LONG
 def test_tracking_server_needs_a_user_and_the_reader_cannot_write(cluster, job):
     "The store lives in PostgreSQL; anonymous calls are refused; the read-only user reads the job's run and model but writes nothing."
     url, pw, run_id = cluster["tracking_uri"], cluster["passwords"], job["run_id"]

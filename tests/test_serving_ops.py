@@ -61,6 +61,7 @@ class Load:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # beyond CI's time limit: `make test LONG=1`
 def test_autoscaling_up_under_load_and_back_down(project):
     t_start = time.monotonic()
     log_version("auto", delay=0.3)

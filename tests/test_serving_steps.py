@@ -53,6 +53,7 @@ def step_env(serving_project, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # beyond CI's time limit: `make test LONG=1`
 def test_separate_step_runs_under_rays_own_serve_deploy(tmp_path, monkeypatch, step_env):
     "`ml_prod serve build` of a spec with separate steps: Ray's `serve deploy` runs the step deployments, and the answer is right."
     root, gcs, dashboard = raw_project(tmp_path, monkeypatch)
@@ -72,6 +73,7 @@ def test_separate_step_runs_under_rays_own_serve_deploy(tmp_path, monkeypatch, s
         assert st["replicas"][0]["pid"] not in step_pids["pre_enrich"]
 
 
+@pytest.mark.long  # beyond CI's time limit: `make test LONG=1`
 def test_separate_steps_run_in_their_own_replicas(project, step_env):
     version = log_version("champion")
     url = deploy(project, app_spec("stepped"))
