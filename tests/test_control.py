@@ -197,6 +197,7 @@ def test_register_with_alias_is_followed(served):
     assert not failed, failed[:5]
 
 
+@pytest.mark.long  # beyond CI's time limit: `make test LONG=1`
 def test_raw_mlflow_client_move_is_followed(served):
     from mlflow import MlflowClient
     url, _ = served
@@ -222,6 +223,7 @@ def test_job_notebook_move_is_followed(served, project):
     move_and_measure("a job notebook (`ml_prod run`)", url, v, lambda: cli("run", str(path), "-p", "version", str(v), "--cpus", "0"))
 
 
+@pytest.mark.long  # beyond CI's time limit: `make test LONG=1`
 def test_rest_api_move_is_followed(served, project):
     "The MLflow UI moves an alias through MLflow's REST API: here that API, on `mlflow server` over the project's store."
     url, _ = served

@@ -210,6 +210,7 @@ def _cli_in_process(args):
                               env={"ML_PROD_JOB_HEARTBEAT_S": "1", "RAY_USAGE_STATS_ENABLED": "0"})
 
 
+@pytest.mark.long  # beyond CI's time limit: `make test LONG=1`
 def test_cli_exit_codes_and_ctrl_c(env):
     s, d = env
     ok = make_nb(d / "ok.ipynb", "print('x is', x)")

@@ -116,6 +116,7 @@ def test_autoscaling_up_under_load_and_back_down(project):
     cli("serve", "down", "auto")
 
 
+@pytest.mark.long  # beyond CI's time limit: `make test LONG=1`
 def test_logs_prints_the_replicas_logs(project):
     log_version("logged")
     url = deploy(project, {"name": "logged", "arms": {"main": {"model": "models:/tiny@logged", "weight": 1}}, "num_cpus": 0.25,

@@ -308,6 +308,7 @@ def test_refused_version_is_never_left_pinned(project):
     cli("serve", "down", "refuse")
 
 
+@pytest.mark.long  # beyond CI's time limit: `make test LONG=1`
 def test_replacement_replica_falls_back_to_the_last_good_version(project):
     v1 = log_version("fallback")
     url = deploy(project, spec_of("fallback", "fallback"))
