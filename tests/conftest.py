@@ -433,3 +433,22 @@ def running_tag(s, run_id, tag):
     "Value of `tag` once the run has it."
     return wait_for(lambda: client(s).get_run(run_id).data.tags.get(tag))
 
+
+# ---- a real browser: Debian's Chromium driven by Playwright (no browser download) ----------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    "A headless Chromium (Playwright); skipped without /usr/bin/chromium, except in CI (`CI` set), where that fails."
+    if not CHROMIUM.exists():
+        msg = f"{CHROMIUM} is missing: install Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)"
+        if os.environ.get("CI"): pytest.fail(msg)
+        pytest.skip(msg)
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()

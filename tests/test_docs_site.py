@@ -16,8 +16,6 @@ from urllib.parse import urldefrag, urlparse
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update"]
 
 
 def build(out: Path, nbs: Path | None = None) -> subprocess.CompletedProcess:
@@ -43,19 +41,6 @@ def url(site):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/"
     server.shutdown()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        msg = f"{CHROMIUM} is missing: install Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)"
-        if os.environ.get("CI"): pytest.fail(msg)
-        pytest.skip(msg)
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
-        yield b
-        b.close()
 
 
 @pytest.fixture

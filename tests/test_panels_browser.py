@@ -18,8 +18,6 @@ from nbformat.v4 import new_code_cell, new_notebook
 
 from conftest import free_ports, stop_processes, wait_for
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update"]
 ARTIFACTS = os.environ.get("ML_PROD_TEST_ARTIFACTS")  # read at import: the project fixtures drop ML_PROD_* from the environment
 SECRET = "pw-" + secrets.token_hex(8)
 JOB_PARAMS = ('steps: int = 8  # steps to take {min: 1, max: 50}\n'
@@ -72,19 +70,6 @@ def lab(project_dir, tmp_path):
         except psutil.NoSuchProcess: procs = []
         stop_processes(procs, grace_s=20)  # SIGTERM: the server shuts its kernels down; SIGKILL after 20 s
         assert not [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-
-
-@pytest.fixture
-def browser():
-    if not CHROMIUM.exists():
-        msg = f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium chromium-driver)"
-        if os.environ.get("CI"): pytest.fail(msg)
-        pytest.skip(msg)
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
-        yield b
-        b.close()
 
 
 def run_cell(page, i: int, timeout_s: float = 120) -> float:
