@@ -15,7 +15,7 @@ from ..settings import ResolvedSettings
 from ..tracking import tags as keys
 
 # %% auto #0
-__all__ = ['JOBS_TABLE', 'HISTORY_TABLE', 'LOST_AFTER_S', 'ACTIVE', 'UNHEALTHY', 'ScheduleError', 'UnknownSchedule', 'store_url',
+__all__ = ['JOBS_TABLE', 'HISTORY_TABLE', 'LOST_AFTER_S', 'ACTIVE', 'ScheduleError', 'UnknownSchedule', 'store_url',
            'ScheduleStore', 'Launcher', 'tick', 'run_now', 'scheduler_task']
 
 # %% ../../nbs/api/82_control_scheduler.ipynb #c73b7153
@@ -248,12 +248,12 @@ def _reconcile(store, launcher, specs:dict, now:float) -> tuple[list, dict]:
             changed.append(dict(schedule=h["schedule"], planned=h["planned"], attempt=h["attempt"], outcome="submitted", run_id=run_id, relaunched=True))
     return changed, runs
 
-UNHEALTHY = ("data_drift", "integrity", "quality_drop", "service_degraded")
 
 def _tell(launcher, h:dict, r:dict):
     "Notify a fired run that failed, and a monitoring run whose verdict is unhealthy (`ml_prod.notify`)."
     s = getattr(launcher, "s", None)
     if s is None: return  # a launcher without settings (the examples' recording one) has nobody to tell
+    from ml_prod.monitoring.job import UNHEALTHY  # the verdicts `ml_prod monitor` exits 3 on
     from ml_prod.notify import notify
     if r["status"] in ("FAILED", "KILLED"):
         notify(s, "schedule.failed", schedule=h["schedule"], planned=h["planned"], attempt=h["attempt"], run_id=r["run_id"], status=r["status"])
