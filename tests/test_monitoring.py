@@ -139,6 +139,7 @@ def label(url: str, ids: list[str], truth):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # beyond CI's time limit: `make test LONG=1`
 def test_monitor_the_served_fraud_model(project, monkeypatch):
     """Serve the fraud model, send normal traffic with labels, then drifted traffic (inputs shifted and a new fraud
     pattern); `ml_prod monitor` on each window: healthy first (exit 0), data drift naming the shifted features

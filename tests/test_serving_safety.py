@@ -270,6 +270,7 @@ def kill_replica_and_wait(app: str, deadline_s: float = 120) -> dict:
     raise AssertionError(f"no replacement replica of {app} reported what it serves after {deadline_s} s: {status(app)}")
 
 
+@pytest.mark.long  # beyond CI's time limit: `make test LONG=1`
 def test_refused_version_is_never_left_pinned(project):
     v1 = log_version("refuse")
     app = spec_of("refuse", "refuse")
