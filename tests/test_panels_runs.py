@@ -81,3 +81,77 @@ def test_runs_panel_sorts_compares_and_plots_what_mlflow_holds(project_dir):
     assert bytes(p.plot.value).startswith(b"\x89PNG") and p.message.value == ""
     p.by.value = "status"
     assert [r["status"] for r in p.state.rows] == ["RUNNING", "FINISHED", "FAILED"] and p.table.value.index(">c<") < p.table.value.index(">b<")
+
+
+# ---- sweep ----------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def a_sweep(project_dir):
+    "A running sweep of 'score' (max) written by flows.tune's own functions (`_open_sweep`, `_trial_run`), no Ray: (settings, sweep run id, trial())."
+    import nbformat
+    from mlflow.entities import Metric
+    from ml_prod.flows import tune
+    from ml_prod.tracking import store
+    s = load_settings()
+    c = client(s)
+    nb = project_dir / "train.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("lr = 0.1", metadata={"tags": ["parameters"]})]), nb)
+    exp = store.ensure_experiment(s, "tuning")
+    record = dict(notebook=str(nb), notebook_sha256="0" * 64, space={"lr": {"loguniform": [1e-4, 1]}}, fixed={}, metric="score",
+                  mode="max", samples=4, scheduler="asha")
+    sweep_id = tune._open_sweep(s, exp, nb, nb.read_bytes(), project_dir / "tune" / "train-1", record, False, {})
+    sw = tune._Sweep(s, sweep_id, exp, str(nb), nb.read_bytes(), {}, [], "score", "asha", 3, str(project_dir),
+                     run_tags=tune._trial_tags(s, nb, nb.read_bytes(), {}, sweep_id))
+
+    def trial(tid: str, lr: float, scores: list, end: str | None = None, error: str | None = None) -> str:
+        "A trial's child run as `_run_trial` creates it, its reports logged as the supervisor logs them, ended as it ends them."
+        run_id, _ = tune._trial_run(sw, {"lr": lr}, tid)
+        now = int(time.time() * 1000)
+        if scores: c.log_batch(run_id, metrics=[Metric("score", v, now + i, i) for i, v in enumerate(scores)])
+        if end == "FINISHED": c.set_terminated(run_id, end)
+        elif end: store.fail_run(c, run_id, error, end)
+        return run_id
+    return s, sweep_id, trial
+
+
+def test_sweep_monitor_marks_stopped_and_failed_trials_and_follows_the_sweep_to_its_end(a_sweep):
+    from ml_prod.flows import tune
+    from ml_prod.ui.sweep import SweepState, sweep
+    s, sweep_id, trial = a_sweep
+    ids = {"t1": trial("abc_00001", 0.1, [0.60, 0.75, 0.82], "FINISHED"),
+           "t2": trial("abc_00002", 0.5, [0.40], "KILLED", "train.ipynb: cell 2: stopped by asha after 1 report(s) of score"),
+           "t3": trial("abc_00003", 1e-3, [], "FAILED", "train.ipynb: cell 2: ValueError: diverged"),
+           "t4": trial("abc_00004", 0.2, [0.50, 0.85])}  # still running, best so far
+    st = SweepState(ids["t3"], s)  # a trial's run id finds its sweep
+    trials = {t["run_id"]: t for t in st.refresh()}
+    raw = dict(db(s).execute("select run_uuid, status from runs where run_uuid != ?", (sweep_id,)))
+    assert {i: t["status"] for i, t in trials.items()} == raw
+    assert [trials[ids[k]]["state"] for k in ("t1", "t2", "t3", "t4")] == ["finished", "stopped", "failed", "running"]
+    assert trials[ids["t3"]]["error"].endswith("ValueError: diverged") and trials[ids["t2"]]["params"] == {"lr": "0.5"}
+    assert (st.sweep_run_id, st.metric, st.mode, st.running) == (sweep_id, "score", "max", True)
+    assert st.best == ids["t4"]  # 0.85 > 0.82 (the last values); no best_run_id tag while it runs
+    assert st.history[ids["t1"]] == list(db(s).execute("select step, value from metrics where run_uuid = ? and key = 'score' order by step", (ids["t1"],)))
+    lines = {l.get_label(): l for l in st.plot().axes[0].lines}
+    assert set(lines) == {"abc_00001", "abc_00002 (stopped)", "abc_00004 (best)"}  # the failed trial reported nothing
+    assert list(lines["abc_00004 (best)"].get_ydata()) == [0.50, 0.85] and lines["abc_00004 (best)"].get_linewidth() == 3.0
+    assert lines["abc_00002 (stopped)"].get_linestyle() == "--"
+
+    with pytest.raises(Exception, match="run_id_or_experiment = 'nope': no run has that id, and experiment = 'nope'"): SweepState("nope", s).refresh()
+    plain = client(s).create_run(st.sweep.info.experiment_id, run_name="plain").info.run_id
+    with pytest.raises(Exception, match=f"run {plain} is neither a sweep nor a trial of one"): SweepState(plain, s).refresh()
+    assert len(SweepState("tuning", s).refresh()) == 4  # an experiment: its newest sweep
+
+    t0 = time.monotonic()
+    p = sweep(sweep_id, s, every_s=0.2)  # running: it follows the sweep from a thread
+    assert time.monotonic() - t0 < 5 and p._thread.is_alive()
+    assert p.table.value.count("ml-prod-best") == 1 and f'data-run="{ids["t4"]}"' in p.table.value.split("ml-prod-best")[1][:60]
+    ids["t5"] = trial("abc_00005", 0.3, [0.70, 0.80, 0.95], "FINISHED")
+    wait_for(lambda: "abc_00005" in p.table.value, timeout=20)
+    c = client(s)
+    c.set_terminated(ids["t4"], "FINISHED")
+    best = tune.TrialResult(ids["t5"], "train.ipynb", "FINISHED", params={"lr": 0.3}, metric=0.95)
+    tune._close_sweep(s, sweep_id, best, "score", False)  # as tune_notebook ends it
+    wait_for(lambda: not p._thread.is_alive(), timeout=20)
+    tags = dict(db(s).execute("select key, value from tags where run_uuid = ?", (sweep_id,)))
+    assert p.state.status == "FINISHED" == dict(db(s).execute("select run_uuid, status from runs"))[sweep_id]
+    assert p.state.best == tags["ml_prod.best_run_id"] == ids["t5"] and "FINISHED" in p.summary.value and "abc_00005" in p.summary.value
