@@ -1,8 +1,9 @@
 """`ml_prod demo`, the README's first command, end to end in a throwaway project: the fraud tutorial
 runs as papermill on this machine, its jobs on a local Ray, the model is served over HTTP, and the
 executed tutorial is saved. Facts are read from the raw stores: MLflow's database, the registry,
-the audit segments on disk."""
+the audit records on disk."""
 import json, os, socket, subprocess, sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,21 @@ from mlflow.tracking import MlflowClient
 ML_PROD = str(Path(sys.executable).parent / "ml_prod")
 ROWS, REQUESTS = 2000, 25
 MONITOR = 1000  # requests in each monitored window: the smallest window drift is judged on
+
+
+def audit_records(app_dir: Path) -> list[dict]:
+    """Every request record on disk: the replicas' JSON-lines segments, and the day partitions of Parquet that
+    compaction (the tutorial's own, then the control service's audit upkeep) wrote. Compaction deletes a closed
+    segment once its rows are in Parquet but leaves an open one in place, so a row of an open segment can be in both:
+    a Parquet row counts only when its request id (the server's, unique per attempt) is in no segment. Compaction keeps
+    one row per request id, so a duplicate is visible only in segments."""
+    import pyarrow.parquet as pq
+    segments = [json.loads(l) for f in (app_dir / "segments").glob("*.jsonl") for l in f.read_text().splitlines() if l]
+    seen = {r["request_id"] for r in segments}
+    compacted = [{**r, "inputs": json.loads(r["inputs"] or "null"), "outputs": json.loads(r["outputs"] or "null")}  # JSON columns are text in Parquet
+                 for f in (app_dir / "requests").glob("date=*/part-0.parquet") for r in pq.read_table(f).to_pylist()
+                 if r["request_id"] not in seen]
+    return segments + compacted
 
 
 @pytest.mark.slow
@@ -32,10 +48,10 @@ def test_demo_runs_the_tutorial_end_to_end(project_dir):
     c = MlflowClient(tracking_uri=f"sqlite:///{state}/mlflow.db")
     runs = c.search_runs([c.get_experiment_by_name("fraud-demo").experiment_id])
     assert sorted((r.data.tags["mlflow.runName"], r.info.status) for r in runs) == [("data", "FINISHED"), ("train", "FINISHED")]
-    assert int(c.get_model_version_by_alias("fraud-detector", "champion").version) == 1
+    assert c.get_model_version("fraud-detector", "1").run_id in [r.info.run_id for r in runs if r.data.tags["mlflow.runName"] == "train"]
     # the raw audit records: one 200 per request sent and one 422 for the malformed record
-    every = [json.loads(l) for f in (state / "audit" / "fraud" / "segments").glob("*.jsonl") for l in f.read_text().splitlines() if l]
-    lines = [r for r in every if not (r["client_request_id"] or "").startswith(("normal-", "drifted-"))]  # the monitoring section's own ids
+    every = audit_records(state / "audit" / "fraud")
+    lines = [r for r in every if not (r["client_request_id"] or "").startswith(("normal-", "drifted-", "loop-"))]  # the later sections' own ids
     assert sorted(r["status"] for r in lines).count(200) == REQUESTS and [r["status"] for r in lines].count(422) == 1
     # batch scoring of the same transactions: one output row each, by version 1, with the endpoint's decisions and scores
     import pyarrow.parquet as pq
@@ -51,7 +67,8 @@ def test_demo_runs_the_tutorial_end_to_end(project_dir):
     # monitoring: three windows of MONITOR answered requests each, judged by three FINISHED monitoring runs, oldest first
     sent = {w: sum(1 for r in every if (r["client_request_id"] or "").startswith(f"{w}-") and r["status"] == 200) for w in ("normal", "drifted")}
     assert sent == {"normal": MONITOR, "drifted": MONITOR}, sent
-    runs = c.search_runs([c.get_experiment_by_name(tags.MONITOR_EXPERIMENT).experiment_id], order_by=["attributes.start_time ASC"])
+    runs = [r for r in c.search_runs([c.get_experiment_by_name(tags.MONITOR_EXPERIMENT).experiment_id], order_by=["attributes.start_time ASC"])
+            if tags.SCHEDULE not in r.data.tags]  # the monitoring section's own runs, not the schedule's
     assert [r.info.status for r in runs] == ["FINISHED"] * 3
     assert [r.data.tags[tags.MONITOR_STATUS] for r in runs[:2]] == ["healthy", "data_drift"]
     drifted = {x["feature"] for x in json.loads(runs[1].data.tags[tags.MONITOR_RESULT])["reasons"] if x["check"] == "data_drift"}
@@ -64,3 +81,24 @@ def test_demo_runs_the_tutorial_end_to_end(project_dir):
     assert labelled == [0, MONITOR], labelled
     png = [o for c in code for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(png) >= 3, "the score histogram and the drift report's plots"
+
+    # the loop: one retrain pipeline run, FINISHED, trained the version now behind @champion
+    everywhere = [e.experiment_id for e in c.search_experiments()]
+    (retrain,) = c.search_runs(everywhere, f"tags.`{tags.LIFECYCLE_APP}` = 'fraud'")
+    assert retrain.info.status == "FINISHED", retrain.info
+    new = c.get_model_version_by_alias("fraud-detector", "champion")
+    assert int(new.version) > 1 and c.get_run(new.run_id).data.tags[tags.PIPELINE_RUN] == retrain.info.run_id
+    # the loop's moves, read from the events experiment's raw runs (their JSON payload tags), in the order they were written
+    def payload(t): return json.loads("".join(t[tags.payload_key(i)] for i in range(int(t[tags.PAYLOAD_PARTS]))))
+    moves = c.search_runs([c.get_experiment_by_name(tags.EVENTS_EXPERIMENT).experiment_id],
+                          f"tags.`{tags.STREAM}` = 'lifecycle/fraud' and tags.`{tags.KIND}` = 'move'", max_results=1000)
+    moves = [payload(r.data.tags) for r in sorted(moves, key=lambda r: float(r.data.tags[tags.TIME]))]
+    assert [(m["previous"], m["phase"]) for m in moves][:5] == [("watching", "retraining"), ("retraining", "evaluating"), ("evaluating", "canary"),
+                                                               ("canary", "promoted"), ("promoted", "cooling_down")], moves
+    trigger = c.get_run(moves[0]["figures"]["monitor_runs"][-1])
+    assert tags.SCHEDULE in trigger.data.tags and trigger.data.tags[tags.MONITOR_STATUS] in ("data_drift", "quality_drop")  # the scheduled monitor saw it
+    # the client: consecutive request ids, every one answered 200, at 20 a second or more; the canary arm answered with the new version
+    loop = sorted((r for r in every if (r["client_request_id"] or "").startswith("loop-")), key=lambda r: int(r["client_request_id"][5:]))
+    assert [int(r["client_request_id"][5:]) for r in loop] == list(range(len(loop))) and {r["status"] for r in loop} == {200}, Counter(r["status"] for r in loop)
+    assert len(loop) / (loop[-1]["ts"] - loop[0]["ts"]) >= 20, (len(loop), loop[-1]["ts"] - loop[0]["ts"])
+    assert {str(r["model_version"]) for r in loop if r["arm"] == "challenger"} == {str(new.version)}, Counter((r["arm"], r["model_version"]) for r in loop)

@@ -18,7 +18,7 @@ from .common import _fail, _settings
 from . import jobs, models, flows, serve, control, lifecycle, monitor, batch, project  # each registers its commands on `app`
 
 # %% auto #0
-__all__ = ['main', 'tutorial_notebook', 'check_example_installed', 'run_tutorial', 'demo']
+__all__ = ['main', 'tutorial_notebook', 'check_example_installed', 'run_tutorial', 'demo_cluster', 'demo']
 
 # %% ../../nbs/api/95_cli_main.ipynb #fe2348fc
 def main():
@@ -66,17 +66,45 @@ def run_tutorial(s, out:Path, **parameters) -> Path:
         raise MlProdError(f"The tutorial failed at cell {e.exec_count}: {e.ename}: {e.evalue}. The executed copy shows where: {out}") from None
     return out
 
+# %% ../../nbs/api/95_cli_main.ipynb #3a39d6a9
+def demo_cluster(s) -> bool:
+    """Start a persistent local Ray for the demo on a free port (the control service's schedules and retrain jobs are detached:
+    they need a Ray that outlives the process starting them); False when one is up already or the profile names a cluster."""
+    import socket
+    from ml_prod.runtime.cluster import cluster_up, local_cluster
+    from ml_prod.serving.spec import SERVE_ENV
+    if s.ray_address or local_cluster(s): return False
+    with socket.socket() as sock:  # not 6379: another project's cluster may hold it
+        sock.bind(("127.0.0.1", 0)); port = sock.getsockname()[1]
+    cluster_up(s, port=port, env=SERVE_ENV)
+    return True
+
+def _demo_cluster_down(s):
+    "Stop the control service (its lease released now), then the demo's local Ray with the endpoint."
+    from ml_prod.control import service
+    from ml_prod.runtime.cluster import cluster_down
+    try: service.stop(s)
+    except MlProdError as e: err.print(f"warning: the control service did not stop cleanly: {e}")
+    cluster_down(s)
+
 @app.command()
 def demo(profile:Optional[str]=ProfileOpt,
          rows:int=typer.Option(20_000, help="Transactions to generate"),
          epochs:int=typer.Option(5, help="Training epochs"),
          requests:int=typer.Option(300, help="Transactions sent to the endpoint"),
-         monitor_requests:int=typer.Option(1000, help="Transactions in each monitored window (at least 1,000: the smallest window drift is judged on)")):
-    "Run the fraud tutorial end to end: synthetic data and training as tracked jobs, then the model served and queried over HTTP."
+         monitor_requests:int=typer.Option(1000, help="Transactions in each monitored window (at least 1,000: the smallest window drift is judged on)"),
+         keep_serving:bool=typer.Option(False, "--keep-serving", help="Leave the local Ray, the endpoint and the control service up (`ml_prod cluster down` stops them)")):
+    "Run the fraud tutorial end to end: data and training as tracked jobs, serving, monitoring, then the retrain loop (drift, retrain, canary, promote)."
     s = _settings(profile)
     out = Path(s.state_dir)/"demo"/"fraud_end_to_end.ipynb"
-    try: run_tutorial(s, out, rows=rows, epochs=epochs, requests=requests, monitor_requests=monitor_requests)
+    started = False
+    try:
+        started = demo_cluster(s)
+        run_tutorial(s, out, rows=rows, epochs=epochs, requests=requests, monitor_requests=monitor_requests)
     except MlProdError as e: _fail(e)
     except KeyboardInterrupt: err.print("interrupted: the tutorial's jobs were cancelled"); raise typer.Exit(130)
+    finally:
+        if started and not keep_serving: _demo_cluster_down(s)
     typer.echo(f"\nThe executed tutorial: {out}")
     typer.echo(f"Browse the runs: mlflow ui --backend-store-uri {s.tracking_uri}")
+    if keep_serving: typer.echo("Still serving (the local Ray, the endpoint, the control service): `ml_prod cluster down` stops them")

@@ -140,9 +140,14 @@ def _set_canary(s:ResolvedSettings, a:Application, share:float) -> dict:
     total = w[lc.arm] + w[lc.canary_arm]
     return control.update(a.name, s, weights={lc.arm: total * (1 - share), lc.canary_arm: total * share})
 
+def _watch_from(s:ResolvedSettings, app:str, st) -> float|None:
+    "Windows that ended before this do not count: the last retrain's start, or when the policy in force was recorded (a new policy watches afresh)."
+    ps = events.read(s, state.stream(app), kinds=("policy",))
+    return max([t for t in (st.facts.get("last_retrain"), ps[-1].time if ps else None) if t is not None], default=None)
+
 def _watching(s, a:Application, st, now:float) -> dict:
     lc = a.lifecycle
-    vs = verdicts(s, a.name, since=st.facts.get("last_retrain"))
+    vs = verdicts(s, a.name, since=_watch_from(s, a.name, st))
     due, why = retrain_due(vs, lc.trigger, now, last_retrain=st.facts.get("last_retrain"))
     if not due: return dict(action="wait", reason=why)
     latest = vs[-1]
