@@ -8,7 +8,8 @@ tmp folder). Without /usr/bin/chromium the test is skipped, except in CI (`CI` s
 """
 from __future__ import annotations
 
-import json, os, re, secrets, subprocess, sys, time, urllib.request
+import json, os, re, secrets, shutil, subprocess, sys, time, urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import nbformat
@@ -16,9 +17,10 @@ import psutil
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from conftest import free_ports, stop_processes, wait_for
+from conftest import RECORD, client, deploy, free_ports, log_version, stop_processes, wait_for
 
 ARTIFACTS = os.environ.get("ML_PROD_TEST_ARTIFACTS")  # read at import: the project fixtures drop ML_PROD_* from the environment
+UPDATE_SHOT = os.environ.get("ML_PROD_UPDATE_SCREENSHOT")
 SECRET = "pw-" + secrets.token_hex(8)
 JOB_PARAMS = ('steps: int = 8  # steps to take {min: 1, max: 50}\n'
               'pause_s: float = 0.1  # seconds per step {min: 0}\n'
@@ -41,11 +43,9 @@ def write_nb(path: Path, cells: list[str], params: str | None = None):
     nbformat.write(nb, path)
 
 
-@pytest.fixture
-def lab(project_dir, tmp_path):
-    "JupyterLab serving the project folder; yields (url, token); the server and its kernels are stopped after."
-    write_nb(project_dir / "steps.ipynb", [JOB_BODY], JOB_PARAMS)
-    write_nb(project_dir / "panel.ipynb", PANEL_CELLS)
+@contextmanager
+def jupyter_lab(root: Path, tmp_path: Path):
+    "JupyterLab serving folder `root`; yields (url, token); the server and its kernels are stopped after."
     settings = tmp_path / "lab-settings" / "@jupyter-widgets" / "jupyterlab-manager"
     settings.mkdir(parents=True)
     (settings / "plugin.jupyterlab-settings").write_text(json.dumps({"saveState": True}))  # so the test can search widget state
@@ -54,9 +54,9 @@ def lab(project_dir, tmp_path):
            "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "lab-settings"), "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "ws")}
     cmd = [str(Path(sys.executable).parent / "jupyter"), "lab", "--no-browser", "--allow-root", "--ServerApp.ip=127.0.0.1",
            f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
-           f"--ServerApp.root_dir={project_dir}", "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+           f"--ServerApp.root_dir={root}", "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
     log = open(tmp_path / "lab.log", "w")
-    proc = subprocess.Popen(cmd, cwd=project_dir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     def up():
         try: return urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2).status == 200
@@ -70,6 +70,23 @@ def lab(project_dir, tmp_path):
         except psutil.NoSuchProcess: procs = []
         stop_processes(procs, grace_s=20)  # SIGTERM: the server shuts its kernels down; SIGKILL after 20 s
         assert not [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.fixture
+def lab(project_dir, tmp_path):
+    "JupyterLab on a fresh project with the job notebook and the launcher's notebook."
+    write_nb(project_dir / "steps.ipynb", [JOB_BODY], JOB_PARAMS)
+    write_nb(project_dir / "panel.ipynb", PANEL_CELLS)
+    with jupyter_lab(project_dir, tmp_path) as served: yield served
+
+
+def open_notebook(browser, url: str, token: str, name: str):
+    "A page with notebook `name` open and its kernel idle."
+    page = browser.new_context(viewport={"width": 1300, "height": 1000}).new_page()
+    page.goto(f"{url}/lab/tree/{name}?token={token}")
+    page.locator(".jp-Notebook .jp-CodeCell").first.wait_for(timeout=90_000)
+    page.locator("#jp-main-statusbar").filter(has_text="Idle").wait_for(timeout=90_000)  # the kernel is up and idle
+    return page
 
 
 def run_cell(page, i: int, timeout_s: float = 120) -> float:
@@ -86,10 +103,7 @@ def test_launch_a_job_from_the_panel_in_jupyterlab(lab, browser, project_dir, tm
     url, token = lab
     shots = Path(ARTIFACTS or tmp_path) / "panels"
     shots.mkdir(parents=True, exist_ok=True)
-    page = browser.new_context(viewport={"width": 1300, "height": 1000}).new_page()
-    page.goto(f"{url}/lab/tree/panel.ipynb?token={token}")
-    page.locator(".jp-Notebook .jp-CodeCell").first.wait_for(timeout=90_000)
-    page.locator("#jp-main-statusbar").filter(has_text="Idle").wait_for(timeout=90_000)  # the kernel is up and idle
+    page = open_notebook(browser, url, token, "panel.ipynb")
     run_cell(page, 0)
     run_cell(page, 1)
     form = page.locator(".ml-prod-launcher")
@@ -128,3 +142,68 @@ def test_launch_a_job_from_the_panel_in_jupyterlab(lab, browser, project_dir, tm
     saved = (project_dir / "panel.ipynb").read_text()
     assert "ml-prod-launcher" in saved or "Launch steps.ipynb" in saved  # the panel's widget state is in the file
     assert SECRET not in saved
+
+
+APP = "panels-browser"
+ROOT = Path(__file__).resolve().parents[1]
+PANEL_SHOT = ROOT / "nbs" / "images" / "panel_deployments.png"  # shown in the README; `ML_PROD_UPDATE_SCREENSHOT=1` takes it again
+OPS_CELLS = [
+    f'import ml_prod.ui\ndeployments = ml_prod.ui.deployments("{APP}")\ndeployments',
+    'loop = ml_prod.ui.loop()\nloop',
+]
+
+
+def test_move_traffic_and_approve_a_promotion_from_the_panels_in_jupyterlab(project, browser, tmp_path):
+    """The deployments panel and the loop panel in JupyterLab, in the session's serving project: move all traffic from
+    arm a to arm b in the browser and see the endpoint's own answers follow; approve a pending promotion and find the
+    approval, with its approver and reason, in the events experiment's raw runs."""
+    import httpx
+    from ml_prod.lifecycle.state import move
+    from ml_prod.settings import load_settings
+    from ml_prod.tracking import tags as keys
+    shots = Path(ARTIFACTS or tmp_path) / "panels"
+    shots.mkdir(parents=True, exist_ok=True)
+    log_version("browser_a"), log_version("browser_b", offset=0.5)
+    url = deploy(project, {"name": APP, "arms": {"a": {"model": "models:/tiny@browser_a", "weight": 1},
+                                                 "b": {"model": "models:/tiny@browser_b", "weight": 0}}})
+    http = httpx.Client(base_url=url, timeout=10)
+    arms = lambda: {http.post("/predict", json=RECORD).json()["arm"] for _ in range(30)}
+    assert arms() == {"a"}
+    s = load_settings()
+    move(s, APP, "retraining", "drift", retrain_run="p1", last_retrain=time.time())  # how the engine records its steps
+    move(s, APP, "evaluating", "retrain pipeline p1 FINISHED", challenger=2)
+    move(s, APP, "awaiting_approval", "challenger 2 better on the holdout")
+    write_nb(project / "ops.ipynb", OPS_CELLS)
+    with jupyter_lab(project, tmp_path) as (lab_url, token):
+        page = open_notebook(browser, lab_url, token, "ops.ipynb")
+        run_cell(page, 0)
+        panel = page.locator(".ml-prod-deployments")
+        panel.wait_for(timeout=60_000)
+        weight = lambda arm: panel.locator(".widget-inline-hbox").filter(has=page.locator(f"label:text-is('{arm}')")).locator("input").first
+        weight("a").fill("0"); weight("a").press("Enter")
+        weight("b").fill("1"); weight("b").press("Enter")
+        page.screenshot(path=shots / "5_deployments.png")
+        panel.locator("button:has-text('Apply weights')").click()
+        panel.locator(".ml-prod-applied").filter(has_text="a=0, b=1").wait_for(timeout=180_000)
+        page.screenshot(path=shots / "6_weights_applied.png")
+        panel.screenshot(path=shots / PANEL_SHOT.name)
+        if UPDATE_SHOT: shutil.copy(shots / PANEL_SHOT.name, PANEL_SHOT)
+        assert f"]({PANEL_SHOT.relative_to(ROOT)})" in (ROOT / "README.md").read_text() and PANEL_SHOT.read_bytes()[:4] == b"\x89PNG"
+        assert arms() == {"b"}  # the endpoint's answers follow the weights set in the browser
+        run_cell(page, 1)
+        loop = page.locator(".ml-prod-loop-panel")
+        loop.wait_for(timeout=60_000)
+        field = lambda name: loop.locator(".widget-inline-hbox").filter(has=page.locator(f"label:text-is('{name}')")).locator("input, select").first
+        field("app").select_option(label=APP)
+        field("approver").fill("ana@lab"); field("approver").press("Enter")
+        field("reason").fill("holdout AUC better, drift report read"); field("reason").press("Enter")
+        loop.locator("button:has-text('Approve')").click()
+        c = client(s)
+        exp = c.get_experiment_by_name(keys.EVENTS_EXPERIMENT).experiment_id
+        query = f"tags.`{keys.KIND}` = 'approval' and tags.`{keys.STREAM}` = 'lifecycle/{APP}'"
+        runs = wait_for(lambda: c.search_runs([exp], query), timeout=60)
+        page.screenshot(path=shots / "7_approved.png")
+    (run,) = runs
+    data = json.loads("".join(run.data.tags[keys.payload_key(i)] for i in range(int(run.data.tags[keys.PAYLOAD_PARTS]))))
+    assert run.data.tags[keys.ACTOR] == "ana@lab" and data["approved"] is True and data["challenger"] == 2
+    assert data["reason"] == "holdout AUC better, drift report read"
