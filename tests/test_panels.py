@@ -161,3 +161,84 @@ def test_loop_panel_approves_a_pending_promotion_through_the_guard(project_dir):
     panel.reject_button.click()  # nothing pending now: decide's guard refuses, nothing recorded
     assert "no promotion is pending (the loop is canary)" in panel.message.value
     assert len(c.search_runs([exp.experiment_id], f"tags.`{keys.KIND}` = 'approval'")) == 1
+
+
+# ---- promote and rollback from the deployments panel: the one guard, evaluations on Ray, MLflow on SQLite ----------
+
+def _column_model(column: str):
+    "A pyfunc whose score is one column of its input (a local class: cloudpickle carries it by value into the evaluation kernel)."
+    import mlflow
+    import pandas as pd
+
+    class Column(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            return pd.DataFrame({"score": model_input[column].astype(float).to_numpy()})
+    return Column()
+
+
+def _aliases(s) -> dict:
+    "The registry's aliases of model fraud, read from MLflow's SQLite tables."
+    import sqlite3
+    with sqlite3.connect(s.tracking_uri.removeprefix("sqlite:///")) as db:
+        return dict(db.execute("select alias, version from registered_model_aliases where name = 'fraud'").fetchall())
+
+
+def _refusals(s) -> list:
+    "The refused promotions on record: (from, to) versions of each run tagged ml_prod.event = promotion_refused, from the raw tags."
+    import sqlite3
+    q = ("select f.value, t.value from tags e join tags f on f.run_uuid = e.run_uuid and f.key = 'ml_prod.from_version' "
+         "join tags t on t.run_uuid = e.run_uuid and t.key = 'ml_prod.to_version' where e.key = 'ml_prod.event' and e.value = 'promotion_refused'")
+    with sqlite3.connect(s.tracking_uri.removeprefix("sqlite:///")) as db: return db.execute(q).fetchall()
+
+
+def test_deployments_panel_promotes_through_the_guard_and_rolls_back(ray_local, project_dir):
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    from ml_prod.models.registry import register
+    from ml_prod.tracking import store
+    from ml_prod.ui.deployments import DeploymentsPanel, DeploymentsState
+    s = load_settings()
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=300)  # fraud when x > 0.7: the column x separates perfectly, weak is x blurred, noise knows nothing
+    holdout = project_dir / "holdout.parquet"
+    pd.DataFrame(dict(x=x, weak=x + rng.normal(0, 0.4, 300), noise=rng.uniform(size=300), is_fraud=(x > 0.7).astype(int))).to_parquet(holdout)
+    c, exp = store.client(s), store.ensure_experiment(s)
+
+    def version(column, alias, **kw):
+        mlflow.pyfunc.save_model(project_dir / column, python_model=_column_model(column), pip_requirements=["mlflow"])
+        rid = c.create_run(exp).info.run_id
+        c.log_artifacts(rid, str(project_dir / column), "model"); c.set_terminated(rid)
+        return register(s, rid, "fraud", alias=alias, **kw)
+    assert (version("weak", "champion"), version("x", "challenger")) == (1, 2)
+
+    panel = DeploymentsPanel(DeploymentsState("fraud", s))
+    panel.model.value, panel.data_path.value, panel.promote_reason.value = "fraud", str(holdout), "the column model"
+    t0 = time.monotonic()
+    panel.promote_button.click()
+    assert panel._thread.is_alive() and panel.promote_button.disabled  # the click returned while both evaluations run
+    wait_for(lambda: not panel._thread.is_alive(), timeout=300)
+    print(f"promotion through the panel: {time.monotonic() - t0:.1f} s; {panel.state.verdict['verdict']}")
+    assert panel.state.error is None and panel.state.verdict["decision"] == "promoted", panel.message.value
+    assert "promoted: fraud@champion version 1 -&gt; 2" in panel.verdict.value and "interval [+" in panel.verdict.value
+    assert _aliases(s) == {"champion": 2, "challenger": 2}  # the guard moved champion, in MLflow's own table
+
+    assert version("noise", "challenger") == 3  # worse than the champion on every resample: the guard refuses
+    t0 = time.monotonic()
+    panel.promote_button.click()
+    wait_for(lambda: not panel._thread.is_alive(), timeout=300)
+    v = panel.state.verdict
+    print(f"refusal through the panel: {time.monotonic() - t0:.1f} s; {v['verdict']}")
+    assert v["decision"] == "refused" and v["difference"] < 0 and v["high"] < 0 and v["margin"] == 0.0
+    assert "refused: fraud@champion stays version 2 (challenger version 3)" in panel.verdict.value
+    assert f"difference {v['difference']:+.4f}" in panel.verdict.value and "margin 0" in panel.verdict.value
+    assert _aliases(s) == {"champion": 2, "challenger": 3} and _refusals(s) == [("2", "3")]  # no alias moved; the refusal on record
+
+    panel.rollback_button.click()
+    wait_for(lambda: not panel._thread.is_alive(), timeout=60)
+    assert "rolled back: fraud@champion version 2 -&gt; 1" in panel.verdict.value
+    assert _aliases(s)["champion"] == 1
+    panel.rollback_button.click()  # champion is back at its first version: the registry's refusal is shown, not raised
+    wait_for(lambda: not panel._thread.is_alive(), timeout=60)
+    assert "RegistryError: fraud@champion has no earlier version to roll back to" in panel.message.value
+    assert _aliases(s)["champion"] == 1

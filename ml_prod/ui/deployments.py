@@ -1,4 +1,4 @@
-"""The deployments panel: an application's arms (version, weight), replicas and recent traffic from the audit log; a traffic-weight control.
+"""The deployments panel: an application's arms (version, weight), replicas and recent traffic from the audit log; a traffic-weight control; promote and rollback through the one promotion guard.
 
 Docs: https://ml-prod.github.io/ml_prod/api/ui_deployments.html.md"""
 
@@ -6,7 +6,7 @@ Docs: https://ml-prod.github.io/ml_prod/api/ui_deployments.html.md"""
 
 # %% ../../nbs/api/86_ui_deployments.ipynb #62f10b06
 from __future__ import annotations
-import html, threading, time
+import html, re, threading, time
 from ..errors import MlProdError, ParameterError
 from .launcher import _widgets
 
@@ -27,20 +27,32 @@ def traffic(df, # audit records: `ts`, `arm`, `latency_ms`, `outcome` columns
 
 # %% ../../nbs/api/86_ui_deployments.ipynb #4d9c0e00
 class DeploymentsState:
-    "What the deployments panel shows and does, without widgets: the application's status, its recent traffic, weight changes."
+    "What the deployments panel shows and does, without widgets: the application's status, its recent traffic, weight changes, promotions."
     def __init__(self, app:str, # the served application
                  settings=None, # `ResolvedSettings` (default: the active profile, loaded at the first refresh)
                  window_s:float=300, # how far back the traffic figures reach
                 ):
         self.app, self.settings, self.window_s = app, settings, window_s
         self.status, self.traffic, self.last_update, self.error = None, {}, None, None
+        self.verdict, self.last_rollback = None, None  # the last promotion's verdict, the last rollback's alias event
 
     def __repr__(self): return f"DeploymentsState({self.app}, arms={self.weights()}, error={self.error})"
+
+    def _s(self):
+        from ml_prod.settings import load_settings
+        self.settings = self.settings or load_settings()
+        return self.settings
 
     def weights(self) -> dict[str, float]:
         "Each arm's traffic weight as deployed (shadow arms left out)."
         arms = (self.status or {}).get("arms", {})
         return {n: a["weight"] for n, a in arms.items() if not a.get("shadow")}
+
+    def models(self) -> list[str]:
+        "The registered models the arms serve (from their `models:/NAME@ALIAS` or `models:/NAME/VERSION` URIs)."
+        uris = [a.get("model") or a.get("pinned") or "" for a in (self.status or {}).get("arms", {}).values()]
+        return list(dict.fromkeys(m.group(1) for u in uris if (m := re.match(r"models:/([^/@]+)", str(u)))))
+
 
 # %% ../../nbs/api/86_ui_deployments.ipynb #385ebca7
 def _refresh(self:DeploymentsState) -> dict:
@@ -74,6 +86,51 @@ def _set_weights(self:DeploymentsState, weights:dict[str, float], # new traffic 
 
 DeploymentsState.set_weights = _set_weights
 
+# %% ../../nbs/api/86_ui_deployments.ipynb #00ad2d21
+def _verdict(e, # the `AliasEvent` of the move, or of the refusal
+             refused:str|None=None, # the guard's refusal message
+            ) -> dict:
+    "What the panel shows of a promotion: the decision, the versions and the guard's figures (None where it compared nothing)."
+    d = e.details
+    return dict(decision=d.get("decision", "refused" if refused else e.action), model=e.model, alias=e.alias,
+                champion=e.from_version, challenger=e.to_version, verdict=d.get("verdict", ""), message=refused or e.summary(),
+                **{k: d.get(k) for k in ("metric", "rows", "difference", "low", "high", "confidence", "margin")})
+
+def _promote(self:DeploymentsState, model:str, # the registered model
+             data_path:str|None, # held-out data both versions are evaluated on
+             from_alias:str="challenger", # the candidate version's alias
+             to_alias:str="champion", # the alias to move to it
+             reason:str="", # why: kept in the alias event
+             **guard, # metric, mode, margin, confidence, evaluate_notebook, actor, force: as `models.promote.promote` takes them
+            ) -> dict:
+    "Promote through the one guard, `models.promote.promote` (what `ml_prod models promote` calls); its verdict, a refusal included."
+    from ml_prod.models import promote
+    from ml_prod.models.registry import PromotionRefused
+    self.error = None
+    try: self.verdict = _verdict(promote.promote(self._s(), model, from_alias, to_alias, data_path=data_path, reason=reason, **guard))
+    except PromotionRefused as e: self.verdict = _verdict(e.event, refused=f"{e}")  # a verdict, not an error: on record as such
+    except MlProdError as e:
+        self.error = f"{e}"
+        raise
+    return self.verdict
+
+def _rollback(self:DeploymentsState, model:str, # the registered model
+              alias:str="champion", # the alias to move back
+              reason:str="", # why: kept in the alias event
+              actor:str|None=None, # who (default user@host)
+             ):
+    "Move `model@alias` back to the version before its last move, through `models.registry.rollback` (as `ml_prod models rollback`)."
+    from ml_prod.models.registry import rollback
+    self.error = None
+    try: self.last_rollback = rollback(self._s(), model, alias, reason, actor)
+    except MlProdError as e:
+        self.error = f"{e}"
+        raise
+    return self.last_rollback
+
+DeploymentsState.promote, DeploymentsState.rollback = _promote, _rollback
+
+
 # %% ../../nbs/api/86_ui_deployments.ipynb #af1ff2ae
 def _arms_html(st:DeploymentsState) -> str:
     "The arms table: version, weight, traffic of each arm."
@@ -92,9 +149,24 @@ def _replicas_html(st:DeploymentsState) -> str:
     reps = ", ".join(f"{html.escape(r['id'])} {html.escape(str(r['state']))}" for r in s.get("replicas", []))
     return f'<b>{html.escape(st.app)}</b>: <span class="ml-prod-app-status">{html.escape(str(s.get("status", "?")))}</span>; replicas: {reps or "none"}'
 
+# %% ../../nbs/api/86_ui_deployments.ipynb #bfba60a2
+def _verdict_html(v:dict) -> str:
+    "A promotion's verdict: promoted or refused, the versions, and the guard's difference, interval and margin."
+    f = lambda x, fmt: "-" if x is None else format(float(x), fmt)
+    moved = v["decision"] in ("promoted", "forced", "no_champion")
+    if moved: head = f'{v["decision"]}: {v["model"]}@{v["alias"]} version {v["champion"] or "-"} -> {v["challenger"]}'
+    else: head = f'refused: {v["model"]}@{v["alias"]} stays version {v["champion"]} (challenger version {v["challenger"]})'
+    figs = ("no champion to compare with" if v["difference"] is None else
+            f'{v["metric"]} difference {f(v["difference"], "+.4f")}, {f(v["confidence"], ".0%")} interval '
+            f'[{f(v["low"], "+.4f")}, {f(v["high"], "+.4f")}], margin {f(v["margin"], "g")}, {v["rows"]} rows')
+    color = "#080" if moved else "#c00"
+    return (f'<div class="ml-prod-verdict" data-decision="{html.escape(v["decision"])}" style="color:{color}"><b>{html.escape(head)}</b><br>'
+            f'<span class="ml-prod-figures">{html.escape(figs)}</span><br><small>{html.escape(v["verdict"] or v["message"])}</small></div>')
+
+
 # %% ../../nbs/api/86_ui_deployments.ipynb #cad960a9
 class DeploymentsPanel:
-    "The deployments panel: status, arms and traffic, a weight field per arm, Apply and Refresh; `state` holds the rest."
+    "The deployments panel: status, arms and traffic, a weight field per arm, Apply and Refresh, promote and rollback; `state` holds the rest."
     def __init__(self, state:DeploymentsState):
         w = _widgets()
         self.state, self._thread, self.weights = state, None, {}
@@ -105,16 +177,41 @@ class DeploymentsPanel:
         self.apply_button.on_click(lambda _: self.apply())
         self.refresh_button.on_click(lambda _: self.refresh())
         self.widget = w.VBox([w.HTML(f"<h3>Deployment {html.escape(state.app)}</h3>"), self.summary, self.arms, self.weight_box,
-                              w.HBox([self.apply_button, self.refresh_button, self.message])])
+                              w.HBox([self.apply_button, self.refresh_button, self.message]), self._promotion_box()])
         self.widget.add_class("ml-prod-deployments")
 
     def _repr_mimebundle_(self, **kw): return self.widget._repr_mimebundle_(**kw)
+
+
+# %% ../../nbs/api/86_ui_deployments.ipynb #6302c0b9
+def _promotion_box(self:DeploymentsPanel):
+    "The promotion controls: model, aliases, held-out data, the guard's metric, mode and margin, a reason; Promote, Rollback, the verdict."
+    from ml_prod.models.promote import METRICS
+    w = _widgets()
+    lay = w.Layout(width="250px")
+    self.model = w.Text(description="model", placeholder="registered model", layout=lay)
+    self.from_alias, self.to_alias = w.Text(value="challenger", description="from", layout=lay), w.Text(value="champion", description="to", layout=lay)
+    self.data_path = w.Text(description="holdout", placeholder="held-out data both versions are scored on", layout=w.Layout(width="500px"))
+    self.metric = w.Dropdown(description="metric", options=list(METRICS), layout=lay)
+    self.mode, self.margin = w.Dropdown(description="mode", options=["max", "min"], layout=lay), w.FloatText(value=0.0, description="margin", layout=lay)
+    self.promote_reason = w.Text(description="reason", placeholder="why (kept in the alias event)", layout=w.Layout(width="500px"))
+    self.promote_button = w.Button(description="Promote", button_style="warning", icon="arrow-up")
+    self.rollback_button = w.Button(description="Rollback", button_style="danger", icon="undo")
+    self.verdict = w.HTML("")
+    self.promote_button.on_click(lambda _: self.promote()); self.rollback_button.on_click(lambda _: self.rollback())
+    return w.VBox([w.HTML("<h4>Promotion (the guard of <code>ml_prod models promote</code>)</h4>"), w.HBox([self.model, self.from_alias, self.to_alias]),
+                   w.HBox([self.metric, self.mode, self.margin]), self.data_path, self.promote_reason,
+                   w.HBox([self.promote_button, self.rollback_button]), self.verdict])
+
+DeploymentsPanel._promotion_box = _promotion_box
+
 
 # %% ../../nbs/api/86_ui_deployments.ipynb #5e025f10
 def _draw(self:DeploymentsPanel):
     "Redraw from the state; a weight field per arm, made once (typing in it is not undone by a refresh)."
     w, st = _widgets(), self.state
     self.summary.value, self.arms.value = _replicas_html(st), _arms_html(st)
+    if not self.model.value and st.models(): self.model.value = st.models()[0]  # the model the arms serve
     if set(self.weights) != set(st.weights()):
         self.weights = {n: w.FloatText(value=v, description=n, layout=w.Layout(width="200px")) for n, v in st.weights().items()}
         self.weight_box.children = list(self.weights.values())
@@ -129,6 +226,7 @@ def _panel_refresh(self:DeploymentsPanel):
 def _say(self:DeploymentsPanel, msg:str): self.message.value = f'<span class="ml-prod-error" style="color:#c00">{html.escape(msg)}</span>'
 
 DeploymentsPanel._draw, DeploymentsPanel.refresh, DeploymentsPanel._say = _draw, _panel_refresh, _say
+
 
 # %% ../../nbs/api/86_ui_deployments.ipynb #c6cac62c
 def _apply(self:DeploymentsPanel):
@@ -148,6 +246,44 @@ def _apply_now(self:DeploymentsPanel, weights:dict):
     finally: self.apply_button.disabled = False
 
 DeploymentsPanel.apply, DeploymentsPanel._apply_now = _apply, _apply_now
+
+# %% ../../nbs/api/86_ui_deployments.ipynb #56ad182b
+def _background(self:DeploymentsPanel, work, # what to run: a promotion takes as long as two evaluation jobs
+                busy:str, # the message while it runs
+               ):
+    "Run `work()` in a daemon thread, one action at a time, so the kernel stays free; an error is shown in the panel, never raised."
+    if self._thread is not None and self._thread.is_alive(): return self._say("an action from this panel is still running: wait for it")
+    buttons = [self.apply_button, self.promote_button, self.rollback_button]
+    for b in buttons: b.disabled = True
+    self.message.value = html.escape(busy)
+    def run():
+        try: work()
+        except Exception as e: self._say(f"{type(e).__name__}: {e}")  # refused by the registry or the guard's checks: its message says why
+        finally:
+            for b in buttons: b.disabled = False
+    self._thread = threading.Thread(target=run, name="ml_prod-deployments", daemon=True)
+    self._thread.start()
+
+def _panel_promote(self:DeploymentsPanel):
+    "Promote the model's `from` version to `to` through the guard (`DeploymentsState.promote`) in the background; show its verdict."
+    args = dict(model=self.model.value.strip(), data_path=self.data_path.value.strip() or None, from_alias=self.from_alias.value.strip(),
+                to_alias=self.to_alias.value.strip(), reason=self.promote_reason.value, metric=self.metric.value, mode=self.mode.value, margin=self.margin.value)
+    def work():
+        self.verdict.value = _verdict_html(self.state.promote(**args))
+        self.message.value = ""
+    self._background(work, f"evaluating {args['model']}@{args['from_alias']} against @{args['to_alias']} on the same rows...")
+
+def _panel_rollback(self:DeploymentsPanel):
+    "Move the model's `to` alias back to its version before the last move (`DeploymentsState.rollback`) in the background."
+    model, alias, reason = self.model.value.strip(), self.to_alias.value.strip(), self.promote_reason.value
+    def work():
+        e = self.state.rollback(model, alias, reason)
+        self.verdict.value = f'<div class="ml-prod-rolled-back">rolled back: {html.escape(f"{e.model}@{e.alias} version {e.from_version} -> {e.to_version}")}</div>'
+        self.message.value = ""
+    self._background(work, f"rolling back {model}@{alias}...")
+
+DeploymentsPanel._background, DeploymentsPanel.promote, DeploymentsPanel.rollback = _background, _panel_promote, _panel_rollback
+
 
 # %% ../../nbs/api/86_ui_deployments.ipynb #a5d66570
 def deployments(app:str, # the served application
