@@ -5,6 +5,7 @@ project, and its watcher thread follows it to the end while the caller's thread 
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import subprocess
 import sys
@@ -242,3 +243,56 @@ def test_deployments_panel_promotes_through_the_guard_and_rolls_back(ray_local, 
     wait_for(lambda: not panel._thread.is_alive(), timeout=60)
     assert "RegistryError: fraud@champion has no earlier version to roll back to" in panel.message.value
     assert _aliases(s)["champion"] == 1
+
+
+# ---- schedules created and removed from the loop panel: the CLI's checks, the store's raw table ----------------------
+
+def _stored_schedules(s) -> dict:
+    "APScheduler's raw rows in the project's schedule store: {id: (next_run_time, the job's kwargs)}, unpickled from job_state."
+    import pickle
+    import sqlite3
+    with sqlite3.connect(Path(s.state_dir) / "schedules.db") as db:
+        rows = db.execute("select id, next_run_time, job_state from ml_prod_schedules").fetchall()
+    return {i: (t, pickle.loads(state)["kwargs"]) for i, t, state in rows}
+
+
+def test_loop_panel_adds_a_schedule_to_the_store_and_refuses_bad_fields(project_dir):
+    from ml_prod.ui.loop import loop
+    s = load_settings()
+    (project_dir / "flows").mkdir()
+    (project_dir / "flows" / "train.ipynb").write_text("{}")
+    panel = loop(s)
+    f = panel.new
+    f["name"].value, f["cron"].value, f["timezone"].value, f["target"].value = "nightly", "0 2 * * sun", "Europe/Paris", "flows/train.ipynb"
+    t0 = time.time()
+    panel.add_button.click()
+    assert "schedule nightly added, next fire" in panel.message.value, {k: h.value for k, h in panel.new_errors.items()}
+    rows = _stored_schedules(s)
+    assert list(rows) == ["nightly"]
+    nxt, kw = rows["nightly"]
+    assert (kw["cron"], kw["timezone"], kw["notebook"], kw["pipeline"], kw["monitor"]) == ("0 2 * * sun", "Europe/Paris", "flows/train.ipynb", None, None)
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+    when = datetime.fromtimestamp(nxt, ZoneInfo("Europe/Paris"))
+    assert (when.hour, when.minute, when.isoweekday()) == (2, 0, 7) and t0 < nxt <= t0 + 7 * 86400  # the next Sunday 02:00 in Paris
+    print(f"stored: next fire {when.isoformat()}")
+
+    # a bad cron, an unknown timezone, an empty name, a missing file: each message beside its field, nothing stored
+    cases = [(dict(name="hourly", cron="0 25 * * *", kind="monitor", target="fraud"), "cron", "cron = '0 25 * * *': not a five-field crontab"),
+             (dict(name="hourly", cron="0 * * * *", timezone="Europe/Atlantis", kind="monitor", target="fraud"), "timezone",
+              "timezone = 'Europe/Atlantis': unknown timezone: use an IANA name"),
+             (dict(name="  ", cron="0 * * * *", kind="monitor", target="fraud"), "name", "name = '': give the schedule a name"),
+             (dict(name="hourly", cron="0 * * * *", kind="pipeline", target="flows/nope.yaml"), "target", "pipeline = 'flows/nope.yaml': no such file")]
+    for values, field, message in cases:
+        for k, v in dict(dict(timezone="UTC"), **values).items(): f[k].value = v
+        panel.add_button.click()
+        shown = {k: h.value for k, h in panel.new_errors.items() if h.value}
+        assert list(shown) == [field] and html.escape(message) in shown[field], shown  # the widget holds HTML
+        assert list(_stored_schedules(s)) == ["nightly"]
+
+    for k, v in dict(name="hourly", cron="0 * * * *", timezone="UTC", kind="monitor", target="fraud").items(): f[k].value = v
+    panel.add_button.click()
+    assert panel.new_errors["cron"].value == "" and _stored_schedules(s)["hourly"][1]["monitor"] == "fraud"
+    panel.schedule.value = "nightly"
+    panel.sched_buttons["remove"].click()  # as `ml_prod schedule remove`
+    assert list(_stored_schedules(s)) == ["hourly"] and [r["name"] for r in panel.state.schedules] == ["hourly"]

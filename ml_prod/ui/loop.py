@@ -1,4 +1,4 @@
-"""The loop panel: each application's lifecycle phase and history, approve or reject a pending promotion, and the schedules (pause, resume, run now).
+"""The loop panel: each application's lifecycle phase and history, approve or reject a pending promotion, and the schedules (add, pause, resume, run now, remove).
 
 Docs: https://ml-prod.github.io/ml_prod/api/ui_loop.html.md"""
 
@@ -6,12 +6,13 @@ Docs: https://ml-prod.github.io/ml_prod/api/ui_loop.html.md"""
 
 # %% ../../nbs/api/87_ui_loop.ipynb #f57e31c4
 from __future__ import annotations
-import html, time
-from ..errors import MlProdError
+import html, re, time
+from pathlib import Path
+from ..errors import ConfigError, MlProdError
 from .launcher import _widgets
 
 # %% auto #0
-__all__ = ['LoopPanelState', 'LoopPanel', 'loop']
+__all__ = ['TARGETS', 'LoopPanelState', 'field_messages', 'LoopPanel', 'loop']
 
 # %% ../../nbs/api/87_ui_loop.ipynb #53dccf8c
 class LoopPanelState:
@@ -61,11 +62,11 @@ def _decide(self:LoopPanelState, app:str, # the application whose promotion wait
     return e
 
 def _schedule(self:LoopPanelState, name:str, # the schedule
-              what:str, # pause, resume or run_now
+              what:str, # pause, resume, run_now or remove
              ):
-    "Pause, resume or fire schedule `name` now, as `ml_prod schedule pause/resume/run-now`."
+    "Pause, resume, fire now or remove schedule `name`, as `ml_prod schedule pause/resume/run-now/remove`."
     from ml_prod.control.scheduler import ScheduleStore, run_now
-    if what not in ("pause", "resume", "run_now"): raise MlProdError(f"what = {what!r}: use pause, resume or run_now")
+    if what not in ("pause", "resume", "run_now", "remove"): raise MlProdError(f"what = {what!r}: use pause, resume, run_now or remove")
     if what == "run_now": r = run_now(name, self._s())
     else:
         with ScheduleStore.of(self._s()) as store: r = getattr(store, what)(name)
@@ -73,6 +74,56 @@ def _schedule(self:LoopPanelState, name:str, # the schedule
     return r
 
 LoopPanelState.decide, LoopPanelState.schedule = _decide, _schedule
+
+
+# %% ../../nbs/api/87_ui_loop.ipynb #36e39e24
+TARGETS = ("notebook", "pipeline", "monitor")  # a schedule's one target, as `ml_prod schedule add --notebook/--pipeline/--monitor`
+
+def _invalid(name:str, field:str, value, why:str) -> ConfigError:
+    "An error in the form of `flows.schedules.schedule`'s: the schedule, then `  - FIELD = VALUE: why`."
+    return ConfigError(f"schedule {name!r} is invalid:\n  - {field} = {value!r}: {why}")
+
+def _target_path(s, name:str, kind:str, path:str) -> str:
+    "A target file as `ml_prod schedule add` keeps it: relative to the project folder when inside it (the control service reads it there)."
+    p = Path(path).expanduser().resolve()
+    if not p.is_file(): raise _invalid(name, kind, path, f"no such file (from {Path.cwd()}): give the {kind}'s path")
+    try: return str(p.relative_to(Path(s.project_dir).resolve()))
+    except ValueError: return str(p)
+
+def _add_schedule(self:LoopPanelState, name:str, # the schedule's name (its id: a schedule of that name is replaced)
+                  cron:str, # five-field crontab, e.g. '0 2 * * *'
+                  timezone:str="UTC", # IANA timezone the cron is read in
+                  kind:str="notebook", # the target: notebook, pipeline or monitor
+                  target:str="", # the notebook or pipeline file, or the application to monitor
+                 ):
+    "Add schedule `name` as `ml_prod schedule add` does: checked by `flows.schedules.schedule`, kept in the `ScheduleStore`; the spec."
+    from ml_prod.control.scheduler import ScheduleStore
+    from ml_prod.flows.schedules import schedule
+    s, name, target = self._s(), name.strip(), target.strip()
+    if not name: raise _invalid(name, "name", name, "give the schedule a name: its id in the store")
+    if kind not in TARGETS: raise _invalid(name, "kind", kind, f"use one of {', '.join(TARGETS)}")
+    if not target: raise _invalid(name, kind, target, "give the application to monitor" if kind == "monitor" else f"give the {kind} file")
+    value = target if kind == "monitor" else _target_path(s, name, kind, target)
+    spec = schedule(dict(name=name, cron=cron.strip(), timezone=timezone.strip(), **{kind: value}))
+    with ScheduleStore.of(s) as store: store.put(spec)
+    self.refresh()
+    return spec
+
+LoopPanelState.add_schedule = _add_schedule
+
+
+# %% ../../nbs/api/87_ui_loop.ipynb #d7fc7e00
+def field_messages(e:MlProdError, # a refused schedule: `flows.schedules.schedule`'s error, or `add_schedule`'s
+                  ) -> dict[str, str]:
+    "Each bad field's message (`notebook`, `pipeline`, `monitor` under `target`); what names no field under `''`."
+    out = {}
+    for line in str(e).splitlines()[1:] or [str(e)]:
+        m = re.match(r"\s*- (\w+)(?: = |: )", line)
+        k = m.group(1) if m else ""
+        k = "target" if k in TARGETS else k if k in ("name", "cron", "timezone", "kind") else ""
+        out[k] = (out.get(k, "") + "\n" + line.strip().removeprefix("- ")).strip()
+    return out
+
 
 # %% ../../nbs/api/87_ui_loop.ipynb #f46176f0
 def _loops_html(st:LoopPanelState) -> str:
@@ -91,7 +142,7 @@ def _schedules_html(st:LoopPanelState) -> str:
 
 # %% ../../nbs/api/87_ui_loop.ipynb #a6c3de7d
 class LoopPanel:
-    "The loop panel: loops and their stories, approve/reject with a reason and approver, schedules with pause, resume, run now."
+    "The loop panel: loops and their stories, approve/reject with a reason and approver, schedules with pause, resume, run now, remove and a form to add one."
     def __init__(self, state:LoopPanelState):
         w = _widgets()
         self.state = state
@@ -100,17 +151,50 @@ class LoopPanel:
         self.reason, self.by = w.Text(description="reason", placeholder="why (kept with the decision)"), w.Text(description="approver", placeholder="user@host")
         self.approve_button, self.reject_button = w.Button(description="Approve", button_style="success"), w.Button(description="Reject", button_style="danger")
         self.schedule = w.Dropdown(description="schedule", options=[])
-        self.sched_buttons = {k: w.Button(description=d) for k, d in [("pause", "Pause"), ("resume", "Resume"), ("run_now", "Run now")]}
+        self.sched_buttons = {k: w.Button(description=d) for k, d in [("pause", "Pause"), ("resume", "Resume"), ("run_now", "Run now"), ("remove", "Remove")]}
         self.approve_button.on_click(lambda _: self._act(lambda: self.state.decide(self.app.value, True, self.reason.value, self.by.value or None), "approved"))
         self.reject_button.on_click(lambda _: self._act(lambda: self.state.decide(self.app.value, False, self.reason.value, self.by.value or None), "rejected"))
         for k, b in self.sched_buttons.items(): b.on_click(lambda _, k=k: self._act(lambda: self.state.schedule(self.schedule.value, k), k.replace("_", " ")))
         self.app.observe(lambda _: self._draw(), names="value")
         self.widget = w.VBox([w.HTML("<h3>The loop</h3>"), self.loops, self.app, self.story, w.HBox([self.reason, self.by]),
                               w.HBox([self.approve_button, self.reject_button]), w.HTML("<h4>Schedules</h4>"), self.schedules,
-                              w.HBox([self.schedule, *self.sched_buttons.values()]), self.message])
+                              w.HBox([self.schedule, *self.sched_buttons.values()]), self._schedule_form(), self.message])
         self.widget.add_class("ml-prod-loop-panel")
 
     def _repr_mimebundle_(self, **kw): return self.widget._repr_mimebundle_(**kw)
+
+
+# %% ../../nbs/api/87_ui_loop.ipynb #4ee6a689
+def _schedule_form(self:LoopPanel):
+    "The form that adds a schedule: name, cron, timezone, target kind and target, each with its error beside it, and Add."
+    w = _widgets()
+    self.new = dict(name=w.Text(description="name", placeholder="e.g. nightly-monitor"), cron=w.Text(description="cron", placeholder="0 2 * * *"),
+                    timezone=w.Text(value="UTC", description="timezone"), kind=w.Dropdown(description="target", options=list(TARGETS)),
+                    target=w.Text(description="file / app", placeholder="a notebook or pipeline file, or the application"))
+    self.new_errors = {k: w.HTML("") for k in self.new}
+    for k in self.new: self.new_errors[k].add_class(f"ml-prod-field-error-{k}")
+    self.add_button = w.Button(description="Add schedule", button_style="primary", icon="plus")
+    self.add_button.on_click(lambda _: self.add_schedule())
+    return w.VBox([w.HTML("<h4>Add a schedule (as <code>ml_prod schedule add</code>)</h4>"),
+                   *[w.HBox([f, self.new_errors[k]]) for k, f in self.new.items()], self.add_button])
+
+def _panel_add(self:LoopPanel):
+    "Add the form's schedule (`LoopPanelState.add_schedule`); a refusal's message beside each bad field, nothing raised."
+    f = {k: x.value for k, x in self.new.items()}
+    for h in self.new_errors.values(): h.value = ""
+    try: spec = self.state.add_schedule(f["name"], f["cron"], f["timezone"], f["kind"], f["target"])
+    except MlProdError as e:
+        msgs = field_messages(e)
+        for k, m in msgs.items():
+            if k: self.new_errors[k].value = f'<span class="ml-prod-error" style="color:#c00">{html.escape(m)}</span>'
+        self.message.value = f'<span class="ml-prod-error" style="color:#c00">{html.escape(msgs.get("", "schedule not added: fix the fields marked"))}</span>'
+        return
+    nxt = next((r["next"] for r in self.state.schedules if r["name"] == spec.name), None)
+    self.message.value = f'<span class="ml-prod-done">schedule {html.escape(spec.name)} added, next fire {html.escape(nxt.strftime("%Y-%m-%d %H:%M %Z") if nxt else "-")}</span>'
+    self._draw()
+
+LoopPanel._schedule_form, LoopPanel.add_schedule = _schedule_form, _panel_add
+
 
 # %% ../../nbs/api/87_ui_loop.ipynb #bf29ce15
 def _draw(self:LoopPanel):
