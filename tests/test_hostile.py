@@ -1,6 +1,10 @@
-"""Concurrent registrations of one model name (issue 19, "Jobs and the control service under faults"): 20 registrations
-at once (4 processes of 5 threads), 10 rounds, through ml_prod's `register` on MLflow on SQLite: versions unique and
-contiguous in the database itself, no error.
+"""Hostile input that reaches no endpoint (issue 19, "Hostile input"), and concurrent registrations of one model name.
+
+* Notebook parameters that carry code are injected as data (a real kernel runs the notebook; the code would
+  leave a marker file); names that would lead out of their folder (a sweep's, an experiment's artifact folder,
+  a pipeline step's) are refused or made into one plain folder name before anything is written.
+* 20 registrations of one model name at once (4 processes of 5 threads), 10 rounds, on MLflow on SQLite:
+  versions unique and contiguous in the database itself, no error.
 
 Figures (counts, seconds) are printed, not asserted."""
 from __future__ import annotations
@@ -11,6 +15,89 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
+
+# ---- code in notebook parameters, names that leave their folder -------------------------------------
+
+PARAMS_NB = 'text: str = "hello"  # a free text\nn: int = 1\n'
+
+
+def injected(marker: Path) -> list[str]:
+    "Payloads that would create `marker` if the parameter's value were run as code."
+    m = str(marker)
+    return [f"'; import os; os.system('touch {m}') #",
+            f'"; import os; os.system("touch {m}") #',
+            f"\\'; open({m!r}, 'w') #",
+            f'\\"; open({m!r}, "w") #',
+            f"\"\"\"\nopen({m!r}, 'w')\n\"\"\"",
+            f"{{open({m!r}, 'w')}}",
+            f"\nopen({m!r}, 'w')\n"]
+
+
+def test_parameter_values_carrying_code_are_injected_as_data(tmp_path):
+    "Each payload, given to a str parameter, reaches a real kernel as that exact string; the code in it never runs."
+    import nbformat
+    from nbclient import NotebookClient
+    from nbformat.v4 import new_code_cell, new_notebook
+    from ml_prod.params import inject_parameters, notebook_schema
+    nb = new_notebook(cells=[new_code_cell(PARAMS_NB, metadata={"tags": ["parameters"]}),
+                             new_code_cell("import json\nopen(OUT, 'w').write(json.dumps(text))")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path = tmp_path / "job.ipynb"
+    nbformat.write(nb, path)
+    schema = notebook_schema(path)
+    marker = tmp_path / "INJECTED"
+    for i, payload in enumerate(injected(marker)):
+        run_nb, _ = inject_parameters(nbformat.read(path, as_version=4), {"text": payload}, schema)
+        out = tmp_path / f"out-{i}.json"
+        run_nb.cells.insert(0, new_code_cell(f"OUT = {str(out)!r}"))
+        NotebookClient(run_nb, timeout=60, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+        assert json.loads(out.read_text()) == payload, (payload, out.read_text())
+        assert not marker.exists(), f"payload {payload!r} ran as code"
+
+
+def test_a_sweep_name_that_leaves_the_tune_folder_is_refused(project_dir):
+    "A sweep's name is its folder under state_dir/tune: `../../x` would write outside the state folder."
+    from ml_prod.errors import MlProdError
+    from ml_prod.flows.tune import _sweep_dir
+    from ml_prod.settings import load_settings
+    s = load_settings()
+    for bad in ("../../escaped-sweep", "../escaped-sweep", "/tmp/escaped-sweep", "a/../../../escaped-sweep"):
+        with pytest.raises(MlProdError) as e: _sweep_dir(s, "job", bad, False)
+        assert repr(bad) in str(e.value) and "name" in str(e.value), e.value
+    assert not list(project_dir.parent.rglob("escaped-sweep")) and not Path("/tmp/escaped-sweep").exists()
+
+
+def test_an_experiment_name_that_is_a_path_stays_inside_the_artifact_store(project_dir):
+    "An experiment's name names its folder in the local artifact store: `../../x` or `/x` would put its artifacts outside."
+    import mlflow
+    from conftest import mlflow_at
+    from ml_prod.settings import load_settings
+    from ml_prod.tracking.store import client, ensure_experiment
+    s = load_settings()
+    store_root = Path(s.artifact_location).resolve()
+    for bad in ("../../escaped-experiment", "../escaped-experiment", "/tmp/escaped-experiment"):
+        exp = ensure_experiment(s, bad)
+        assert client(s).get_experiment(exp).name == bad  # the name is kept as given: only its folder is made safe
+        with mlflow_at(s.tracking_uri), mlflow.start_run(experiment_id=exp):
+            mlflow.log_text("an artifact", "escaped-artifact.txt")
+    written = [p.resolve() for root in (project_dir.parent, Path("/tmp/escaped-experiment")) for p in root.rglob("escaped-artifact.txt")]
+    assert len(written) == 3 and all(store_root in p.parents for p in written), written
+    assert not [p for p in [*project_dir.parent.rglob("*escaped-experiment*"), Path("/tmp/escaped-experiment")]
+                if p.exists() and store_root not in p.resolve().parents], "a folder outside the artifact store"
+
+
+def test_a_pipeline_step_name_that_is_a_path_is_refused(tmp_path):
+    "Step names tag runs and name output folders: one like `../../x` is refused when the pipeline is read, before any step runs."
+    from ml_prod.errors import MlProdError
+    from ml_prod.flows.pipelines import load_pipeline
+    (tmp_path / "job.ipynb").write_text("{}")
+    for bad in ("../../escaped-step", "a/b", "..", "x\u0000"):
+        f = tmp_path / "p.yaml"
+        f.write_text(json.dumps({"name": "p", "steps": {bad: {"notebook": "job.ipynb"}}}))
+        with pytest.raises(MlProdError) as e: load_pipeline(f)
+        assert f"step name {bad!r}" in str(e.value), e.value
+    assert not list(tmp_path.parent.rglob("escaped-step"))
 
 
 # ---- 20 registrations of one name at once, 10 rounds ------------------------------------------------

@@ -6,7 +6,7 @@ Docs: https://ml-prod.github.io/ml_prod/api/flows_tune.html.md"""
 
 # %% ../../nbs/api/41_flows_tune.ipynb #6a0534de
 from __future__ import annotations
-import json, os, queue, signal, socket, tempfile, threading, time
+import json, os, queue, re, signal, socket, tempfile, threading, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from ..errors import MlProdError, ParameterError
@@ -380,8 +380,13 @@ def _scheduler(name:str, grace_period:int, max_t:int, reduction_factor:float):
     if name == "asha": return ASHAScheduler(time_attr="training_iteration", grace_period=grace_period, max_t=max_t, reduction_factor=reduction_factor)
     raise MlProdError(f"Unknown scheduler {name!r}: use 'asha' or 'fifo'.")
 
+_SWEEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]{0,127}")  # one folder name: never a path out of state_dir/tune
+
 def _sweep_dir(s:ResolvedSettings, stem:str, name:str|None, resume:bool) -> Path:
     root = Path(s.state_dir)/"tune"
+    if name is not None and not _SWEEP_NAME.fullmatch(name):
+        raise MlProdError(f"sweep name {name!r}: it names the sweep's folder under {root}, so use 1-128 letters, digits, "
+                          f"'_', '.', '=', '+' or '-', starting with a letter or digit (no '/', no '..')")
     if name or not resume: return root/(name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     found = sorted((p for p in root.glob(f"{stem}-*") if (p/SWEEP_FILE).is_file()), key=lambda p: p.stat().st_mtime)
     if not found: raise MlProdError(f"No sweep of {stem} to resume under {root}.")

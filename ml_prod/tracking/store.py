@@ -6,7 +6,7 @@ Docs: https://ml-prod.github.io/ml_prod/api/tracking_store.html.md"""
 
 # %% ../../nbs/api/14_tracking_store.ipynb #d62f4552
 from __future__ import annotations
-import hashlib, json, os, platform, socket, subprocess, sys, tempfile, time
+import hashlib, json, os, platform, re, socket, subprocess, sys, tempfile, time
 from importlib import metadata
 from pathlib import Path
 from ..errors import MlProdError
@@ -27,12 +27,18 @@ def client(s:ResolvedSettings):
     from mlflow.tracking import MlflowClient
     return MlflowClient(tracking_uri=s.tracking_uri, registry_uri=s.registry_uri)
 
+def _folder(name:str) -> str:
+    "The folder of experiment `name` in the artifact store: the name when it is one plain folder name, else a safe form of it (never a way out)."
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.=+-]*", name): return name
+    safe = re.sub(r"[^A-Za-z0-9_.=+-]+", "_", name).strip("._") or "experiment"  # '../../x', '/x' or 'a/b' name a folder, not a path
+    return f"{safe[:100]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"  # the hash keeps 'a/b' and 'a_b' apart
+
 def _experiment_location(s:ResolvedSettings, name:str) -> str|None:
     "Artifact location for a new experiment (None lets a tracking server choose)."
     loc = s.artifact_location
     if loc.startswith("mlflow-artifacts:"): return None
-    if "://" not in loc: Path(loc, name).mkdir(parents=True, exist_ok=True); return Path(loc, name).as_uri()
-    return f"{loc.rstrip('/')}/{name}"
+    if "://" not in loc: Path(loc, _folder(name)).mkdir(parents=True, exist_ok=True); return Path(loc, _folder(name)).as_uri()
+    return f"{loc.rstrip('/')}/{_folder(name)}"
 
 def ensure_experiment(s:ResolvedSettings, name:str|None=None) -> str:
     "The id of experiment `name` (default: the profile's), created if missing."
