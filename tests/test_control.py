@@ -316,10 +316,32 @@ def test_history_is_the_same_from_two_state_folders(served, project, tmp_path):
     assert not (other / "state" / "serving").exists() and not (Path(s.state_dir) / "serving").exists()  # no history file on either disk
 
 
+def raw_claim(claim_id: str) -> dict:
+    "The lease's claim `claim_id` straight from the project's SQLite store: its run's status and its JSON payload (holder, pid, host)."
+    import sqlite3
+    from contextlib import closing
+    with closing(sqlite3.connect(settings().tracking_uri.removeprefix("sqlite:///"))) as conn:
+        (st,) = conn.execute("SELECT status FROM runs WHERE run_uuid = ?", (claim_id,)).fetchone()
+        tags = dict(conn.execute("SELECT key, value FROM tags WHERE run_uuid = ?", (claim_id,)).fetchall())
+    assert (tags["ml_prod.stream"], tags["ml_prod.kind"]) == ("control", "claim"), tags
+    return dict(status=st, **json.loads("".join(tags[f"ml_prod.payload.{i}"] for i in range(int(tags["ml_prod.payload_parts"])))))
+
+
+def listening_pid(url: str) -> int | None:
+    "The process that listens on `url`'s port, from the OS's socket table."
+    import psutil
+    port = int(url.rsplit(":", 1)[1])
+    return next((c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port), None)
+
+
 def test_service_restarts_when_its_process_dies(served):
+    """SIGKILL the actor's process: Ray restarts it, the same instance adopts its own claim, and the lease record in the store
+    names the new process (the one listening on the API's port), not the dead one; the endpoint follows an alias again."""
+    import psutil
     from ml_prod.models.registry import set_alias
     url, _ = served
     before = control_status()["instance"]
+    assert raw_claim(before["claim"])["pid"] == before["pid"] == listening_pid(before["url"])
     os.kill(before["pid"], signal.SIGKILL)
     deadline, st = time.time() + 120, None
     while time.time() < deadline:
@@ -329,6 +351,12 @@ def test_service_restarts_when_its_process_dies(served):
         time.sleep(1)
     assert st and st["instance"]["pid"] != before["pid"] and st["instance"]["active"], st
     assert st["instance"]["holder"] == before["holder"] and st["instance"]["claim"] == before["claim"]  # the same instance, its own claim adopted
+    # the lease record names the process that holds it now (what `control status` and a refused instance print)
+    pid = listening_pid(st["instance"]["url"])
+    assert pid and pid != before["pid"] and not psutil.pid_exists(before["pid"]), (pid, before["pid"])
+    claim = raw_claim(before["claim"])
+    assert claim["status"] == "RUNNING" and claim["holder"] == before["holder"], claim
+    assert claim["pid"] == pid, f"the lease record names pid {claim['pid']}, the restarted actor's process is {pid} (killed: {before['pid']})"
     v = log_version("spare", offset=0.45)
     with Load(url) as load:
         t0 = time.time()

@@ -103,10 +103,13 @@ class ControlService:
         self.token, self.stopping, self.threads, self.server, self.started = secrets.token_urlsafe(32), threading.Event(), [], None, None
 
     def _claim(self) -> events.Event:
-        "This instance's open claim: its own from before a restart, else a new one."
+        "This instance's open claim: its own from before a restart (restated with this process's pid and host), else a new one."
         mine = [e for e in events.read(self.s, STREAM, kinds=("claim",), open_only=True) if e.data.get("holder") == self.holder]
         data = dict(holder=self.holder, host=socket.gethostname(), pid=os.getpid(), ttl_s=self.ttl_s)
-        claim = min(mine, key=lambda e: (e.time, e.event_id)) if mine else events.append(self.s, STREAM, "claim", data, by=self.holder, keep_open=True)
+        if not mine: claim = events.append(self.s, STREAM, "claim", data, by=self.holder, keep_open=True)
+        else:
+            claim = min(mine, key=lambda e: (e.time, e.event_id))  # adopted: it keeps its place in the lease's order
+            if claim.data != data: events.restate(self.s, claim, data)  # Ray restarted the actor: the lease names the new process
         events.beat(self.s, claim)
         return claim
 

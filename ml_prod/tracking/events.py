@@ -13,7 +13,7 @@ from . import store
 from . import tags as keys
 
 # %% auto #0
-__all__ = ['CLAIM_TTL_S', 'Event', 'actor', 'append', 'read', 'beat', 'close', 'ClaimHeld', 'describe_claim', 'hold']
+__all__ = ['CLAIM_TTL_S', 'Event', 'actor', 'append', 'read', 'beat', 'close', 'restate', 'ClaimHeld', 'describe_claim', 'hold']
 
 # %% ../../nbs/api/14a_tracking_events.ipynb #c33b9964
 _TRANSIENT = ("database is locked", "database table is locked", "Giving up after")
@@ -110,6 +110,15 @@ def close(s:ResolvedSettings, e:Event, status:str="FINISHED"):
     "End open event `e` (its run ends with `status`)."
     _retry(store.client(s).set_terminated, e.event_id, status)
     e.open = False
+
+def restate(s:ResolvedSettings, e:Event, data:dict) -> Event:
+    "Replace open event `e`'s data with `data` (a claim whose holder restarted in a new process); a closed event never changes."
+    from mlflow.entities import RunTag
+    if not e.open: raise ValueError(f"event {e.event_id} of stream {e.stream!r} is closed: its record is final")
+    tags = [RunTag(k, v) for k, v in _payload_tags(data).items()]  # one batch: a reader never sees half of the new payload
+    _retry(store.client(s).log_batch, e.event_id, tags=tags)
+    e.data = dict(data)
+    return e
 
 # %% ../../nbs/api/14a_tracking_events.ipynb #7572588a
 import os, threading
