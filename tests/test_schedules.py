@@ -203,6 +203,42 @@ def test_a_failed_run_and_a_missed_fire_are_notified_signed(tmp_path, monkeypatc
     st.close()
 
 
+def test_a_fire_whose_job_died_is_reaped_by_the_service_and_the_schedule_fires_again(project_dir):
+    """The job of a fire lost its Ray (the demo's `cluster down`, a lost node): its run stays RUNNING and silent, and
+    the schedule, never two at once, skips every later fire until the control service's job_reaper fails that run."""
+    from ml_prod.control.scheduler import Launcher as RealLauncher, ScheduleStore, tick
+    from ml_prod.control.service import TASKS, load_function
+    from ml_prod.settings import load_settings
+    from ml_prod.tracking import tags as keys
+    from ml_prod.tracking.store import client, create_job_run, ensure_experiment
+    s = load_settings()
+    nb = project_dir / "train.ipynb"
+    nb.write_text(json.dumps(NOTEBOOK))
+    exp = ensure_experiment(s, "scheduled")
+
+    class DiesAtOnce(RealLauncher):
+        "The run of each fire is created as the real launcher's job would create it, and its job never beats: its node is gone."
+        def launch(self, spec, planned, attempt, window=None):
+            run_id = create_job_run(s, exp, nb, nb.read_bytes(), {"x": 1}, {keys.SCHEDULE: spec.name, keys.SCHEDULE_PLANNED: keys.seconds(planned),
+                                                                          keys.SCHEDULE_ATTEMPT: str(attempt)}, project_dir)
+            client(s).log_metric(run_id, keys.HEARTBEAT, time.time() - 600)  # its last beat, ten minutes ago (60 s of silence gets a job reaped)
+            return run_id
+
+    st, L = ScheduleStore.of(s), DiesAtOnce(s)
+    try:
+        add(st, hour(0) + 10)
+        assert len(tick(now=hour(1) + 2, store=st, launcher=L)["fired"]) == 1
+        (dead,) = [r["run_id"] for r in L.runs("hourly")]
+        assert tick(now=hour(2) + 2, store=st, launcher=L)["skipped"][0]["detail"].startswith("overlap"), "the dead run blocks the 02:00 fire"
+        (reaper,) = [t for t in TASKS if t.name == "job_reaper"]  # what the service runs every every_s while it holds the lease
+        assert reaper.every_s <= 60 and load_function(reaper.fn)(s) == [dead]
+        with sqlite3.connect(s.tracking_uri[len("sqlite:///"):]) as db:  # MLflow's own runs table
+            assert db.execute("select status from runs where run_uuid = ?", (dead,)).fetchone() == ("FAILED",)
+        assert [f["planned"] for f in tick(now=hour(3) + 2, store=st, launcher=L)["fired"]] == [hour(3)]
+    finally:
+        st.close()
+
+
 # ---- real jobs fired by the control service -------------------------------------------------------
 
 NOTEBOOK = {"cells": [{"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": "x: int = 1", "outputs": [], "execution_count": None},

@@ -33,7 +33,8 @@ class Task:
 TASKS = [Task("alias_follower", 1.0, "ml_prod.control.follower:tick"),               # the tasks an instance hosts by default
          Task("audit_upkeep", 3600.0, "ml_prod.serving.control:maintain_audit"),  # compaction, then retention
          Task("scheduler", 5.0, "ml_prod.control.scheduler:scheduler_task"),      # fires due schedules
-         Task("lifecycle", 5.0, "ml_prod.lifecycle.engine:tick")]                 # one step of each application's retrain loop
+         Task("lifecycle", 5.0, "ml_prod.lifecycle.engine:tick"),                 # one step of each application's retrain loop
+         Task("job_reaper", 30.0, "ml_prod.tracking.store:reap_stale_jobs")]      # FAILED: RUNNING jobs whose supervisor stopped beating
 HANDLERS = {"follow": "ml_prod.control.follower:follow_handler"}                     # name -> "package.module:function(settings, body)"
 ACTOR_NAME, STREAM = "ml_prod_control", "control"
 TTL_S, RENEW_S = 10.0, 2.0                                                             # lease: lives TTL_S after its last renewal, renewed every RENEW_S
