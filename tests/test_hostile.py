@@ -1,20 +1,101 @@
-"""Hostile input that reaches no endpoint (issue 19, "Hostile input"), and concurrent registrations of one model name.
+"""Hostile input against one real served application (issue 19, "Hostile input"), and concurrent
+registrations of one model name.
 
+* One application `hostile` on the session's shared serving cluster (conftest's `project`), API keys required
+  on 127.0.0.1; every request goes over HTTP to its replica's own port.
+* schemathesis generates requests from the endpoint's own OpenAPI schema (`/openapi.json`), valid and
+  invalid (its positive and negative modes): no answer is a 5xx, every 4xx says why in its body.
 * Notebook parameters that carry code are injected as data (a real kernel runs the notebook; the code would
-  leave a marker file); names that would lead out of their folder (a sweep's, an experiment's artifact folder,
-  a pipeline step's) are refused or made into one plain folder name before anything is written.
+  leave a marker file); names that would lead out of their folder (a sweep's, an experiment's artifact folder, a
+  pipeline step's) are refused, or made into one plain folder name, before anything is written.
 * 20 registrations of one model name at once (4 processes of 5 threads), 10 rounds, on MLflow on SQLite:
   versions unique and contiguous in the database itself, no error.
 
-Figures (counts, seconds) are printed, not asserted."""
+Figures (counts, seconds) are printed, not asserted. Runs on the shared serving cluster: run it under
+/tmp/plan/serving.lock."""
 from __future__ import annotations
 
 import json
 import time
+import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import httpx
 import pytest
+
+from conftest import RECORD, cli, deploy, log_version, status
+
+KEY = f"hostile-{uuid.uuid4().hex}"  # the application's API key, drawn per session: found in no file afterwards
+AUTH = {"x-api-key": KEY}
+APP = "hostile"
+
+
+# ---- one served application -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def served(project):
+    "The base URL of the one replica of `hostile` (API keys required); the application is removed at the end."
+    log_version("hostile")
+    url = deploy(project, {"name": APP, "arms": {"main": {"model": "models:/tiny@hostile", "weight": 1}}, "num_cpus": 0.25},
+                 env={"ML_PROD_API_KEY": KEY})
+    assert urlsplit(url).hostname == "127.0.0.1", url
+    yield url
+    cli("serve", "down", APP, check=False)
+
+
+def replica_pid() -> int:
+    (r,) = status(APP)["replicas"]
+    return r["pid"]
+
+
+def has_reason(r) -> bool:
+    "Whether a 4xx answer says why: a JSON body with a non-empty `error` (ml_prod's) or `detail` (FastAPI's)."
+    try: body = r.json()
+    except ValueError: return False
+    return isinstance(body, dict) and any(isinstance(body.get(k), (str, list)) and body.get(k) for k in ("error", "detail"))
+
+
+# ---- schemathesis against the endpoint's own OpenAPI schema ---------------------------------------
+
+EXAMPLES = {"POST /predict": 400, "POST /feedback": 150}  # per generation mode; the GET operations get 20
+
+
+def test_schemathesis_no_5xx_and_every_4xx_says_why(served):
+    import requests
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis import GenerationMode
+    doc = httpx.get(f"{served}/openapi.json", headers=AUTH, timeout=30).json()
+    assert "Record" in doc["components"]["schemas"], doc["components"]  # the served model's own record schema
+    schema = schemathesis.openapi.from_dict(doc)
+    answers, session, t0, ungenerated = [], requests.Session(), time.monotonic(), []
+    for result in schema.get_all_operations():
+        op = result.ok()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            if mode is GenerationMode.NEGATIVE and op.method.upper() == "GET": continue  # nothing to make invalid
+
+            @settings(max_examples=EXAMPLES.get(op.label, 20), deadline=None, database=None, derandomize=True,
+                      suppress_health_check=list(HealthCheck), phases=[Phase.generate])
+            @given(case=op.as_strategy(generation_mode=mode))
+            def call(case):
+                r = case.call(base_url=served, session=session, headers=AUTH, timeout=30)
+                answers.append((op.label, mode.value, r.status_code, has_reason(r), r.text[:300], repr(case.body)[:300]))
+            try: call()
+            except Unsatisfiable: ungenerated.append(f"{op.label} ({mode.value})")  # the schema leaves nothing to make invalid
+    elapsed = time.monotonic() - t0
+    counts = Counter((label, mode, code) for label, mode, code, *_ in answers)
+    print(f"schemathesis: {len(answers)} requests in {elapsed:.1f} s; nothing to generate for {ungenerated}", *sorted(counts.items()), sep="\n  ")
+    assert not ungenerated, ungenerated  # every operation with a body declares its schema
+    assert len(answers) >= 1000, len(answers)
+    server_errors = [a for a in answers if a[2] >= 500]
+    assert not server_errors, server_errors[:5]
+    silent = [a for a in answers if 400 <= a[2] < 500 and not a[3]]
+    assert not silent, silent[:5]
+    assert counts[("POST /predict", "positive", 200)] > 0 and sum(n for (_, m, c), n in counts.items() if m == "negative" and c >= 400) > 0
 
 
 # ---- code in notebook parameters, names that leave their folder -------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from ..errors import ConfigError, MlProdError
 from .replica import EndpointCore, StepRunner, authorized
-from .replica import _State
+from .replica import _FEEDBACK, _State
 
 # %% ../../nbs/api/54_serving_app.ipynb #a30b8b9b
 from fastapi import Request  # evaluated annotations (no `from __future__ import annotations` here): FastAPI reads them in the replica
@@ -80,15 +80,21 @@ def _metrics(app:str):
         requests.inc(tags={**tags, "status": str(status)})
     return on_done
 
+def _one_or_many(schema:str, most:int) -> dict:
+    "A required JSON request body: one object of component `schema`, or an array of 1 to `most` of them."
+    one = {"$ref": f"#/components/schemas/{schema}"}
+    return {"required": True, "content": {"application/json": {"schema": {"oneOf": [one, {"type": "array", "items": one, "minItems": 1, "maxItems": most}]}}}}
+
 def _openapi(api, core:EndpointCore) -> dict:
-    "OpenAPI of the endpoint, with the record schema of the model it serves now."
+    "OpenAPI of the endpoint: the feedback schema, and the record schema of the model it serves now."
     from fastapi.openapi.utils import get_openapi
     doc = get_openapi(title=f"ml_prod: {core.app}", version="1", routes=api.routes)
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Feedback"] = _FEEDBACK.one.json_schema(ref_template="#/components/schemas/{model}")
+    doc["paths"]["/feedback"]["post"]["requestBody"] = _one_or_many("Feedback", _FEEDBACK.max_records)
     if s := core.state:
-        doc.setdefault("components", {}).setdefault("schemas", {})["Record"] = s.parser.one.json_schema(ref_template="#/components/schemas/{model}")
-        ref = {"$ref": "#/components/schemas/Record"}
-        doc["paths"]["/predict"]["post"]["requestBody"] = {"required": True, "content": {"application/json": {"schema": {
-            "oneOf": [ref, {"type": "array", "items": ref, "minItems": 1, "maxItems": core.limits["max_records"]}]}}}}
+        schemas["Record"] = s.parser.one.json_schema(ref_template="#/components/schemas/{model}")
+        doc["paths"]["/predict"]["post"]["requestBody"] = _one_or_many("Record", core.limits["max_records"])
     return doc
 
 def _flush_logs_every(period_s:float=1.0):
