@@ -1,21 +1,26 @@
-"""Hostile input against one real served application (issue 19, "Hostile input"), and concurrent
+"""Hostile input against one real served application (issue 19, "Hostile input" and "Doors"), and concurrent
 registrations of one model name.
 
 * One application `hostile` on the session's shared serving cluster (conftest's `project`), API keys required
   on 127.0.0.1; every request goes over HTTP to its replica's own port.
 * schemathesis generates requests from the endpoint's own OpenAPI schema (`/openapi.json`), valid and
   invalid (its positive and negative modes): no answer is a 5xx, every 4xx says why in its body.
+* Oversized bodies, deep nesting, wrong content types, unicode edge cases, huge or malformed headers: each
+  answered 4xx, the same replica process answers afterwards, its memory (RSS) stays within a generous bound.
+* 1,000 requests without a key or with a wrong one: all 401; neither those keys nor the real one is written to
+  any file of the project's state folder (audit log, MLflow) or of the cluster's Ray session folder (logs).
 * Notebook parameters that carry code are injected as data (a real kernel runs the notebook; the code would
   leave a marker file); names that would lead out of their folder (a sweep's, an experiment's artifact folder, a
   pipeline step's) are refused, or made into one plain folder name, before anything is written.
 * 20 registrations of one model name at once (4 processes of 5 threads), 10 rounds, on MLflow on SQLite:
   versions unique and contiguous in the database itself, no error.
 
-Figures (counts, seconds) are printed, not asserted. Runs on the shared serving cluster: run it under
+Figures (counts, RSS, seconds) are printed, not asserted. Runs on the shared serving cluster: run it under
 /tmp/plan/serving.lock."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 import uuid
 from collections import Counter
@@ -24,6 +29,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import psutil
 import pytest
 
 from conftest import RECORD, cli, deploy, log_version, status
@@ -51,11 +57,22 @@ def replica_pid() -> int:
     return r["pid"]
 
 
+def rss_mib(pid: int) -> float:
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
 def has_reason(r) -> bool:
     "Whether a 4xx answer says why: a JSON body with a non-empty `error` (ml_prod's) or `detail` (FastAPI's)."
     try: body = r.json()
     except ValueError: return False
     return isinstance(body, dict) and any(isinstance(body.get(k), (str, list)) and body.get(k) for k in ("error", "detail"))
+
+
+def alive(url: str, pid: int):
+    "The same replica process still answers a valid request."
+    r = httpx.post(f"{url}/predict", json=RECORD, headers=AUTH, timeout=30)
+    assert r.status_code == 200 and "score" in r.json(), r.text
+    assert replica_pid() == pid, "the replica process was replaced"
 
 
 # ---- schemathesis against the endpoint's own OpenAPI schema ---------------------------------------
@@ -96,6 +113,138 @@ def test_schemathesis_no_5xx_and_every_4xx_says_why(served):
     silent = [a for a in answers if 400 <= a[2] < 500 and not a[3]]
     assert not silent, silent[:5]
     assert counts[("POST /predict", "positive", 200)] > 0 and sum(n for (_, m, c), n in counts.items() if m == "negative" and c >= 400) > 0
+
+
+# ---- hostile bodies and headers --------------------------------------------------------------------
+
+def raw_http(url: str, head: bytes, body: bytes = b"") -> int:
+    "Send bytes as they are (a request httpx would refuse to make); the answer's status, or 0 if the server closed the connection."
+    u = urlsplit(url)
+    with socket.create_connection((u.hostname, u.port), timeout=30) as s:
+        s.sendall(head + body)
+        data = b""
+        while b"\r\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk: break
+            data += chunk
+    return int(data.split()[1]) if data.startswith(b"HTTP/") else 0
+
+
+def request_head(path: str, headers: dict) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close", *(f"{k}: {v}" for k, v in headers.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+ONE = json.dumps(RECORD)
+HOSTILE = {  # name -> (body, headers beyond the key and a JSON content type)
+    "declared body over max_body_bytes (2 MiB)": (b"[" + b" " * (2 << 20) + b"]", {}),
+    "10,000 nested arrays": (b"[" * 10_000 + b"]" * 10_000, {}),
+    "10,000 nested objects": (b'{"a":' * 10_000 + b"1" + b"}" * 10_000, {}),
+    "a record nested 10,000 deep in a field": (('{"amount": ' + "[" * 10_000 + "]" * 10_000 + ', "country": "US"}').encode(), {}),
+    "text/plain": (ONE.encode(), {"content-type": "text/plain"}),
+    "form-urlencoded": (ONE.encode(), {"content-type": "application/x-www-form-urlencoded"}),
+    "multipart": (b'--b\r\nContent-Disposition: form-data; name="x"\r\n\r\n' + ONE.encode() + b"\r\n--b--\r\n",
+                  {"content-type": "multipart/form-data; boundary=b"}),
+    "XML": (b"<record><amount>1</amount></record>", {"content-type": "application/xml"}),
+    "lone high surrogate": (b'{"amount": 1.0, "country": "\\ud800"}', {}),
+    "lone low surrogate": (b'{"amount": 1.0, "country": "\\udfff"}', {}),
+    "invalid UTF-8": (b'{"amount": 1.0, "country": "\xff\xfe"}', {}),
+    "UTF-16 body": (ONE.encode("utf-16"), {}),
+    "NUL in a field name": (b'{"amount": 1.0, "country": "US", "\\u0000": 1}', {}),
+    "RTL override in a field name": ('{"amount": 1.0, "\u202ecountry": "US"}'.encode(), {}),
+    "number with 5,000 digits": (('{"amount": 1' + "0" * 5000 + ', "country": "US"}').encode(), {}),
+    "1e400": (b'{"amount": 1e400, "country": "US"}', {}),
+    "x-attempt of 10,000 digits": (ONE.encode(), {"x-attempt": "9" * 10_000}),
+    "negative x-attempt": (ONE.encode(), {"x-attempt": "-1"}),
+    "x-attempt in Arabic-Indic digits": (ONE.encode(), {"x-attempt": "\u0661".encode()}),
+    "x-request-id with an RTL override": (ONE.encode(), {"x-request-id": "\u202eabc".encode()}),
+    "x-request-id of 4,000 characters": (ONE.encode(), {"x-request-id": "a" * 4000}),
+}
+
+
+def test_hostile_bodies_and_headers_are_4xx_and_the_replica_lives(served):
+    pid = replica_pid()
+    alive(served, pid)
+    before = rss_mib(pid)
+    seen, bad = {}, []
+    with httpx.Client(base_url=served, timeout=60) as c:
+        for _ in range(3):  # three times: memory that grows per request would show
+            for name, (body, headers) in HOSTILE.items():
+                r = c.post("/predict", content=body, headers={"content-type": "application/json", **AUTH, **headers})
+                seen[name] = (r.status_code, r.text[:200])
+                if not (400 <= r.status_code < 500 and has_reason(r)): bad.append((name, r.status_code, r.text[:300]))
+
+        # a body streamed without a length, 8 MiB: refused once it passes the limit, not read to the end
+        def streamed():
+            for _ in range(128): yield b" " * (1 << 16)
+        r = c.post("/predict", content=streamed(), headers={"content-type": "application/json", **AUTH})
+        seen["streamed 8 MiB without content-length"] = (r.status_code, r.text[:200])
+        if not (r.status_code == 413 and has_reason(r)): bad.append(("streamed", r.status_code, r.text[:300]))
+
+    # lengths that no client library sends: negative, non-numeric, absurdly large (with a small body), two of them
+    port_path = urlsplit(served).path + "/predict"  # under the application's route prefix, as httpx sends it
+    for name, cl in {"content-length -1": "-1", "content-length 'abc'": "abc", "content-length 10^30": "1" + "0" * 30}.items():
+        code = raw_http(served, request_head(port_path, {"content-type": "application/json", "x-api-key": KEY, "content-length": cl}), ONE.encode())
+        seen[name] = (code, "")
+        if not 400 <= code < 500: bad.append((name, code))
+    code = raw_http(served, request_head(port_path, {"content-type": "application/json", "x-api-key": KEY, "content-length": "5",
+                                                     "Content-Length": "500"}), ONE.encode())
+    seen["two different content-lengths"] = (code, "")
+    if not 400 <= code < 500: bad.append(("two content-lengths", code))
+    code = raw_http(served, request_head(port_path, {"content-type": "application/json", "x-api-key": KEY, "x-attempt": "9" * 200_000}), ONE.encode())
+    seen["a 200 kB header"] = (code, "")
+    if not 400 <= code < 500: bad.append(("200 kB header", code))
+
+    after = rss_mib(pid)
+    print(f"replica pid {pid}: RSS {before:.0f} MiB before, {after:.0f} MiB after {3 * len(HOSTILE) + 6} hostile requests")
+    print(*(f"  {code}  {name}: {text}" for name, (code, text) in seen.items()), sep="\n")
+    assert not bad, bad
+    alive(served, pid)
+    assert after < before + 300, (before, after)  # generous: a few large bodies buffered, not kept
+
+
+# ---- doors: 1,000 requests without a key or with a wrong one ----------------------------------------
+
+def files_holding(root: Path, needles: list[bytes]) -> list[str]:
+    "Files under `root` holding any of `needles` (raw bytes; Ray's logs, the audit log, MLflow's database)."
+    out = []
+    for p in root.rglob("*"):
+        try:
+            if p.is_file() and not p.is_symlink():
+                data = p.read_bytes()
+                out += [f"{p}: {n[:12]!r}..." for n in needles if n in data]
+        except OSError: pass
+    return out
+
+
+def test_a_thousand_requests_without_the_key_are_401_and_no_key_is_logged(served):
+    from ml_prod.runtime.cluster import _temp_dir
+    from ml_prod.settings import load_settings
+    wrong = [f"wrong-{uuid.uuid4().hex}" for _ in range(5)]
+    attempts = [("/predict", {}), ("/predict", {"x-api-key": ""}), ("/feedback", {}), ("/-/status", {}), ("/openapi.json", {})]
+    attempts += [(p, {"x-api-key": k}) for k in wrong for p in ("/predict", "/feedback")]
+    attempts += [("/predict", {"authorization": f"Bearer {wrong[0]}"}), ("/predict", {"x-api-key": KEY[:-1]}), ("/predict", {"x-api-key": KEY + "x"})]
+
+    def hit(i: int) -> int:
+        path, headers = attempts[i % len(attempts)]
+        with httpx.Client(base_url=served, timeout=30) as c:
+            if path in ("/-/status", "/openapi.json"): return c.get(path, headers=headers).status_code
+            body = RECORD if path == "/predict" else {"request_id": f"door-{i}", "label": 1}
+            return c.post(path, json=body, headers=headers).status_code
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(8) as ex: codes = Counter(ex.map(hit, range(1000)))
+    print(f"1000 requests without a valid key in {time.monotonic() - t0:.1f} s: {dict(codes)}")
+    assert codes == {401: 1000}, codes
+    assert httpx.post(f"{served}/predict", json=RECORD, headers=AUTH, timeout=30).status_code == 200  # the door still opens with the key
+
+    time.sleep(2)  # the replica flushes its log every second
+    s = load_settings()
+    needles = [k.encode() for k in (KEY, *wrong)]
+    logs = [p for p in Path(_temp_dir(s)).rglob("*") if p.is_file() and "replica" in p.name.lower() and APP in p.read_text(errors="ignore")]
+    assert logs, f"no log file of {APP}'s replica under {_temp_dir(s)}: the search below would prove nothing"
+    leaks = files_holding(Path(s.state_dir), needles) + files_holding(Path(_temp_dir(s)), needles)
+    assert not leaks, leaks
 
 
 # ---- code in notebook parameters, names that leave their folder -------------------------------------

@@ -17,6 +17,15 @@ from ..errors import ConfigError, MlProdError
 from .replica import EndpointCore, StepRunner, authorized
 from .replica import _FEEDBACK, _State
 
+# %% ../../nbs/api/54_serving_app.ipynb #85ab7041
+def _not_json(headers:dict) -> str|None:
+    "Why the request's declared content type is not JSON (`application/json` or `application/*+json`); None if it is, or none is declared."
+    ctype = headers.get("content-type")
+    if ctype is None: return None
+    media = ctype.split(";", 1)[0].strip().lower()
+    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")): return None
+    return f"content-type {ctype[:80]!r} is not JSON: send the records as JSON with content-type application/json"
+
 # %% ../../nbs/api/54_serving_app.ipynb #a30b8b9b
 from fastapi import Request  # evaluated annotations (no `from __future__ import annotations` here): FastAPI reads them in the replica
 from .spec import DEPLOYMENT
@@ -41,11 +50,12 @@ class _FastRoutes:
         await self.app(scope, receive, send)
 
 async def _answer(receive, send, headers:dict, max_body:int, handler, reject=None):
-    "Read the body (413 beyond `max_body`, declared or not, recorded by `reject`), call `handler(body, headers)`, send its JSON answer."
+    "Read the body (413 beyond `max_body`, declared or not; 415 for a content type other than JSON; both recorded by `reject`), call `handler(body, headers)`, send its JSON answer."
     too_big = f"body over this endpoint's limit of {max_body} bytes; split the batch"
-    refuse = (lambda: reject(413, too_big, headers)) if reject else (lambda: (413, {"error": too_big}, {}))
+    refuse = (lambda st, why: reject(st, why, headers)) if reject else (lambda st, why: (st, {"error": why}, {}))
     n = headers.get("content-length", "")
-    if n.isdigit() and int(n) > max_body: status, body, extra = refuse()
+    if wrong := _not_json(headers): status, body, extra = refuse(415, wrong)
+    elif n.isdigit() and int(n) > max_body: status, body, extra = refuse(413, too_big)
     else:
         chunks, size, more = [], 0, True
         while more:
@@ -53,7 +63,7 @@ async def _answer(receive, send, headers:dict, max_body:int, handler, reject=Non
             if m["type"] == "http.disconnect": return
             chunks.append(m.get("body", b"")); size += len(chunks[-1]); more = m.get("more_body", False)
             if size > max_body: break
-        if size > max_body: status, body, extra = refuse()
+        if size > max_body: status, body, extra = refuse(413, too_big)
         else: status, body, extra = await handler(b"".join(chunks), headers)
     await _send(send, status, body, extra)
 
