@@ -1,6 +1,9 @@
 """The panels' plain-Python states and widgets driven without a browser, on real components: the launcher panel
 submits to the session's local Ray (conftest's `ray_local`), its job is tracked in MLflow on SQLite in a fresh
-project, and its watcher thread follows it to the end while the caller's thread stays free.
+project, and its watcher thread follows it to the end while the caller's thread stays free. The deployments panel moves
+traffic on the session's serving cluster, and promotes and rolls back through the one promotion guard (evaluations as jobs on
+the local Ray, the aliases read from MLflow's SQLite tables); the loop panel approves a pending promotion and adds and removes
+schedules in the project's store (read from its raw table).
 """
 from __future__ import annotations
 

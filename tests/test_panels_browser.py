@@ -4,7 +4,9 @@ Debian's Chromium. The test opens a notebook, runs the cell that starts a local 
 the form, clicks Launch, checks that `1 + 1` in the same kernel answers within 2 s while the job runs, sees the job
 finish in the panel, saves the notebook and searches the saved file for the secret. Every wait is on a page condition
 (a cell's execution count, a status text); screenshots of each step go to ML_PROD_TEST_ARTIFACTS (default: the test's
-tmp folder). Without /usr/bin/chromium the test is skipped, except in CI (`CI` set), where it fails.
+tmp folder). Without /usr/bin/chromium the test is skipped, except in CI (`CI` set), where it fails. The deployments and
+loop panels are driven on the session's serving project, and the monitoring panel shows a drift on a project of its own;
+the deployments and monitoring panels' screenshots are the README's (`ML_PROD_UPDATE_SCREENSHOT=1` takes them again).
 """
 from __future__ import annotations
 
@@ -49,6 +51,9 @@ def jupyter_lab(root: Path, tmp_path: Path):
     settings = tmp_path / "lab-settings" / "@jupyter-widgets" / "jupyterlab-manager"
     settings.mkdir(parents=True)
     (settings / "plugin.jupyterlab-settings").write_text(json.dumps({"saveState": True}))  # so the test can search widget state
+    notification = tmp_path / "lab-settings" / "@jupyterlab" / "apputils-extension"
+    notification.mkdir(parents=True)  # no "get notified about news?" toast over the panels in the screenshots
+    (notification / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false"}))
     port, token = free_ports(1)[0], secrets.token_hex(16)
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / "jcfg"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "jrun"),
            "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "lab-settings"), "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "ws")}
@@ -80,9 +85,9 @@ def lab(project_dir, tmp_path):
     with jupyter_lab(project_dir, tmp_path) as served: yield served
 
 
-def open_notebook(browser, url: str, token: str, name: str):
-    "A page with notebook `name` open and its kernel idle."
-    page = browser.new_context(viewport={"width": 1300, "height": 1000}).new_page()
+def open_notebook(browser, url: str, token: str, name: str, height: int = 1000):
+    "A page with notebook `name` open and its kernel idle (a viewport `height` px tall: a panel taller is cut in its screenshot)."
+    page = browser.new_context(viewport={"width": 1300, "height": height}).new_page()
     page.goto(f"{url}/lab/tree/{name}?token={token}")
     page.locator(".jp-Notebook .jp-CodeCell").first.wait_for(timeout=90_000)
     page.locator("#jp-main-statusbar").filter(has_text="Idle").wait_for(timeout=90_000)  # the kernel is up and idle
@@ -127,7 +132,8 @@ def test_launch_a_job_from_the_panel_in_jupyterlab(lab, browser, project_dir, tm
     form.locator("button:has-text('Launch')").click()
     form.locator(".ml-prod-status").filter(has_text="RUNNING").wait_for(timeout=60_000)
     answered_s = run_cell(page, 2, timeout_s=10)  # the same kernel, while the job runs
-    assert page.locator(".jp-CodeCell").nth(2).locator(".jp-OutputArea-output").inner_text().strip() == "2"
+    outputs = [o.strip() for o in page.locator(".jp-CodeCell").nth(2).locator(".jp-OutputArea-output").all_inner_texts()]
+    assert outputs == ["2"], f"the outputs of the `1 + 1` cell: {outputs}: the panel's watcher thread displayed into the running cell"
     assert form.locator(".ml-prod-status").inner_text() == "RUNNING", "the job ended before 1 + 1 was asked: make it longer"
     page.screenshot(path=shots / "3_running.png")
     form.locator(".ml-prod-status").filter(has_text="FINISHED").wait_for(timeout=180_000)
@@ -207,3 +213,91 @@ def test_move_traffic_and_approve_a_promotion_from_the_panels_in_jupyterlab(proj
     data = json.loads("".join(run.data.tags[keys.payload_key(i)] for i in range(int(run.data.tags[keys.PAYLOAD_PARTS]))))
     assert run.data.tags[keys.ACTOR] == "ana@lab" and data["approved"] is True and data["challenger"] == 2
     assert data["reason"] == "holdout AUC better, drift report read"
+
+
+# ---- the monitoring panel: a drift view, its screenshot the README's ---------------------------------------------
+
+MONITOR_SHOT = ROOT / "nbs" / "images" / "panel_monitoring.png"  # shown in the README; `ML_PROD_UPDATE_SCREENSHOT=1` takes it again
+HOUR, T0 = 3600.0, 1_750_000_000.0
+
+
+def monitored_shop(s):
+    """Application `shop` served and monitored as `ml_prod monitor` records it, without Ray (as nbs/api/89a_ui_monitoring.ipynb
+    does): a model version with its reference profile, four hours of scored and labelled requests in the audit log (amounts
+    shifted in the last hour), two monitoring runs written with the monitoring job's own steps. Returns the last run's id."""
+    import mlflow, numpy as np, pandas as pd
+    from conftest import mlflow_at
+    from ml_prod.audit.writer import AuditWriter, FeedbackWriter
+    from ml_prod.monitoring import job
+    from ml_prod.monitoring.profile import build_profile, load_profile, log_profile
+    from ml_prod.monitoring.window import read_window
+    from ml_prod.tracking import store, tags as keys
+    rng, c = np.random.default_rng(0), store.client(s)
+    amounts = lambda n, shift=0.0: rng.lognormal(4.5 + shift, 0.6, n)
+    countries = lambda n: rng.choice(["US", "FR", "DE"], n, p=[0.6, 0.3, 0.1])
+    scored = lambda a: 1 / (1 + np.exp(-(a / 100 - 1)))
+
+    def serve(t0, n, shift=0.0):
+        a, co = amounts(n, shift), countries(n)
+        with AuditWriter(s.audit_dir, "shop", "r1") as w, FeedbackWriter(s.audit_dir, "shop", "r1") as fw:
+            for i in range(n):
+                p = float(scored(a[i]))
+                w.write(request_id=f"q{int(t0)}-{i}", ts=t0 + i * HOUR / n, status=200, outcome="ok", arm="main", model_name="shop", model_version="1",
+                        inputs=[{"amount": float(a[i]), "country": str(co[i])}], outputs={"scores": [p], "decisions": ["fraud" if p >= 0.5 else "legit"]}, latency_ms=3.0)
+                fw.write(f"q{int(t0)}-{i}", int(rng.uniform() < p), ts=t0 + HOUR + 60)
+
+    def monitor_run(t0, t1, windows=1):
+        values = dict(app="shop", start=t0, end=t1, windows=windows, model="", audit_dir=str(s.audit_dir), min_rows=200)
+        nb = job.monitor_notebook()
+        run_id = store.create_job_run(s, store.ensure_experiment(s, keys.MONITOR_EXPERIMENT), nb, nb.read_bytes(), values, run_name="monitor shop",
+                                      tags={keys.MONITOR_APP: "shop", keys.MONITOR_START: keys.seconds(t0), keys.MONITOR_END: keys.seconds(t1)})
+        edges = job.window_edges(t0, t1, windows)
+        before = t0 - (edges[0][1] - edges[0][0])
+        win = read_window(s.audit_dir, "shop", before, t1)
+        reference = job.reference_model(win.records[win.records["ts"] >= t0])
+        table = job.evaluate(win, load_profile(reference, s), edges, job.served_decision(win.records), before=before, min_rows=200)
+        with mlflow.start_run(run_id=run_id):
+            job.log_table(table, edges)
+            job.log_verdict(job.verdict(table, job.window_name(edges[-1][0])), reference)
+        return run_id
+
+    with mlflow_at(s.tracking_uri):  # log_profile and the job's steps log through MLflow's global client
+        ref = pd.DataFrame({"amount": amounts(2000), "country": countries(2000)})
+        train = c.create_run(store.ensure_experiment(s, "training"))
+        y = (rng.uniform(size=2000) < scored(ref["amount"].to_numpy())).astype(int)
+        log_profile(build_profile(ref, scores=scored(ref["amount"].to_numpy()), labels=y, metrics={"val_roc_auc": 0.75}), train.info.run_id)
+        c.create_registered_model("shop"); c.create_model_version("shop", train.info.artifact_uri, run_id=train.info.run_id)
+        for k in range(4): serve(T0 + k * HOUR, 400, shift=0.5 if k == 3 else 0.0)
+        monitor_run(T0 + HOUR, T0 + 2 * HOUR)
+        return monitor_run(T0 + 2 * HOUR, T0 + 4 * HOUR, windows=2)
+
+
+def test_the_monitoring_panel_shows_the_drift_in_jupyterlab(project_dir, browser, tmp_path):
+    """The monitoring panel in JupyterLab on a project whose last monitoring run found the amounts drifted: the panel shows
+    the verdict recorded in that run, amount flagged and country not, the distribution and quality plots drawn; its
+    screenshot is the README's drift view."""
+    from ml_prod.settings import load_settings
+    from ml_prod.tracking import store, tags as keys
+    s = load_settings()
+    t0 = time.monotonic()
+    last = store.client(s).get_run(monitored_shop(s))
+    print(f"records and monitoring runs written in {time.monotonic() - t0:.1f} s")
+    shots = Path(ARTIFACTS or tmp_path) / "panels"
+    shots.mkdir(parents=True, exist_ok=True)
+    write_nb(project_dir / "monitoring.ipynb", ['import ml_prod.ui\nml_prod.ui.monitoring("shop")'])
+    with jupyter_lab(project_dir, tmp_path) as (lab_url, token):
+        page = open_notebook(browser, lab_url, token, "monitoring.ipynb", height=2400)  # the whole panel: verdict, scores, both plots
+        took = run_cell(page, 0)
+        panel = page.locator(".ml-prod-monitoring")
+        panel.wait_for(timeout=60_000)
+        images = panel.locator("img")
+        wait_for(lambda: images.count() == 2 and all(images.nth(i).evaluate("el => el.complete && el.naturalWidth > 0") for i in range(2)), timeout=60)
+        flagged = [t.strip() for t in panel.locator(".ml-prod-flagged").all_inner_texts()]
+        text = panel.inner_text()
+        panel.screenshot(path=shots / MONITOR_SHOT.name)
+        page.screenshot(path=shots / "8_monitoring.png")
+    print(f"panel shown {took:.1f} s after the cell was run; flagged rows: {flagged}")
+    status = last.data.tags[keys.MONITOR_STATUS]  # what the monitoring run recorded, read from MLflow
+    assert status in text and "country" in text and len(flagged) == 1 and flagged[0].split()[0] == "amount", (status, flagged)
+    if UPDATE_SHOT: shutil.copy(shots / MONITOR_SHOT.name, MONITOR_SHOT)
+    assert f"]({MONITOR_SHOT.relative_to(ROOT)})" in (ROOT / "README.md").read_text() and MONITOR_SHOT.read_bytes()[:4] == b"\x89PNG"
