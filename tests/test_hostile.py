@@ -106,6 +106,8 @@ def test_schemathesis_no_5xx_and_every_4xx_says_why(served):
     elapsed = time.monotonic() - t0
     counts = Counter((label, mode, code) for label, mode, code, *_ in answers)
     print(f"schemathesis: {len(answers)} requests in {elapsed:.1f} s; nothing to generate for {ungenerated}", *sorted(counts.items()), sep="\n  ")
+    refused_valid = Counter((a[0], a[4][:120]) for a in answers if a[1] == "positive" and a[2] >= 400)
+    print("valid by the schema, refused by the server:", *refused_valid.most_common(5), sep="\n  ")
     assert not ungenerated, ungenerated  # every operation with a body declares its schema
     assert len(answers) >= 1000, len(answers)
     server_errors = [a for a in answers if a[2] >= 500]
@@ -162,13 +164,11 @@ HOSTILE = {  # name -> (body, headers beyond the key and a JSON content type)
 }
 
 
-def test_hostile_bodies_and_headers_are_4xx_and_the_replica_lives(served):
-    pid = replica_pid()
-    alive(served, pid)
-    before = rss_mib(pid)
+def hostile_answers(url: str, rounds: int) -> tuple[dict, list]:
+    "Send every hostile request to `url` (`rounds` times over HTTP, the malformed ones once as raw bytes): (what each got, the answers that are not a 4xx with a reason)."
     seen, bad = {}, []
-    with httpx.Client(base_url=served, timeout=60) as c:
-        for _ in range(3):  # three times: memory that grows per request would show
+    with httpx.Client(base_url=url, timeout=60) as c:
+        for _ in range(rounds):
             for name, (body, headers) in HOSTILE.items():
                 r = c.post("/predict", content=body, headers={"content-type": "application/json", **AUTH, **headers})
                 seen[name] = (r.status_code, r.text[:200])
@@ -181,25 +181,35 @@ def test_hostile_bodies_and_headers_are_4xx_and_the_replica_lives(served):
         seen["streamed 8 MiB without content-length"] = (r.status_code, r.text[:200])
         if not (r.status_code == 413 and has_reason(r)): bad.append(("streamed", r.status_code, r.text[:300]))
 
-    # lengths that no client library sends: negative, non-numeric, absurdly large (with a small body), two of them
-    port_path = urlsplit(served).path + "/predict"  # under the application's route prefix, as httpx sends it
-    for name, cl in {"content-length -1": "-1", "content-length 'abc'": "abc", "content-length 10^30": "1" + "0" * 30}.items():
-        code = raw_http(served, request_head(port_path, {"content-type": "application/json", "x-api-key": KEY, "content-length": cl}), ONE.encode())
+    # what no client library sends: a negative, non-numeric or absurd length (with a small body), two lengths, a 200 kB header
+    path, base = urlsplit(url).path + "/predict", {"content-type": "application/json", "x-api-key": KEY}
+    raw = {"content-length -1": {"content-length": "-1"}, "content-length 'abc'": {"content-length": "abc"},
+           "content-length 10^30": {"content-length": "1" + "0" * 30},
+           "two different content-lengths": {"content-length": "5", "Content-Length": "500"},
+           "a 200 kB header": {"x-attempt": "9" * 200_000}}
+    for name, headers in raw.items():
+        code = raw_http(url, request_head(path, {**base, **headers}), ONE.encode())
         seen[name] = (code, "")
         if not 400 <= code < 500: bad.append((name, code))
-    code = raw_http(served, request_head(port_path, {"content-type": "application/json", "x-api-key": KEY, "content-length": "5",
-                                                     "Content-Length": "500"}), ONE.encode())
-    seen["two different content-lengths"] = (code, "")
-    if not 400 <= code < 500: bad.append(("two content-lengths", code))
-    code = raw_http(served, request_head(port_path, {"content-type": "application/json", "x-api-key": KEY, "x-attempt": "9" * 200_000}), ONE.encode())
-    seen["a 200 kB header"] = (code, "")
-    if not 400 <= code < 500: bad.append(("200 kB header", code))
+    return seen, bad
 
-    after = rss_mib(pid)
-    print(f"replica pid {pid}: RSS {before:.0f} MiB before, {after:.0f} MiB after {3 * len(HOSTILE) + 6} hostile requests")
-    print(*(f"  {code}  {name}: {text}" for name, (code, text) in seen.items()), sep="\n")
-    assert not bad, bad
+
+def test_hostile_bodies_and_headers_are_4xx_and_the_replica_lives(served):
+    "The same hostile requests to the replica's own port and through Ray's proxy (the application's stable address)."
+    pid = replica_pid()
     alive(served, pid)
+    before = rss_mib(pid)
+    stable = status(APP)["url"].removesuffix("/predict")
+    seen, bad = hostile_answers(served, rounds=3)  # three times: memory that grows per request would show
+    via_proxy, bad_via_proxy = hostile_answers(stable, rounds=1)
+    after = rss_mib(pid)
+    n = 4 * (len(HOSTILE) + 6)
+    print(f"replica pid {pid}: RSS {before:.0f} MiB before, {after:.0f} MiB after {n} hostile requests (3/4 to its port, 1/4 through the proxy)")
+    print(*(f"  {code} / {via_proxy[name][0]} through the proxy  {name}: {text}" for name, (code, text) in seen.items()), sep="\n")
+    assert not bad, bad
+    assert not bad_via_proxy, bad_via_proxy
+    alive(served, pid)
+    assert httpx.post(f"{stable}/predict", json=RECORD, headers=AUTH, timeout=30).status_code == 200
     assert after < before + 300, (before, after)  # generous: a few large bodies buffered, not kept
 
 
