@@ -6,6 +6,7 @@ Docs: https://ml-prod.github.io/ml_prod/api/flows_schedules.html.md"""
 
 # %% ../../nbs/api/43_flows_schedules.ipynb #35da9358
 from __future__ import annotations
+import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,13 @@ class Schedule(BaseModel):
     retries: int = Field(0, ge=0, le=20, description='Extra attempts after a failed run')
     backoff_s: float = Field(60, ge=0, description='Wait before the first retry, doubled each time')
     paused: bool = Field(False, description='A paused schedule fires nothing')
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", v):
+            raise ValueError(f"{v!r}: use letters, digits, '.', '_' and '-' (at most 128, starting with a letter or digit), e.g. fraud-monitor")
+        return v
 
     @field_validator("cron")
     @classmethod
@@ -63,12 +71,41 @@ class Schedule(BaseModel):
         return self
 
 # %% ../../nbs/api/43_flows_schedules.ipynb #37a7d93e
+_DAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]  # crontab's day numbers: 0 (and 7) is Sunday
+
+def _day(x:str, field:str) -> int:
+    if x.lower()[:3] in _DAYS and len(x) == 3: return _DAYS.index(x.lower())
+    if x.isdigit() and 0 <= int(x) <= 7: return int(x)
+    raise ValueError(f"day of week {field!r}: {x!r} is not 0-7 (0 and 7 are Sunday) or a day name such as mon")
+
+def _crontab_days(field:str) -> str:
+    """A crontab day-of-week field as APScheduler's list of day names: APScheduler numbers days from Monday = 0, so
+    crontab's `0` (Sunday) or `1-5` (Monday to Friday) handed to it as they are would fire a day late."""
+    if field == "*": return field
+    days = set()
+    for part in field.split(","):
+        rng, slash, step = part.partition("/")
+        if slash and not (step.isdigit() and int(step) > 0): raise ValueError(f"day of week {field!r}: step {step!r} is not a positive number")
+        lo, dash, hi = (0, "-", "6") if rng == "*" else rng.partition("-")
+        lo = lo if isinstance(lo, int) else _day(lo, field)
+        hi = _day(hi, field) if dash else (6 if slash else lo)
+        if hi < lo: raise ValueError(f"day of week {field!r}: range {rng!r} runs backwards")
+        days |= {d % 7 for d in range(lo, hi + 1, int(step or 1))}
+    return ",".join(_DAYS[d] for d in sorted(days))
+
 def trigger(cron:str, # five-field crontab
             tz:str,   # IANA timezone
            ):
-    "APScheduler's `CronTrigger` for `cron` in `tz`; a bad expression raises `ValueError` naming it."
+    "APScheduler's `CronTrigger` for crontab `cron` in `tz`, days of the week as crontab counts them; a bad expression raises `ValueError` naming it."
     from apscheduler.triggers.cron import CronTrigger
-    try: return CronTrigger.from_crontab(cron, timezone=tz)
+    fields = cron.split()
+    try:
+        if len(fields) == 5:
+            if fields[2] != "*" and fields[4] != "*":
+                raise ValueError("restrict the day of the month or the day of the week, not both: crontab fires on either, "
+                                 "APScheduler only on both; make two schedules")
+            fields[4] = _crontab_days(fields[4])
+        return CronTrigger.from_crontab(" ".join(fields), timezone=tz)
     except ValueError as e: raise ValueError(f"not a five-field crontab ({e}): e.g. '0 * * * *' for hourly")
 
 EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)  # an interval schedule fires at EPOCH + k * every_s: the same times after any restart
@@ -78,6 +115,7 @@ def trigger_of(s:Schedule):
     if s.cron is not None: return trigger(s.cron, s.timezone)
     from apscheduler.triggers.interval import IntervalTrigger
     return IntervalTrigger(seconds=s.every_s, start_date=EPOCH, timezone="UTC")
+
 
 # %% ../../nbs/api/43_flows_schedules.ipynb #fae6dc97
 def schedule(d:dict, # one schedule as read from YAML
