@@ -5,7 +5,8 @@ the form, clicks Launch, checks that `1 + 1` in the same kernel answers within 2
 finish in the panel, saves the notebook and searches the saved file for the secret. Every wait is on a page condition
 (a cell's execution count, a status text); screenshots of each step go to ML_PROD_TEST_ARTIFACTS (default: the test's
 tmp folder). Without /usr/bin/chromium the test is skipped, except in CI (`CI` set), where it fails. The deployments and
-loop panels are driven on the session's serving project, and the monitoring panel shows a drift on a project of its own;
+loop panels are driven on the session's serving project, the monitoring panel shows a drift on a project of its own, and
+the runs panel and the sweep monitor show finished runs and a finished sweep written without Ray;
 the deployments and monitoring panels' screenshots are the README's (`ML_PROD_UPDATE_SCREENSHOT=1` takes them again).
 """
 from __future__ import annotations
@@ -301,3 +302,117 @@ def test_the_monitoring_panel_shows_the_drift_in_jupyterlab(project_dir, browser
     assert status in text and "country" in text and len(flagged) == 1 and flagged[0].split()[0] == "amount", (status, flagged)
     if UPDATE_SHOT: shutil.copy(shots / MONITOR_SHOT.name, MONITOR_SHOT)
     assert f"]({MONITOR_SHOT.relative_to(ROOT)})" in (ROOT / "README.md").read_text() and MONITOR_SHOT.read_bytes()[:4] == b"\x89PNG"
+
+
+# ---- the runs panel and the sweep monitor -----------------------------------------------------------------------------
+
+RUNS_CELLS = ['import ml_prod.ui\nruns = ml_prod.ui.runs("panels")\nruns', 'sweep = ml_prod.ui.sweep("tuning")\nsweep']
+
+
+def finished_sweep(s, root: Path) -> str:
+    """A finished sweep of 'score' (max) written by flows.tune's own functions, no Ray (as tests/test_panels_runs.py does):
+    three trials, one stopped by ASHA, closed with its best as tune_notebook closes it. Returns the sweep's run id."""
+    from mlflow.entities import Metric
+    from ml_prod.flows import tune
+    from ml_prod.tracking import store
+    c = client(s)
+    nb = root / "train.ipynb"
+    write_nb(nb, [], "lr = 0.1")
+    exp = store.ensure_experiment(s, "tuning")
+    record = dict(notebook=str(nb), notebook_sha256="0" * 64, space={"lr": {"loguniform": [1e-4, 1]}}, fixed={}, metric="score",
+                  mode="max", samples=3, scheduler="asha")
+    sweep_id = tune._open_sweep(s, exp, nb, nb.read_bytes(), root / "tune" / "train-1", record, False, {})
+    sw = tune._Sweep(s, sweep_id, exp, str(nb), nb.read_bytes(), {}, [], "score", "asha", 3, str(root),
+                     run_tags=tune._trial_tags(s, nb, nb.read_bytes(), {}, sweep_id))
+    trials = {}
+    for tid, lr, scores, end in [("abc_00001", 0.1, [0.60, 0.75, 0.82], "FINISHED"), ("abc_00002", 0.5, [0.40], "KILLED"),
+                                 ("abc_00003", 0.3, [0.70, 0.80, 0.91], "FINISHED")]:
+        run_id, _ = tune._trial_run(sw, {"lr": lr}, tid)
+        now = int(time.time() * 1000)
+        c.log_batch(run_id, metrics=[Metric("score", v, now + i, i) for i, v in enumerate(scores)])
+        if end == "FINISHED": c.set_terminated(run_id, end)
+        else: store.fail_run(c, run_id, "train.ipynb: cell 2: stopped by asha after 1 report(s) of score", end)
+        trials[tid] = (run_id, lr, scores[-1])
+    best_id, lr, value = max(trials.values(), key=lambda t: t[2])
+    tune._close_sweep(s, sweep_id, tune.TrialResult(best_id, "train.ipynb", "FINISHED", params={"lr": lr}, metric=value), "score", False)
+    return sweep_id
+
+
+def test_the_runs_panel_and_the_sweep_monitor_in_jupyterlab(project_dir, browser, tmp_path):
+    """The runs panel and the sweep monitor in JupyterLab on a project with four finished runs and a finished sweep (real
+    MLflow on SQLite, no Ray): the table lists the runs with the values in MLflow's database, a click on a column header
+    sorts the page's rows by it, two runs selected and compared show their parameters side by side, and the sweep's table
+    marks as best the trial the sweep recorded."""
+    import sqlite3
+    from ml_prod.settings import load_settings
+    from ml_prod.tracking import store
+    s = load_settings()
+    c, exp = client(s), store.ensure_experiment(s, "panels")
+    for name, lr, acc in [("r1", 0.1, 0.81), ("r2", 0.01, 0.95), ("r3", 0.5, 0.62), ("r4", 0.05, 0.88)]:
+        r = c.create_run(exp, run_name=name)
+        c.log_param(r.info.run_id, "lr", lr)
+        for step, v in enumerate([acc - 0.2, acc]): c.log_metric(r.info.run_id, "accuracy", v, step=step)
+        c.set_terminated(r.info.run_id, "FINISHED")
+    sweep_id = finished_sweep(s, project_dir)
+    db = sqlite3.connect(s.tracking_uri.removeprefix("sqlite:///"))  # MLflow's own database, read directly
+    raw = {n: (i, float(lr)) for i, n, lr in db.execute("select r.run_uuid, r.name, p.value from runs r join params p on p.run_uuid = r.run_uuid "
+                                                        "join experiments e on e.experiment_id = r.experiment_id where e.name = 'panels' and p.key = 'lr'")}
+    last = {n: v for n, v in db.execute("select r.name, m.value from latest_metrics m join runs r on r.run_uuid = m.run_uuid where m.key = 'accuracy'")}
+    best = dict(db.execute("select key, value from tags where run_uuid = ?", (sweep_id,)))["ml_prod.best_run_id"]
+    trial_rows = dict(db.execute("select run_uuid, name from runs where run_uuid in (select run_uuid from tags where key = 'mlflow.parentRunId' and value = ?)", (sweep_id,)))
+    shots = Path(ARTIFACTS or tmp_path) / "panels"
+    shots.mkdir(parents=True, exist_ok=True)
+    write_nb(project_dir / "runs.ipynb", RUNS_CELLS)
+    t0 = time.monotonic()
+    with jupyter_lab(project_dir, tmp_path) as (lab_url, token):
+        page = open_notebook(browser, lab_url, token, "runs.ipynb", height=2400)
+        run_cell(page, 0)
+        panel = page.locator(".ml-prod-runs-panel")
+        panel.locator(".ml-prod-run").first.wait_for(timeout=60_000)
+        names = lambda: [r.get_attribute("data-run") for r in panel.locator(".ml-prod-run").all()]
+        assert sorted(names()) == sorted(i for i, _ in raw.values())  # the runs MLflow holds, each once
+        rows = {r.get_attribute("data-run"): r.locator("td").all_inner_texts() for r in panel.locator(".ml-prod-run").all()}
+        for n, (i, lr) in raw.items():  # name, status and the lr and accuracy MLflow holds, in the row of that run
+            assert rows[i][0] == n and rows[i][1] == "FINISHED" and f"{lr:.4g}" in rows[i] and f"{last[n]:.4g}" in rows[i], (n, rows[i])
+        page.screenshot(path=shots / "9_runs.png")
+
+        def sorted_by(header: str, expected: list[str]):  # a click on the column header; the page's rows follow
+            panel.locator(".ml-prod-runs-head button").filter(has_text=re.compile(rf"^{re.escape(header)}( [▼▲])?$")).click()
+            wait_for(lambda: names() == expected, timeout=20)
+        by_lr = [i for i, lr in sorted(raw.values(), key=lambda t: -t[1])]
+        sorted_by("params.lr", by_lr)  # descending first: 0.5, 0.1, 0.05, 0.01
+        page.screenshot(path=shots / "10_runs_by_lr.png")
+        sorted_by("params.lr", by_lr[::-1])  # a second click: ascending
+        sorted_by("metrics.accuracy", [raw[n][0] for n in sorted(last, key=lambda n: -last[n])])
+        page.screenshot(path=shots / "11_runs_by_accuracy.png")
+
+        picked = ["r2", "r3"]
+        panel.locator("select[multiple]").select_option(label=[f"{n} ({raw[n][0][:8]})" for n in picked])
+        panel.locator("button:has-text('Compare')").click()
+        compare = panel.locator(".ml-prod-compare")
+        compare.wait_for(timeout=20_000)
+        head = compare.locator("th").all_inner_texts()
+        lr_row = compare.locator("tr").filter(has_text="params.lr").locator("td").all_inner_texts()
+        assert head[1:] == [raw[n][0] for n in picked] and lr_row == ["params.lr", *(f"{raw[n][1]:.4g}" for n in picked)], (head, lr_row)
+        assert compare.locator("tr.ml-prod-differs").count() == 2  # lr and accuracy differ
+        page.screenshot(path=shots / "12_runs_compared.png")
+        metric = panel.locator(".widget-inline-hbox").filter(has=page.locator("label:text-is('metric')")).locator("select")
+        assert metric.evaluate("el => el.selectedIndex >= 0 ? el.options[el.selectedIndex].text : ''") == "accuracy"  # chosen, the one metric
+        assert not panel.locator("img").first.is_visible()  # no plot yet: none shown, not a broken image
+        panel.locator("button:has-text('Over steps')").click()
+        wait_for(lambda: panel.locator("img").first.evaluate("el => el.complete && el.naturalWidth > 0"), timeout=30)
+        page.screenshot(path=shots / "13_runs_over_steps.png")
+
+        run_cell(page, 1)
+        monitor = page.locator(".ml-prod-sweep")
+        monitor.locator(".ml-prod-trial").first.wait_for(timeout=60_000)
+        marked = [r.get_attribute("data-run") for r in monitor.locator(".ml-prod-trial.ml-prod-best").all()]
+        shown = {r.get_attribute("data-run") for r in monitor.locator(".ml-prod-trial").all()}
+        stopped = [r.get_attribute("data-run") for r in monitor.locator(".ml-prod-trial.ml-prod-stopped").all()]
+        status = monitor.locator(".ml-prod-sweep-status").inner_text()
+        monitor.locator("img").first.wait_for(timeout=20_000)
+        wait_for(lambda: monitor.locator("img").first.evaluate("el => el.complete && el.naturalWidth > 0"), timeout=30)
+        page.screenshot(path=shots / "14_sweep.png")
+    print(f"JupyterLab, both panels and every step in {time.monotonic() - t0:.1f} s")
+    assert marked == [best] and shown == set(trial_rows) and status == "FINISHED"
+    assert [trial_rows[i] for i in stopped] == ["train-abc_00002"]  # stopped by ASHA: marked

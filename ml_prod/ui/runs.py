@@ -13,8 +13,8 @@ from ..tracking import tags as keys
 from .launcher import _widgets
 
 # %% auto #0
-__all__ = ['FIXED', 'find_experiment', 'run_row', 'key_columns', 'cell', 'sort_rows', 'RunsState', 'figure', 'png', 'runs_html',
-           'compare_html', 'RunsPanel', 'runs']
+__all__ = ['FIXED', 'find_experiment', 'run_row', 'key_columns', 'cell', 'sort_rows', 'RunsState', 'figure', 'png', 'header',
+           'runs_html', 'compare_html', 'RunsPanel', 'runs']
 
 # %% ../../nbs/api/88_ui_runs.ipynb #5c57e33d
 def find_experiment(c, # an `MlflowClient` (`tracking.store.client`)
@@ -168,12 +168,16 @@ def _fmt(col:str, v) -> str:
     if col == "duration_s": return f"{v:.1f} s"
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
-def runs_html(st:RunsState) -> str:
-    "The runs table, in the state's order."
-    head = "".join(f"<th>{html.escape(c.removesuffix('_s'))}{' ▼' if c == st.by and st.descending else ' ▲' if c == st.by else ''}</th>" for c in st.columns)
+def header(st:RunsState, col:str) -> str:
+    "Column `col`'s header: its name, and ▼ or ▲ when the rows are sorted by it."
+    return col.removesuffix("_s") + (" ▼" if col == st.by and st.descending else " ▲" if col == st.by else "")
+
+def runs_html(st:RunsState, head:bool=True) -> str:
+    "The runs table, in the state's order, its columns of equal width; `head=False`: without the header row (the panel's are buttons)."
+    head = f'<tr>{"".join(f"<th>{html.escape(header(st, c))}</th>" for c in st.columns)}</tr>' if head else ""
     body = "".join(f'<tr class="ml-prod-run" data-run="{r["run_id"]}">' + "".join(f"<td>{html.escape(_fmt(c, cell(r, c)))}</td>" for c in st.columns)
                    + "</tr>" for r in st.rows)
-    return f'<table class="ml-prod-runs"><tr>{head}</tr>{body}</table>'
+    return f'<table class="ml-prod-runs" style="table-layout:fixed;width:100%">{head}{body}</table>'
 
 def compare_html(df) -> str:
     "The comparison, differing rows flagged (class ml-prod-differs, shaded)."
@@ -189,20 +193,23 @@ class RunsPanel:
     def __init__(self, state:RunsState):
         w = _widgets()
         self.state = state
-        self.table, self.comparison, self.message = w.HTML(""), w.HTML(""), w.HTML("")
+        self.table, self.comparison, self.message = w.HTML("", layout=w.Layout(margin="0")), w.HTML(""), w.HTML("")
+        self.head, self._drawing = w.GridBox([], layout=w.Layout(grid_gap="0", margin="0")), False  # a button per column: a click sorts
+        self.head.add_class("ml-prod-runs-head")
         self.by, self.descending = w.Dropdown(description="sort by"), w.Checkbox(value=True, description="descending")
         self.selected = w.SelectMultiple(description="compare", rows=5)
         self.metric = w.Dropdown(description="metric")
-        self.plot = w.Image(format="png")
+        self.plot = w.Image(format="png", layout=w.Layout(display="none"))  # shown once drawn: an empty one is a broken image
         b = {k: w.Button(description=d) for k, d in [("refresh", "Refresh"), ("compare", "Compare"), ("across", "Across runs"), ("steps", "Over steps")]}
         b["refresh"].on_click(lambda _: self._act(self.state.refresh))
         b["compare"].on_click(lambda _: self._act(self.compare))
         b["across"].on_click(lambda _: self._act(lambda: self._show(self.state.plot_across(self.metric.value, list(self.selected.value) or None))))
         b["steps"].on_click(lambda _: self._act(lambda: self._show(self.state.plot_steps(self.metric.value, list(self.selected.value) or [r["run_id"] for r in self.state.rows]))))
-        for x in (self.by, self.descending): x.observe(lambda _: self._act(lambda: self.state.sort(self.by.value, self.descending.value)), names="value")
+        sort = lambda _: self._drawing or self._act(lambda: self.state.sort(self.by.value, self.descending.value))
+        for x in (self.by, self.descending): x.observe(sort, names="value")
         self.buttons = b
         self.widget = w.VBox([w.HTML(f"<h3>Runs of {html.escape(str(state.experiment))}</h3>"), w.HBox([self.by, self.descending, b["refresh"]]),
-                              self.table, w.HBox([self.selected, b["compare"]]), self.comparison,
+                              w.VBox([self.head, self.table]), w.HBox([self.selected, b["compare"]]), self.comparison,
                               w.HBox([self.metric, b["across"], b["steps"]]), self.plot, self.message])
         self.widget.add_class("ml-prod-runs-panel")
 
@@ -210,15 +217,28 @@ class RunsPanel:
 
 # %% ../../nbs/api/88_ui_runs.ipynb #e4b21264
 def _draw(self:RunsPanel):
-    "Redraw the table and the choices from the state."
-    st = self.state
-    self.table.value = runs_html(st)
-    cols = [c for c in st.columns]
-    if list(self.by.options) != cols: self.by.options = cols
-    if self.by.value != st.by and st.by in cols: self.by.value = st.by
-    self.selected.options = [(f"{r['name']} ({r['run_id'][:8]})", r["run_id"]) for r in st.rows]
-    metrics = sorted({k for r in st.rows for k in r["metrics"]})
-    if list(self.metric.options) != metrics: self.metric.options = metrics
+    "Redraw the table, its header buttons and the choices from the state (the panel's own observers quiet meanwhile)."
+    st, self._drawing = self.state, True
+    try:
+        self.table.value = runs_html(st, head=False)
+        if [b.tooltip for b in self.head.children] != [f"sort by {c}" for c in st.columns]:
+            self.head.children = [self._header_button(c) for c in st.columns]
+            self.head.layout.grid_template_columns = f"repeat({len(st.columns)}, 1fr)"
+        for b, c in zip(self.head.children, st.columns): b.description = header(st, c)
+        if list(self.by.options) != st.columns: self.by.options = st.columns
+        self.by.value, self.descending.value = st.by, st.descending
+        self.selected.options = [(f"{r['name']} ({r['run_id'][:8]})", r["run_id"]) for r in st.rows]
+        metrics = sorted({k for r in st.rows for k in r["metrics"]})
+        if list(self.metric.options) != metrics: self.metric.options = metrics
+        if self.metric.value is None and metrics: self.metric.value = metrics[0]  # new options leave no choice made
+    finally: self._drawing = False
+
+def _header_button(self:RunsPanel, col:str):
+    "Column `col`'s header, a button: a click sorts by it, descending first, the other way on a second click."
+    w = _widgets()
+    b = w.Button(description=col, tooltip=f"sort by {col}", layout=w.Layout(width="auto", margin="0"))
+    b.on_click(lambda _: self._act(lambda: self.state.sort(col, not self.state.descending if col == self.state.by else True)))
+    return b
 
 def _act(self:RunsPanel, do):
     "Run one action; its error is shown, not raised."
@@ -230,9 +250,9 @@ def _act(self:RunsPanel, do):
     self._draw()
 
 def _compare_selected(self:RunsPanel): self.comparison.value = compare_html(self.state.compare(list(self.selected.value)))
-def _show(self:RunsPanel, fig): self.plot.value = png(fig)
+def _show(self:RunsPanel, fig): self.plot.value, self.plot.layout.display = png(fig), ""
 
-RunsPanel._draw, RunsPanel._act, RunsPanel.compare, RunsPanel._show = _draw, _act, _compare_selected, _show
+RunsPanel._draw, RunsPanel._header_button, RunsPanel._act, RunsPanel.compare, RunsPanel._show = _draw, _header_button, _act, _compare_selected, _show
 
 # %% ../../nbs/api/88_ui_runs.ipynb #b27f057c
 def runs(experiment:str, # the experiment's name or id
