@@ -38,17 +38,26 @@ def test_demo_runs_the_tutorial_end_to_end(project_dir):
                        cwd=project_dir, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     state = project_dir / ".ml_prod"
+    # nothing is left RUNNING once the demo stopped its Ray: MLflow's own runs table
+    import sqlite3
+    with sqlite3.connect(state / "mlflow.db") as db:
+        assert db.execute("select run_uuid, name, status from runs where status in ('RUNNING', 'SCHEDULED')").fetchall() == []
     # the executed tutorial is kept, with the outputs of every code cell
     executed = json.loads((state / "demo" / "fraud_end_to_end.ipynb").read_text())
     code = [c for c in executed["cells"] if c["cell_type"] == "code"]
     assert not [o for c in code for o in c.get("outputs", []) if o["output_type"] == "error"]
     printed = "".join("".join(o.get("text", "")) for c in code for o in c.get("outputs", []))  # nbformat: a string or a list of lines
     assert f"{REQUESTS} transactions scored by version 1" in printed, printed[-2000:]
-    # two FINISHED job runs in the demo's experiment, and version 1 of the model behind @champion
+    # in the demo's experiment: the data job, the sweep's run and its two trials (one per learning rate), all FINISHED;
+    # version 1 behind @champion is the trial with the best last validation ROC AUC in MLflow's metric history
     c = MlflowClient(tracking_uri=f"sqlite:///{state}/mlflow.db")
     runs = c.search_runs([c.get_experiment_by_name("fraud-demo").experiment_id])
-    assert sorted((r.data.tags["mlflow.runName"], r.info.status) for r in runs) == [("data", "FINISHED"), ("train", "FINISHED")]
-    assert c.get_model_version("fraud-detector", "1").run_id in [r.info.run_id for r in runs if r.data.tags["mlflow.runName"] == "train"]
+    (sweep,) = [r for r in runs if r.data.tags["mlflow.runName"] == "tune-train"]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == sweep.info.run_id]
+    assert sorted((r.data.tags["mlflow.runName"], r.info.status) for r in runs if r.data.tags.get("mlflow.parentRunId") != sweep.info.run_id) == [("data", "FINISHED"), ("tune-train", "FINISHED")]
+    assert sorted((float(r.data.params["lr"]), r.info.status) for r in trials) == [(0.003, "FINISHED"), (0.01, "FINISHED")]
+    last_auc = {r.info.run_id: max(c.get_metric_history(r.info.run_id, "val_roc_auc"), key=lambda m: m.step).value for r in trials}
+    assert last_auc[c.get_model_version("fraud-detector", "1").run_id] == max(last_auc.values()), last_auc
     # the raw audit records: one 200 per request sent and one 422 for the malformed record
     every = audit_records(state / "audit" / "fraud")
     lines = [r for r in every if not (r["client_request_id"] or "").startswith(("normal-", "drifted-", "loop-"))]  # the later sections' own ids

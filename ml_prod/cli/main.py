@@ -79,13 +79,40 @@ def demo_cluster(s) -> bool:
     cluster_up(s, port=port, env=SERVE_ENV)
     return True
 
-def _demo_cluster_down(s):
-    "Stop the control service (its lease released now), then the demo's local Ray with the endpoint."
+def _unfinished_jobs(s) -> list[str]:
+    "The project's job runs still RUNNING or queued (SCHEDULED), from the tracking store."
+    from ml_prod.tracking import tags as keys
+    from ml_prod.tracking.store import client
+    c = client(s)
+    exps = [e.experiment_id for e in c.search_experiments()]
+    if not exps: return []
+    return [r.info.run_id for status in ("RUNNING", "SCHEDULED")  # MLflow's search has no OR, no IN on status
+            for r in c.search_runs(exps, f"attributes.status = '{status}' and tags.`{keys.JOB}` = 'true'", max_results=1000)]
+
+def _settle_jobs(s, within_s:float=120.0, quiet_s:float=3.0) -> list[str]:
+    """Wait until no job of the project has been running or queued for `quiet_s` (a fire the control service launched as it
+    stopped shows up within seconds), for at most `within_s`; the ids still going then."""
+    import time
+    end, quiet_since = time.time() + within_s, None
+    while (going := _unfinished_jobs(s)) or quiet_since is None or time.time() - quiet_since < quiet_s:
+        if going: quiet_since = None
+        elif quiet_since is None: quiet_since = time.time()
+        if time.time() > end: return going
+        time.sleep(0.5)
+    return []
+
+def _demo_cluster_down(s, settle_s:float=120.0):
+    """Stop the control service (its lease released now, nothing more fires), let the jobs it started end, then stop the
+    demo's local Ray with the endpoint; a job still going after `settle_s` is stopped with it and its run marked FAILED."""
     from ml_prod.control import service
     from ml_prod.runtime.cluster import cluster_down
+    from ml_prod.tracking.store import client, fail_run
     try: service.stop(s)
     except MlProdError as e: err.print(f"warning: the control service did not stop cleanly: {e}")
+    going = _settle_jobs(s, within_s=settle_s)
     cluster_down(s)
+    for run_id in set(going) & set(_unfinished_jobs(s)):  # not one that ended meanwhile
+        fail_run(client(s), run_id, "ml_prod demo stopped its local Ray while this job ran")
 
 @app.command()
 def demo(profile:Optional[str]=ProfileOpt,
@@ -94,17 +121,19 @@ def demo(profile:Optional[str]=ProfileOpt,
          requests:int=typer.Option(300, help="Transactions sent to the endpoint"),
          monitor_requests:int=typer.Option(1000, help="Transactions in each monitored window (at least 1,000: the smallest window drift is judged on)"),
          keep_serving:bool=typer.Option(False, "--keep-serving", help="Leave the local Ray, the endpoint and the control service up (`ml_prod cluster down` stops them)")):
-    "Run the fraud tutorial end to end: data and training as tracked jobs, serving, monitoring, then the retrain loop (drift, retrain, canary, promote)."
+    "Run the fraud tutorial end to end: data as a tracked job, training as a small sweep, serving, monitoring, then the retrain loop (drift, retrain, canary, promote)."
     s = _settings(profile)
     out = Path(s.state_dir)/"demo"/"fraud_end_to_end.ipynb"
-    started = False
+    started = interrupted = False
     try:
         started = demo_cluster(s)
         run_tutorial(s, out, rows=rows, epochs=epochs, requests=requests, monitor_requests=monitor_requests)
     except MlProdError as e: _fail(e)
-    except KeyboardInterrupt: err.print("interrupted: the tutorial's jobs were cancelled"); raise typer.Exit(130)
+    except KeyboardInterrupt:
+        interrupted = True
+        err.print("interrupted: the tutorial's jobs were cancelled"); raise typer.Exit(130)
     finally:
-        if started and not keep_serving: _demo_cluster_down(s)
+        if started and not keep_serving: _demo_cluster_down(s, settle_s=5.0 if interrupted else 120.0)
     typer.echo(f"\nThe executed tutorial: {out}")
     typer.echo(f"Browse the runs: mlflow ui --backend-store-uri {s.tracking_uri}")
     if keep_serving: typer.echo("Still serving (the local Ray, the endpoint, the control service): `ml_prod cluster down` stops them")

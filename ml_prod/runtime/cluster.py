@@ -164,6 +164,8 @@ def cluster_down(s:ResolvedSettings|None=None) -> bool:
     s = s or load_settings()
     f = _cluster_file(s)
     if not f.exists(): return False
+    ray = sys.modules.get("ray")  # not imported for this: only a driver this process already has
+    if ray and ray.is_initialized(): ray.shutdown()  # connected while its cluster stops, it would print the stopped processes' errors
     procs = _cluster_processes(_temp_dir(s), json.loads(f.read_text())["address"].rsplit(":", 1)[1])
     gcs = [p for p in procs if p.name() == "gcs_server"]
     _stop([p for p in procs if p not in gcs])  # like `ray stop`: a GCS stopped before its raylets ignores SIGTERM
