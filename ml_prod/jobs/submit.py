@@ -28,6 +28,7 @@ class JobHandle:
     notebook: str
     settings: ResolvedSettings = field(repr=False)
     ref: object = field(default=None, repr=False)
+    secrets: tuple = field(default=(), repr=False)  # its secret parameters' values, masked in what this process stores
 
     def done(self) -> bool:
         import ray
@@ -40,11 +41,11 @@ class JobHandle:
         from ray.exceptions import RayTaskError
         try: ray.get(self.ref, timeout=timeout)
         except GetTimeoutError: raise
-        except TaskCancelledError: _close_if_running(self.settings, self.run_id, "cancelled", "KILLED")
+        except TaskCancelledError: _close_if_running(self.settings, self.run_id, "cancelled", "KILLED", self.secrets)
         except RayTaskError as e:  # the supervisor raised: not a lost worker (e.g. the store stayed down past its retries)
-            _close_if_running(self.settings, self.run_id, f"the job's supervisor failed: {str(e.cause if e.cause else e).splitlines()[0][:500]}")
+            _close_if_running(self.settings, self.run_id, f"the job's supervisor failed: {str(e.cause if e.cause else e).splitlines()[0][:500]}", secrets=self.secrets)
         except RayError as e:
-            _close_if_running(self.settings, self.run_id, f"the job's Ray worker was lost and retries ran out: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            _close_if_running(self.settings, self.run_id, f"the job's Ray worker was lost and retries ran out: {type(e).__name__}: {str(e).splitlines()[0][:300]}", secrets=self.secrets)
         return job_result(self.settings, self.run_id)
 
     def cancel(self):
@@ -54,10 +55,25 @@ class JobHandle:
         except Exception: pass  # the store is struggling: ray.cancel below stops the job all the same
         ray.cancel(self.ref)
 
-def _close_if_running(s, run_id, reason, status="FAILED"):
-    "End the run with `reason` unless the supervisor already wrote its final status."
+def _close_if_running(s, run_id, reason, status="FAILED", secrets=()):
+    """End the run with `reason` unless the supervisor already wrote its final status. What its last attempt left on this
+    host (a supervisor that died or failed stored nothing) is stored first: the executed notebook, with the error banner,
+    and the log, `secrets` masked."""
+    import socket
+    from ml_prod.jobs.kernel import _add_banner
+    from ml_prod.redact import redact_file
     c = store.client(s)
-    if c.get_run(run_id).info.status == "RUNNING": store.fail_run(c, run_id, reason, status)
+    run = c.get_run(run_id)
+    if run.info.status != "RUNNING": return
+    out = Path(run.data.tags.get(keys.OUTPUT_DIR) or "/nonexistent")
+    if run.data.tags.get(keys.HOST) == socket.gethostname() and out.is_dir():
+        for p in [*out.glob("*.ipynb"), out/"job.log"]:
+            try:
+                if p.suffix == ".ipynb": _add_banner(p, f"this job {status}: {reason}")
+                redact_file(p, secrets)
+                if p.exists(): store.retrying(c.log_artifact, run_id, str(p), within=60)
+            except Exception: pass  # best effort: the run is ended with its reason all the same
+    store.fail_run(c, run_id, reason, status)
 
 # %% ../../nbs/api/23_jobs_submit.ipynb #dc485be9
 _waiting, _waiting_lock = {}, threading.Lock()  # run id -> [settings, next beat time] of this process's jobs not yet started
@@ -191,7 +207,7 @@ def submit_notebook(notebook:str|Path, # the .ipynb to run
         with _waiting_lock: _waiting.pop(run_id, None)
         store.fail_run(store.client(s), run_id, f"could not start the job on Ray: {type(e).__name__}: {e}")
         raise
-    return JobHandle(run_id, path.name, s, ref)
+    return JobHandle(run_id, path.name, s, ref, tuple(str(values[n]) for n in schema.secret_names if values.get(n)))
 
 # %% ../../nbs/api/23_jobs_submit.ipynb #5b5faa2e
 def run_notebook(notebook:str|Path, # the .ipynb to run
@@ -211,7 +227,7 @@ def finish(h:JobHandle, # a submitted job
         h.cancel()
         try: h.wait(timeout=30)
         except Exception: pass
-        _close_if_running(h.settings, h.run_id, "cancelled", "KILLED")
+        _close_if_running(h.settings, h.run_id, "cancelled", "KILLED", h.secrets)
         raise
     if check and not result.ok: raise JobFailed(result)
     return result

@@ -187,7 +187,7 @@ def supervise(spec:JobSpec,
     "Run one job to the end and record it; returns its status and error. Runs inside a Ray task."
     import nbformat
     from ml_prod.params import notebook_schema, inject_parameters
-    c = store.client(_spec_settings(spec))
+    c = store.retrying(store.client, _spec_settings(spec), within=START_WRITE_S)  # a fresh worker's first connection: the store may be locked
     out_dir = _job_dir(spec)
     attempt, status = _start_attempt(c, spec, out_dir)
     out_path, log_path = out_dir/Path(spec.notebook).name, out_dir/"job.log"
