@@ -24,6 +24,7 @@ REAP_AFTER_BEATS = 6                   # a job silent this many heartbeats is re
 # %% ../../nbs/api/14_tracking_store.ipynb #c14da186
 def client(s:ResolvedSettings):
     "An `MlflowClient` for the profile's tracking and registry stores."
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # MLflow's download bars would land in whatever cell or log is running (a panel's)
     from mlflow.tracking import MlflowClient
     return MlflowClient(tracking_uri=s.tracking_uri, registry_uri=s.registry_uri)
 
