@@ -732,6 +732,80 @@ def test_tracking_server_needs_a_user_and_the_reader_cannot_write(cluster, job):
     assert not list(cluster["tmp"].glob("*.db")), "a SQLite store appeared next to the tracking server"
 
 
+# Runs in its own Python process, as a notebook's kernel on a laptop would: the panels' plain-Python states on the cluster profile
+# (the Ray cluster and the tracking server both remote to this process). The launcher's state launches the job notebook on the
+# trainer node and is refreshed until it ends; the runs panel's state then lists the job's experiment.
+PANELS = '''
+import json, sys, time
+from ml_prod.settings import load_settings
+from ml_prod.ui.launcher import LauncherState
+from ml_prod.ui.runs import RunsState
+settings_path, notebook, cwd = sys.argv[1:4]
+s = load_settings("cluster", path=settings_path, env={})
+st = LauncherState(notebook, s, resources={"trainer": 1}, cwd=cwd, run_name="from_the_launcher")
+assert st.set("greeting", "from the panel") is None, st.errors
+t0 = time.monotonic()
+st.launch()
+launch_s, seen = time.monotonic() - t0, set()
+deadline = time.monotonic() + 150
+while not st.refresh() and time.monotonic() < deadline:
+    seen.add(st.status); time.sleep(0.5)
+ended_s = time.monotonic() - t0
+seen.add(st.status)
+runs = RunsState(st.experiment_id, s)
+rows = runs.refresh()
+print("PANELS " + json.dumps(dict(
+    run_id=st.handle.run_id, status=st.status, seen=sorted(seen), error=st.result and st.result.error, links=st.links(),
+    log=st.log, experiment_id=st.experiment_id, launch_s=launch_s, ended_s=ended_s,
+    rows=[dict(run_id=r["run_id"], name=r["name"], status=r["status"], metrics=r["metrics"]) for r in rows], columns=runs.columns,
+)), flush=True)
+import ray
+print("TRAINER " + json.dumps([n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("trainer")]), flush=True)
+ray.shutdown()
+'''
+
+
+@LONG
+def test_panels_states_on_the_remote_cluster(cluster):
+    """The launcher's and the runs panel's plain-Python states, from a driver on the cluster profile (Ray at the GCS address of
+    `ray start`, MLflow the PostgreSQL-backed tracking server): the launched job ends FINISHED in the state and in PostgreSQL's
+    runs table, its run links to the tracking server's UI, and the runs panel lists exactly the experiment's runs of PostgreSQL.
+    (The module's fixture serves no application, so the deployments panel is not driven here.)"""
+    import psycopg
+    tmp = cluster["tmp"]
+    nb = make_notebook(tmp / "from_panel.ipynb")
+    (tmp / "panels.py").write_text(PANELS)
+    env = {k: v for k, v in cluster["env"].items() if k != "RAY_AUTH_MODE"}  # ml_prod.cluster.connect sets it
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, str(tmp / "panels.py"), str(cluster["settings"]), str(nb), str(tmp)],
+                       env=env, cwd=tmp, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    lines = [l for l in r.stdout.splitlines() if l.startswith("PANELS ")]
+    assert r.returncode == 0 and lines, f"panels driver failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    got = json.loads(lines[-1][len("PANELS "):])
+    print(f"driver {time.monotonic() - t0:.1f} s; launch returned in {got['launch_s']:.2f} s, FINISHED in the state after {got['ended_s']:.1f} s")
+    assert got["status"] == "FINISHED", got["error"]
+    run_id, exp = got["run_id"], got["experiment_id"]
+    # the tracking server's store: PostgreSQL's own rows
+    with psycopg.connect(cluster["postgres"].uri("mlflow").replace("+psycopg", "")) as conn:
+        (status, name, exp_id), = conn.execute("SELECT status, name, experiment_id FROM runs WHERE run_uuid = %s", (run_id,)).fetchall()
+        params = dict(conn.execute("SELECT key, value FROM params WHERE run_uuid = %s", (run_id,)).fetchall())
+        node = conn.execute("SELECT value FROM tags WHERE run_uuid = %s AND key = 'ml_prod.ray_node'", (run_id,)).fetchall()
+        in_exp = dict(conn.execute("SELECT run_uuid, status FROM runs WHERE experiment_id = %s AND lifecycle_stage = 'active'", (exp_id,)).fetchall())
+    assert (status, name, str(exp_id)) == ("FINISHED", "from_the_launcher", exp) and params["greeting"] == "from the panel", (status, name, exp_id, params)
+    trainer = json.loads(r.stdout.split("TRAINER ", 1)[1].splitlines()[0])
+    assert node == [(trainer[0],)] and len(trainer) == 1, (node, trainer)  # the job ran on the node with the `trainer` resource
+    # the run's link is the tracking server's UI page; the executed notebook and the job's output came back through the server
+    assert got["links"]["run"] == f"{cluster['tracking_uri']}/#/experiments/{exp}/runs/{run_id}", got["links"]
+    stored = cluster["artifacts"] / exp / run_id / "artifacts"
+    assert (stored / "hello.txt").read_text() == "from the panel" and (stored / "job.log").read_text() == got["log"]
+    assert f"run {run_id}" in got["log"], got["log"][-2000:]
+    # the runs panel's state lists the experiment's runs, as PostgreSQL has them, the launcher's run among them
+    rows = {x["run_id"]: x for x in got["rows"]}
+    assert {k: x["status"] for k, x in rows.items()} == in_exp, (rows, in_exp)
+    assert rows[run_id]["name"] == "from_the_launcher" and rows[run_id]["metrics"].get("on_worker") == 1.0
+    assert "metrics.on_worker" in got["columns"], got["columns"]
+
+
 def problems(e: ConfigError) -> set[str]:
     "The settings a node-local storage error lists, one per indented line."
     return {m.group(1) for m in re.finditer(r"^  (\w+) = ", str(e), re.M)}
