@@ -260,6 +260,23 @@ def status(app: str) -> dict:
 RAY_MARKER = "ML_PROD_RAY_DEPLOYED_TEST"  # set in the environment of every process `ray_deployed` starts
 
 
+
+def open_sweep(s, root: Path, samples: int):
+    """A sweep of 'score' (max, ASHA) over `lr`, opened by flows.tune's own functions with no Ray, of a one-cell notebook
+    `root/train.ipynb` in experiment 'tuning': its `_Sweep` (`sweep_run_id`), ready for `tune._trial_run`."""
+    import nbformat
+    from ml_prod.flows import tune
+    from ml_prod.tracking import store
+    nb = root / "train.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("lr = 0.1", metadata={"tags": ["parameters"]})]), nb)
+    exp = store.ensure_experiment(s, "tuning")
+    record = dict(notebook=str(nb), notebook_sha256="0" * 64, space={"lr": {"loguniform": [1e-4, 1]}}, fixed={}, metric="score",
+                  mode="max", samples=samples, scheduler="asha")
+    sweep_id = tune._open_sweep(s, exp, nb, nb.read_bytes(), root / "tune" / "train-1", record, False, {})
+    return tune._Sweep(s, sweep_id, exp, str(nb), nb.read_bytes(), {}, [], "score", "asha", 3, str(root),
+                       run_tags=tune._trial_tags(s, nb, nb.read_bytes(), {}, sweep_id))
+
+
 def free_ports(n: int) -> list[int]:
     "`n` distinct ports that are free on 127.0.0.1 right now (all held open while choosing)."
     socks = []

@@ -20,7 +20,7 @@ import psutil
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from conftest import RECORD, client, deploy, free_ports, log_version, stop_processes, wait_for
+from conftest import RECORD, client, deploy, free_ports, log_version, open_sweep, stop_processes, wait_for
 
 ARTIFACTS = os.environ.get("ML_PROD_TEST_ARTIFACTS")  # read at import: the project fixtures drop ML_PROD_* from the environment
 UPDATE_SHOT = os.environ.get("ML_PROD_UPDATE_SCREENSHOT")
@@ -310,20 +310,14 @@ RUNS_CELLS = ['import ml_prod.ui\nruns = ml_prod.ui.runs("panels")\nruns', 'swee
 
 
 def finished_sweep(s, root: Path) -> str:
-    """A finished sweep of 'score' (max) written by flows.tune's own functions, no Ray (as tests/test_panels_runs.py does):
+    """A finished sweep of 'score' (max) written by flows.tune's own functions, no Ray (conftest.open_sweep):
     three trials, one stopped by ASHA, closed with its best as tune_notebook closes it. Returns the sweep's run id."""
     from mlflow.entities import Metric
     from ml_prod.flows import tune
     from ml_prod.tracking import store
     c = client(s)
-    nb = root / "train.ipynb"
-    write_nb(nb, [], "lr = 0.1")
-    exp = store.ensure_experiment(s, "tuning")
-    record = dict(notebook=str(nb), notebook_sha256="0" * 64, space={"lr": {"loguniform": [1e-4, 1]}}, fixed={}, metric="score",
-                  mode="max", samples=3, scheduler="asha")
-    sweep_id = tune._open_sweep(s, exp, nb, nb.read_bytes(), root / "tune" / "train-1", record, False, {})
-    sw = tune._Sweep(s, sweep_id, exp, str(nb), nb.read_bytes(), {}, [], "score", "asha", 3, str(root),
-                     run_tags=tune._trial_tags(s, nb, nb.read_bytes(), {}, sweep_id))
+    sw = open_sweep(s, root, samples=3)
+    sweep_id = sw.sweep_run_id
     trials = {}
     for tid, lr, scores, end in [("abc_00001", 0.1, [0.60, 0.75, 0.82], "FINISHED"), ("abc_00002", 0.5, [0.40], "KILLED"),
                                  ("abc_00003", 0.3, [0.70, 0.80, 0.91], "FINISHED")]:

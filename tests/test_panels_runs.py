@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import client, wait_for
+from conftest import client, open_sweep, wait_for
 from ml_prod.settings import load_settings
 
 pytest.importorskip("ipywidgets")
@@ -88,20 +88,13 @@ def test_runs_panel_sorts_compares_and_plots_what_mlflow_holds(project_dir):
 @pytest.fixture
 def a_sweep(project_dir):
     "A running sweep of 'score' (max) written by flows.tune's own functions (`_open_sweep`, `_trial_run`), no Ray: (settings, sweep run id, trial())."
-    import nbformat
     from mlflow.entities import Metric
     from ml_prod.flows import tune
     from ml_prod.tracking import store
     s = load_settings()
     c = client(s)
-    nb = project_dir / "train.ipynb"
-    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("lr = 0.1", metadata={"tags": ["parameters"]})]), nb)
-    exp = store.ensure_experiment(s, "tuning")
-    record = dict(notebook=str(nb), notebook_sha256="0" * 64, space={"lr": {"loguniform": [1e-4, 1]}}, fixed={}, metric="score",
-                  mode="max", samples=4, scheduler="asha")
-    sweep_id = tune._open_sweep(s, exp, nb, nb.read_bytes(), project_dir / "tune" / "train-1", record, False, {})
-    sw = tune._Sweep(s, sweep_id, exp, str(nb), nb.read_bytes(), {}, [], "score", "asha", 3, str(project_dir),
-                     run_tags=tune._trial_tags(s, nb, nb.read_bytes(), {}, sweep_id))
+    sw = open_sweep(s, project_dir, samples=4)
+    sweep_id = sw.sweep_run_id
 
     def trial(tid: str, lr: float, scores: list, end: str | None = None, error: str | None = None) -> str:
         "A trial's child run as `_run_trial` creates it, its reports logged as the supervisor logs them, ended as it ends them."

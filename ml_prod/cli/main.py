@@ -80,26 +80,21 @@ def demo_cluster(s) -> bool:
     return True
 
 def _unfinished_jobs(s) -> list[str]:
-    "The project's job runs still RUNNING or queued (SCHEDULED), from the tracking store."
-    from ml_prod.tracking import tags as keys
-    from ml_prod.tracking.store import client
-    c = client(s)
-    exps = [e.experiment_id for e in c.search_experiments()]
-    if not exps: return []
-    return [r.info.run_id for status in ("RUNNING", "SCHEDULED")  # MLflow's search has no OR, no IN on status
-            for r in c.search_runs(exps, f"attributes.status = '{status}' and tags.`{keys.JOB}` = 'true'", max_results=1000)]
+    "The project's job runs still RUNNING or queued (SCHEDULED); `list_jobs` reaps those whose supervisor died first."
+    from ml_prod.jobs.query import list_jobs
+    return [j.run_id for status in ("RUNNING", "SCHEDULED") for j in list_jobs(s, limit=1000, status=status)]
 
 def _settle_jobs(s, within_s:float=120.0, quiet_s:float=3.0) -> list[str]:
     """Wait until no job of the project has been running or queued for `quiet_s` (a fire the control service launched as it
     stopped shows up within seconds), for at most `within_s`; the ids still going then."""
     import time
-    end, quiet_since = time.time() + within_s, None
-    while (going := _unfinished_jobs(s)) or quiet_since is None or time.time() - quiet_since < quiet_s:
-        if going: quiet_since = None
-        elif quiet_since is None: quiet_since = time.time()
-        if time.time() > end: return going
+    busy = time.time()
+    end = busy + within_s
+    while time.time() < end:
+        if _unfinished_jobs(s): busy = time.time()
+        elif time.time() - busy >= quiet_s: return []
         time.sleep(0.5)
-    return []
+    return _unfinished_jobs(s)
 
 def _demo_cluster_down(s, settle_s:float=120.0):
     """Stop the control service (its lease released now, nothing more fires), let the jobs it started end, then stop the

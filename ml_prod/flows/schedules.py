@@ -86,8 +86,8 @@ def _crontab_days(field:str) -> str:
     for part in field.split(","):
         rng, slash, step = part.partition("/")
         if slash and not (step.isdigit() and int(step) > 0): raise ValueError(f"day of week {field!r}: step {step!r} is not a positive number")
-        lo, dash, hi = (0, "-", "6") if rng == "*" else rng.partition("-")
-        lo = lo if isinstance(lo, int) else _day(lo, field)
+        lo, dash, hi = ("0", "-", "6") if rng == "*" else rng.partition("-")
+        lo = _day(lo, field)
         hi = _day(hi, field) if dash else (6 if slash else lo)
         if hi < lo: raise ValueError(f"day of week {field!r}: range {rng!r} runs backwards")
         days |= {d % 7 for d in range(lo, hi + 1, int(step or 1))}

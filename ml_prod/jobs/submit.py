@@ -65,8 +65,8 @@ def _close_if_running(s, run_id, reason, status="FAILED", secrets=()):
     c = store.client(s)
     run = c.get_run(run_id)
     if run.info.status != "RUNNING": return
-    out = Path(run.data.tags.get(keys.OUTPUT_DIR) or "/nonexistent")
-    if run.data.tags.get(keys.HOST) == socket.gethostname() and out.is_dir():
+    out = Path(d) if (d := run.data.tags.get(keys.OUTPUT_DIR)) else None
+    if out and run.data.tags.get(keys.HOST) == socket.gethostname() and out.is_dir():
         for p in [*out.glob("*.ipynb"), out/"job.log"]:
             try:
                 if p.suffix == ".ipynb": _add_banner(p, f"this job {status}: {reason}")
