@@ -277,3 +277,22 @@ def test_the_control_service_fires_real_jobs(project):
         assert len({r.data.tags["ml_prod.schedule.planned"] for r in runs}) == len(runs), "a planned time fired twice"
     finally:
         cli("schedule", "remove", "every-minute", check=False)
+
+
+def _open_store(url: str, start: float) -> str:
+    from ml_prod.control.scheduler import ScheduleStore
+    time.sleep(max(0.0, start - time.time()))
+    ScheduleStore(url).close()
+    return "ok"
+
+
+def test_a_fresh_store_opened_by_two_processes_at_once(tmp_path):
+    """The control service's first tick and the demo's notebook open a new schedule store at the same moment: both see no
+    table, and the one whose CREATE TABLE comes second must not fail ('table ml_prod_schedules already exists')."""
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(4) as pool:
+        for i in range(8):
+            url, start = f"sqlite:///{tmp_path}/race-{i}.db", time.time() + 1.5
+            assert [f.result() for f in [pool.submit(_open_store, url, start) for _ in range(4)]] == ["ok"] * 4
+            tables = {n for n, in sqlite3.connect(tmp_path / f"race-{i}.db").execute("select name from sqlite_master where type = 'table'")}
+            assert {"ml_prod_schedules", "ml_prod_schedule_runs"} <= tables, tables

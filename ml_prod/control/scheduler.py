@@ -74,11 +74,14 @@ class ScheduleStore:
         from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
         if url.startswith("sqlite:///"): Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         self.url, self.jobs = url, SQLAlchemyJobStore(url=url, tablename=JOBS_TABLE)
-        self.aps = _store_only()(jobstores={"default": self.jobs}, timezone=timezone.utc)
-        self.aps.start(paused=True)  # the store's API (add, modify, pause, due jobs); no job is ever processed by it
         self.engine, meta = self.jobs.engine, sa.MetaData()
         self.history_t = _history_table(meta)
-        meta.create_all(self.engine)
+        for attempt in range(3):  # a fresh store opened by two processes at once (the control service's tick and a notebook)
+            try: self.jobs.jobs_t.create(self.engine, checkfirst=True); meta.create_all(self.engine); break
+            except sa.exc.OperationalError as e:  # both saw no table; the loser's CREATE fails, and its next check finds it
+                if "already exists" not in str(e) or attempt == 2: raise
+        self.aps = _store_only()(jobstores={"default": self.jobs}, timezone=timezone.utc)
+        self.aps.start(paused=True)  # the store's API (add, modify, pause, due jobs); no job is ever processed by it
 
     @classmethod
     def of(cls, s:ResolvedSettings) -> "ScheduleStore": return cls(store_url(s))
