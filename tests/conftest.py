@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -277,17 +278,23 @@ def open_sweep(s, root: Path, samples: int):
                        run_tags=tune._trial_tags(s, nb, nb.read_bytes(), {}, sweep_id))
 
 
-def free_ports(n: int) -> list[int]:
-    "`n` distinct ports that are free on 127.0.0.1 right now (all held open while choosing)."
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks: s.close()
+def free_ports(n: int, lo: int = 26000, hi: int = 32000) -> list[int]:
+    """`n` distinct ports that are free right now, drawn from below the ephemeral range (32768-60999 here).
+
+    A port the kernel handed out for `bind(0)` is an ephemeral one: between choosing it and the server's bind,
+    any of the many outgoing connections Ray opens meanwhile may take it as its local port (CI once failed so:
+    Serve's proxy could not bind 127.0.0.1:40729). Ray's own fixed ranges (6379, 8265, 10001, workers'
+    10002-19999) are below `lo`; test_multinode's port ranges come from 20000-26000."""
+    rng, ports = random.Random(), []
+    for _ in range(50 * n):
+        p = rng.randrange(lo, hi)
+        if p in ports: continue
+        with socket.socket() as s:
+            try: s.bind(("", p))
+            except OSError: continue
+        ports.append(p)
+        if len(ports) == n: return ports
+    raise RuntimeError(f"no {n} free ports in {lo}-{hi}")
 
 
 def raw_project(tmp_path, monkeypatch) -> tuple[Path, int, int]:

@@ -2,12 +2,14 @@
 runs as papermill on this machine, its jobs on a local Ray, the model is served over HTTP, and the
 executed tutorial is saved. Facts are read from the raw stores: MLflow's database, the registry,
 the audit records on disk."""
-import json, os, socket, subprocess, sys
+import json, os, subprocess, sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+
+from conftest import free_ports
 
 ML_PROD = str(Path(sys.executable).parent / "ml_prod")
 ROWS, REQUESTS = 2000, 25
@@ -31,8 +33,7 @@ def audit_records(app_dir: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_demo_runs_the_tutorial_end_to_end(project_dir):
-    with socket.socket() as sock:  # Serve's HTTP port: a free one, not the default 8000 another Ray may hold
-        sock.bind(("127.0.0.1", 0)); port = sock.getsockname()[1]
+    (port,) = free_ports(1)  # Serve's HTTP port: a free one, not the default 8000 another Ray may hold
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "ML_PROD_SERVE_PORT": str(port)}
     p = subprocess.run([ML_PROD, "demo", "--rows", str(ROWS), "--epochs", "1", "--requests", str(REQUESTS), "--monitor-requests", str(MONITOR)],
                        cwd=project_dir, env=env, capture_output=True, text=True, timeout=900)

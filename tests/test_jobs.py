@@ -18,7 +18,7 @@ from ml_prod.jobs.query import cancel_job, job_log, list_jobs
 from ml_prod.jobs.submit import run_notebook, run_notebooks, submit_notebook
 from ml_prod.settings import load_settings
 from ml_prod.tracking import provenance, store
-from conftest import client, running_tag, wait_for  # the jobs modules' shared polling helpers
+from conftest import client, free_ports, running_tag, wait_for  # the jobs modules' shared polling helpers
 
 ML_PROD = str(Path(sys.executable).parent / "ml_prod")
 
@@ -256,8 +256,7 @@ def test_runtime_env_reaches_the_kernel(env):
 
 def test_detached_job_outlives_its_caller(project_dir):
     from ml_prod.runtime.cluster import cluster_down, cluster_up
-    import socket
-    with socket.socket() as so: so.bind(("127.0.0.1", 0)); port = so.getsockname()[1]
+    (port,) = free_ports(1)
     s = load_settings()
     p = _cli(["run", "--detach", str(make_nb(project_dir / "d.ipynb", "print('detached')"))], project_dir)
     out = p.communicate(timeout=60)[0]

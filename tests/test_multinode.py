@@ -62,8 +62,8 @@ OPERATOR, READER = "ml_prod", "replica"  # the tracking server's users: jobs and
 
 # ---- helpers -------------------------------------------------------------------------------------------
 
-def free_port_range(size: int, avoid: set[int], lo: int = 20000, hi: int = 32000) -> tuple[int, int]:
-    "A run of `size` consecutive ports, none in `avoid`, all bindable now (below the ephemeral range: no clash with `free_ports`)."
+def free_port_range(size: int, avoid: set[int], lo: int = 20000, hi: int = 26000) -> tuple[int, int]:
+    "A run of `size` consecutive ports, none in `avoid`, all bindable now (below the ephemeral range and `free_ports`' 26000-32000)."
     import random
     rng = random.Random()
     for _ in range(200):
