@@ -1,0 +1,212 @@
+#!/usr/bin/env python
+"""Benchmark: `ml_prod run` from a terminal vs. the papermill CLI, and `ml_prod jobs list` / `jobs show`.
+
+    .venv/bin/python bench/cli.py [--reps N]
+
+In a temporary project (`settings.ini` with just `[DEFAULT]`, SQLite MLflow) it starts a persistent local Ray and
+the control service, as `ml_prod cluster up` does (on a free GCS port, so another project's cluster on 6379 is left
+alone), runs one untimed warm-up of each command, then N interleaved repetitions of:
+
+1. `papermill IN OUT -k python3`
+2. `ml_prod run IN`
+3. `ml_prod jobs list`
+4. `ml_prod jobs show RUN` (RUN: the job of step 2)
+
+each a new process on a pseudo-terminal (what a user's shell gives it: rich draws its tables for a terminal),
+the wall time measured from here. IN is papermill's own test notebook `simple_execute.ipynb` (a parameters cell
+`msg = None` and `print(msg)`), or an equivalent written here if papermill's tests are not installed.
+
+Then the control service is stopped (`ml_prod control stop`) and `jobs list` / `jobs show` are timed again, N
+times: the path without the service (straight to MLflow). Last, where the CLI's time goes: Python's start,
+`python -X importtime` of each command (the cumulative import time of ml_prod's CLI, typer, rich, pydantic, MLflow,
+Ray, papermill) and, for `ml_prod run`, the job's own duration (from its summary) against the wall time.
+
+Every ratio is printed with the machine's load average and the baseline's absolute time beside it; the last line is
+`ml_prod run / papermill CLI = N.NNx`. The cluster is stopped at the end, and no kernel it started is left.
+Run it under the shared lock when others use Ray on the machine (`flock /tmp/plan/serving.lock ...`).
+"""
+from __future__ import annotations
+import argparse, json, os, pty, re, select, shutil, socket, statistics, subprocess, sys, tempfile, time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+ML_PROD, PAPERMILL = str(BIN/"ml_prod"), str(BIN/"papermill")
+PM_NOTEBOOK = Path(sys.prefix)/"lib"/f"python{sys.version_info.major}.{sys.version_info.minor}"/"site-packages"/"papermill"/"tests"/"notebooks"/"simple_execute.ipynb"
+RUN_ID = re.compile(r"\(run ([0-9a-f]{32})\)")
+JOB_S = re.compile(r": FINISHED in ([0-9.]+) s")
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def make_notebook(path:Path) -> str:
+    "papermill's own simple_execute.ipynb, or an equivalent (parameters cell, a print); where it came from."
+    if PM_NOTEBOOK.is_file(): shutil.copy(PM_NOTEBOOK, path); return str(PM_NOTEBOOK)
+    import nbformat
+    p = nbformat.v4.new_code_cell("msg = None"); p.metadata["tags"] = ["parameters"]
+    nb = nbformat.v4.new_notebook(cells=[p, nbformat.v4.new_code_cell("print(msg)")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, str(path))
+    return "written here (papermill's test notebook is not installed)"
+
+def terminal_env() -> dict:
+    "A user's shell: this environment without the test session's ML_PROD_*/MLFLOW_*/RAY_ADDRESS, a terminal, the venv on PATH."
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ML_PROD_", "MLFLOW_", "RAY_ADDRESS", "PYTEST"))}
+    return {**env, "TERM": env.get("TERM", "xterm-256color"), "COLUMNS": "160", "LINES": "50", "PATH": f"{BIN}:{env.get('PATH', '')}"}
+
+def on_tty(cmd:list[str], cwd:Path, env:dict, timeout:float=600) -> tuple[float, int, str]:
+    "Run `cmd` with stdin, stdout and stderr on a new pseudo-terminal; (wall seconds, exit code, what it printed)."
+    master, slave = pty.openpty()
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    out, deadline = bytearray(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([master], [], [], 0.05)
+        if r:
+            try: chunk = os.read(master, 65536)
+            except OSError: chunk = b""  # the child closed the terminal
+            if chunk: out += chunk; continue
+        if p.poll() is not None and not r: break
+        if r and not chunk: break
+    rc = p.wait(timeout=max(1, deadline - time.monotonic()))
+    wall = time.perf_counter() - t0
+    os.close(master)
+    return wall, rc, out.decode(errors="replace").replace("\r\n", "\n")
+
+def plain(cmd:list[str], cwd:Path, env:dict, timeout:float=600) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0: raise RuntimeError(f"`{' '.join(cmd)}` exited {r.returncode}:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    return r
+
+def free_port() -> int:
+    with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+def load() -> str: return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+def med(xs): return statistics.median(xs) if xs else float("nan")
+
+def own_kernels(root:Path) -> list[int]:
+    "ipykernel processes of this benchmark's project (the tracking URI in their environment names it)."
+    import psutil
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any("ipykernel_launcher" in a for a in (p.info["cmdline"] or [])) and str(root) in json.dumps(p.environ()): found.append(p.pid)
+        except Exception: pass
+    return found
+
+# ---------------------------------------------------------------------------------------------- where the time goes
+
+CLI_MAIN = "import sys; sys.argv[0] = 'ml_prod'; from ml_prod.cli.main import main; main()"  # what the console script runs
+WATCH = ("ml_prod.cli.main", "typer", "rich.console", "pydantic", "yaml", "ml_prod.control.service", "mlflow", "ray", "papermill",
+         "ml_prod.jobs.submit", "ml_prod.tracking.store")
+
+def import_times(args:list[str], cwd:Path, env:dict) -> tuple[float, dict[str, float]]:
+    "`python -X importtime` of the CLI running `args`: (wall s, cumulative import seconds of each WATCH module imported)."
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-X", "importtime", "-c", CLI_MAIN, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    wall = time.perf_counter() - t0
+    cum, total = {}, 0.0
+    for line in r.stderr.splitlines():
+        m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|( +)(\S+)", line)
+        if not m: continue
+        name, us = m.group(4), int(m.group(2))
+        cum.setdefault(name, us / 1e6)
+        if len(m.group(3)) == 1: total += us / 1e6  # a top-level import: its cumulative time holds its children's
+    return wall, {"all imports": total, **{k: cum[k] for k in WATCH if k in cum}}
+
+def startup(cwd:Path, env:dict, reps:int) -> dict[str, float]:
+    "Median wall of a bare Python, and of one importing the CLI (what every `ml_prod` call pays before its command runs)."
+    out = {}
+    for label, code in (("python -c pass", "pass"), ("python -c 'import ml_prod.cli.main'", "import ml_prod.cli.main")):
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter(); plain([sys.executable, "-c", code], cwd, env); ts.append(time.perf_counter() - t0)
+        out[label] = med(ts)
+    return out
+
+# ---------------------------------------------------------------------------------------------- the run
+
+def cluster_up(root:Path, env:dict) -> dict:
+    "What `ml_prod cluster up` does (persistent local Ray, then the control service), on a free GCS port."
+    code = ("import json; from ml_prod.settings import load_settings; from ml_prod.runtime.cluster import cluster_up; "
+            "from ml_prod.control import service; s = load_settings(); info = cluster_up(s, port=%d); st = service.start(s); "
+            "print(json.dumps(dict(address=info['address'], url=st['url'])))" % free_port())
+    return json.loads(plain([sys.executable, "-c", code], root, env).stdout.strip().splitlines()[-1])
+
+def timed(label:str, cmd:list[str], root:Path, env:dict, rows:dict, loads:dict) -> str:
+    loads.setdefault(label, []).append(os.getloadavg()[0])
+    wall, rc, out = on_tty(cmd, root, env)
+    if rc != 0: raise RuntimeError(f"`{' '.join(cmd)}` exited {rc}:\n{out[-3000:]}")
+    rows.setdefault(label, []).append(wall)
+    return out
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions of each command")
+    a = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="ml_prod_bench_cli_"))
+    root = tmp/"project"; root.mkdir()
+    (root/"settings.ini").write_text("[DEFAULT]\n")
+    nb = root/"simple_execute.ipynb"
+    source = make_notebook(nb)
+    env = terminal_env()
+    rows, loads, job_s, notes = {}, {}, [], []
+    L_PM, L_RUN, L_LIST, L_SHOW = "papermill IN OUT -k python3", "ml_prod run IN", "ml_prod jobs list", "ml_prod jobs show RUN"
+    L_LIST0, L_SHOW0 = "ml_prod jobs list (no control service)", "ml_prod jobs show RUN (no control service)"
+    where = plain([sys.executable, "-c", "import ml_prod; print(ml_prod.__file__)"], root, env).stdout.strip()
+    print(f"notebook: {source}\nproject: {root}\nml_prod: {where}\nload average before: {load()}   cores: {os.cpu_count()}", flush=True)
+    try:
+        t0 = time.perf_counter(); info = cluster_up(root, env)
+        print(f"cluster up (Ray at {info['address']}, control service at {info['url']}): {time.perf_counter() - t0:.1f} s", flush=True)
+        run_cmd = [ML_PROD, "run", str(nb)]
+        out = on_tty(run_cmd, root, env)[2]  # warm-up, untimed: the first job on a new cluster starts its first worker
+        run_id = RUN_ID.search(out).group(1)
+        for cmd in ([PAPERMILL, str(nb), str(root/"out.ipynb"), "-k", "python3"], [ML_PROD, "jobs", "list"], [ML_PROD, "jobs", "show", run_id]):
+            on_tty(cmd, root, env)
+        for i in range(a.reps):
+            timed(L_PM, [PAPERMILL, str(nb), str(root/f"out-{i}.ipynb"), "-k", "python3"], root, env, rows, loads)
+            out = timed(L_RUN, run_cmd, root, env, rows, loads)
+            run_id = RUN_ID.search(out).group(1)
+            job_s.append(float(JOB_S.search(out).group(1)))
+            timed(L_LIST, [ML_PROD, "jobs", "list"], root, env, rows, loads)
+            timed(L_SHOW, [ML_PROD, "jobs", "show", run_id], root, env, rows, loads)
+            print(f"rep {i + 1}: " + ", ".join(f"{k.split(' IN')[0].split(' RUN')[0]} {v[-1]:.2f} s" for k, v in rows.items()) + f"   load {load()}", flush=True)
+        imports = {f"{L_RUN}": import_times(["run", str(nb)], root, env), f"{L_LIST}": import_times(["jobs", "list"], root, env),
+                   f"{L_SHOW}": import_times(["jobs", "show", run_id], root, env)}
+        plain([ML_PROD, "control", "stop"], root, env)
+        for i in range(a.reps):
+            timed(L_LIST0, [ML_PROD, "jobs", "list"], root, env, rows, loads)
+            timed(L_SHOW0, [ML_PROD, "jobs", "show", run_id], root, env, rows, loads)
+        imports[L_LIST0] = import_times(["jobs", "list"], root, env)
+        imports[L_SHOW0] = import_times(["jobs", "show", run_id], root, env)
+        starts = startup(root, env, a.reps)
+    finally:
+        subprocess.run([ML_PROD, "cluster", "down"], cwd=root, env=env, capture_output=True, timeout=300)
+        left = own_kernels(root)
+        if left: notes.append(f"kernels left running: {left}")
+        shutil.rmtree(tmp, ignore_errors=True)
+    report(a.reps, rows, loads, job_s, imports, starts, notes)
+
+def report(reps, rows, loads, job_s, imports, starts, notes):
+    pm = med(rows["papermill IN OUT -k python3"])
+    print(f"\n## wall time from a terminal, median of {reps} interleaved repetitions (seconds)\n")
+    print(f"| {'command':44} | median | min | max | load average (1 min) at its runs |")
+    print(f"|{'-' * 46}|---:|---:|---:|---|")
+    for k, v in rows.items():
+        print(f"| {k:44} | {med(v):.2f} | {min(v):.2f} | {max(v):.2f} | {med(loads[k]):.2f} (median), {min(loads[k]):.2f}-{max(loads[k]):.2f} |")
+    run = med(rows["ml_prod run IN"])
+    print(f"\nml_prod run: the job itself reports {med(job_s):.2f} s (median); {run - med(job_s):.2f} s of the wall time is before it starts and after it ends")
+    print("\n## where the CLI's time goes: `python -X importtime` of each command (cumulative seconds; one run each, imports cost more under -X importtime)\n")
+    for label, code_s in starts.items(): print(f"{label}: {code_s:.3f} s wall (median of {reps})")
+    for k, (wall, cum) in imports.items():
+        print(f"{k}: {wall:.2f} s wall; " + ", ".join(f"{m} {s:.3f}" for m, s in cum.items())
+              + f"; imports ray: {'yes' if 'ray' in cum else 'no'}, mlflow: {'yes' if 'mlflow' in cum else 'no'}")
+    for n in notes: print(f"note: {n}")
+    now = load()
+    print(f"\nload average now: {now}")
+    for k in rows:
+        if k.startswith("ml_prod jobs"):
+            print(f"{k} / papermill CLI = {med(rows[k]) / pm:.2f}x   ({k} {med(rows[k]):.2f} s, target under 1 s; papermill CLI {pm:.2f} s; load average {now})")
+    print(f"ml_prod run / papermill CLI = {run / pm:.2f}x   (ml_prod run {run:.2f} s, papermill CLI {pm:.2f} s; load average {now})")
+
+if __name__ == "__main__": main()
