@@ -14,7 +14,7 @@ from rich.table import Table
 from ..errors import MlProdError, ParameterError
 from ..settings import load_settings, settings_table
 from .common import (EXIT_UNHEALTHY, PairOpt, PairsCommand, ProfileOpt, app, console, emit, err, gather_parameters,
-                                group, parse_size, wants_json)
+                                group, parse_size, wants_json, ask_service)
 from .common import _fail, _settings
 
 # %% auto #0
@@ -93,7 +93,10 @@ def _job(s, run_id:str, fn):
     try: return fn(s, run_id)
     except MlflowException as e:
         if e.error_code != "RESOURCE_DOES_NOT_EXIST": raise
-        raise ParameterError(f"no job with run id {run_id!r}; `ml_prod jobs list` shows the recent ones") from None
+        raise _no_job(run_id) from None
+
+def _no_job(run_id:str) -> ParameterError:
+    return ParameterError(f"no job with run id {run_id!r}; `ml_prod jobs list` shows the recent ones")
 
 def _job_table(jobs:list[dict]):
     t = Table()
@@ -105,17 +108,25 @@ def _job_table(jobs:list[dict]):
 def jobs_list(profile:Optional[str]=ProfileOpt, limit:int=typer.Option(20, min=1, help="How many jobs"),
               status:Optional[str]=typer.Option(None, help="Only jobs in this state (RUNNING, FINISHED, FAILED, KILLED)")):
     "Recent jobs, newest first (stale RUNNING jobs are reaped first)."
-    from dataclasses import asdict
-    from ml_prod.jobs.query import list_jobs
     if status and status.upper() not in STATUSES: raise ParameterError(f"--status {status!r}: use one of {', '.join(STATUSES)}")
-    emit([asdict(j) for j in list_jobs(_settings(profile), limit, status)], _job_table)
+    s = _settings(profile)
+    jobs = ask_service(s, "jobs.list", dict(limit=limit, status=status))  # the control service has MLflow open: a thin client
+    if jobs is None:
+        from dataclasses import asdict
+        from ml_prod.jobs.query import list_jobs
+        jobs = [asdict(j) for j in list_jobs(s, limit, status)]
+    emit(jobs, _job_table)
 
 @jobs_app.command("show")
 def jobs_show(run_id:str, profile:Optional[str]=ProfileOpt):
     "Status, error, executed notebook and metrics of one job."
     from dataclasses import asdict
-    from ml_prod.jobs.query import job_result
-    res = _job(_settings(profile), run_id, job_result)
+    from ml_prod.jobs.query import JobResult, job_result
+    s = _settings(profile)
+    got = ask_service(s, "jobs.show", dict(run_id=run_id))
+    if got is None: res = _job(s, run_id, job_result)
+    elif got.get("unknown"): raise _no_job(run_id)
+    else: res = JobResult(**got["job"])
     emit(asdict(res), lambda _: typer.echo(res.summary()))
 
 @jobs_app.command("logs")

@@ -35,7 +35,9 @@ TASKS = [Task("alias_follower", 1.0, "ml_prod.control.follower:tick"),          
          Task("scheduler", 5.0, "ml_prod.control.scheduler:scheduler_task"),      # fires due schedules
          Task("lifecycle", 5.0, "ml_prod.lifecycle.engine:tick"),                 # one step of each application's retrain loop
          Task("job_reaper", 30.0, "ml_prod.tracking.store:reap_stale_jobs")]      # FAILED: RUNNING jobs whose supervisor stopped beating
-HANDLERS = {"follow": "ml_prod.control.follower:follow_handler"}                     # name -> "package.module:function(settings, body)"
+HANDLERS = {"follow": "ml_prod.control.follower:follow_handler",                    # name -> "package.module:function(settings, body)"
+            "jobs.list": "ml_prod.jobs.query:list_handler",                       # `ml_prod jobs list` and `jobs show` as thin clients
+            "jobs.show": "ml_prod.jobs.query:show_handler"}
 ACTOR_NAME, STREAM = "ml_prod_control", "control"
 TTL_S, RENEW_S = 10.0, 2.0                                                             # lease: lives TTL_S after its last renewal, renewed every RENEW_S
 

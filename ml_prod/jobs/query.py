@@ -7,16 +7,16 @@ Docs: https://ml-prod.github.io/ml_prod/api/jobs_query.html.md"""
 # %% ../../nbs/api/22_jobs_query.ipynb #56b80b94
 from __future__ import annotations
 import json, time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from ..errors import JobFailed, MlProdError
+from ..errors import JobFailed, MlProdError, ParameterError
 from ..settings import ResolvedSettings, load_settings
 from ..tracking import store
 from ..tracking import tags as keys
 import os, signal, socket
 
 # %% auto #0
-__all__ = ['JobResult', 'run_result', 'job_result', 'list_jobs', 'job_log', 'cancel_job']
+__all__ = ['JobResult', 'run_result', 'job_result', 'list_jobs', 'job_log', 'cancel_job', 'list_handler', 'show_handler']
 
 # %% ../../nbs/api/22_jobs_query.ipynb #39687531
 @dataclass
@@ -87,3 +87,25 @@ def cancel_job(s:ResolvedSettings, run_id:str) -> bool:
         try: os.killpg(int(pgid), signal.SIGKILL)
         except (ProcessLookupError, PermissionError): pass
     return True
+
+# %% ../../nbs/api/22_jobs_query.ipynb #2193d844
+def _same_store(s:ResolvedSettings, body:dict):
+    "Refuse a client whose profile or tracking store is not this process's own."
+    asked = (body.get("profile"), body.get("tracking_uri"))
+    if asked != (s.profile, s.tracking_uri):
+        why = f"profile {asked[0]!r} with tracking store {asked[1]!r}"
+        raise ParameterError(f"{why}: this control service answers for profile {s.profile!r} with tracking store {s.tracking_uri!r} only")
+
+def list_handler(s:ResolvedSettings, body:dict) -> list[dict]:
+    "Control-service handler `jobs.list`: `list_jobs(limit, status)` of the body, as JSON."
+    _same_store(s, body)
+    return [asdict(j) for j in list_jobs(s, int(body.get("limit", 20)), body.get("status"))]
+
+def show_handler(s:ResolvedSettings, body:dict) -> dict:
+    "Control-service handler `jobs.show`: `{job: job_result(run_id)}` of the body, or `{unknown: True}` when the store has no such run."
+    from mlflow.exceptions import MlflowException
+    _same_store(s, body)
+    try: return dict(job=asdict(job_result(s, body["run_id"])))
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST": raise
+        return dict(unknown=True)
