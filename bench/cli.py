@@ -12,7 +12,9 @@ alone), runs one untimed warm-up of each command, then N interleaved repetitions
 3. `ml_prod jobs list`
 4. `ml_prod jobs show RUN` (RUN: the job of step 2)
 
-each a new process on a pseudo-terminal (what a user's shell gives it: rich draws its tables for a terminal),
+and, beside them, the same notebook run by `ml_prod.jobs.run_notebook` in one process connected to the cluster once
+(what the control service's own driver would do for a thin `ml_prod run`: a worker and its spare kernel already up),
+each command a new process on a pseudo-terminal (what a user's shell gives it: rich draws its tables for a terminal),
 the wall time measured from here. IN is papermill's own test notebook `simple_execute.ipynb` (a parameters cell
 `msg = None` and `print(msg)`), or an equivalent written here if papermill's tests are not installed.
 
@@ -34,6 +36,7 @@ ML_PROD, PAPERMILL = str(BIN/"ml_prod"), str(BIN/"papermill")
 PM_NOTEBOOK = Path(sys.prefix)/"lib"/f"python{sys.version_info.major}.{sys.version_info.minor}"/"site-packages"/"papermill"/"tests"/"notebooks"/"simple_execute.ipynb"
 RUN_ID = re.compile(r"\(run ([0-9a-f]{32})\)")
 JOB_S = re.compile(r": FINISHED in ([0-9.]+) s")
+SETTLE_S = 3.0  # pause after the connected driver's job, while its worker boots a spare kernel
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -77,8 +80,14 @@ def plain(cmd:list[str], cwd:Path, env:dict, timeout:float=600) -> subprocess.Co
     if r.returncode != 0: raise RuntimeError(f"`{' '.join(cmd)}` exited {r.returncode}:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
     return r
 
-def free_port() -> int:
-    with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+def free_port(lo:int=26000, hi:int=32000) -> int:
+    "A port free now, below the ephemeral range (one from bind(0) may be taken by Ray's own outgoing connections meanwhile)."
+    import random
+    for p in random.sample(range(lo, hi), 200):
+        with socket.socket() as s:
+            try: s.bind(("127.0.0.1", p)); return p
+            except OSError: continue
+    raise RuntimeError(f"no free port in {lo}-{hi}")
 
 def load() -> str: return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -133,6 +142,38 @@ def cluster_up(root:Path, env:dict) -> dict:
             "print(json.dumps(dict(address=info['address'], url=st['url'])))" % free_port())
     return json.loads(plain([sys.executable, "-c", code], root, env).stdout.strip().splitlines()[-1])
 
+WARM_DRIVER = """
+import json, sys, time
+from ml_prod.jobs.submit import run_notebook
+from ml_prod.runtime.cluster import connect
+from ml_prod.settings import load_settings
+s = load_settings(); connect(s)
+print("BENCH ready", flush=True)
+for line in sys.stdin:
+    t0 = time.perf_counter(); r = run_notebook(sys.argv[1], check=False, settings=s)
+    print("BENCH " + json.dumps(dict(wall=time.perf_counter() - t0, job=r.duration_s, status=r.status)), flush=True)
+"""
+
+class WarmDriver:
+    "One process connected to the cluster once, running the notebook as a job on request: what a control service's driver would do."
+    def __init__(self, nb:Path, root:Path, env:dict):
+        self.p = subprocess.Popen([sys.executable, "-c", WARM_DRIVER, str(nb)], cwd=root, env=env, text=True,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self._line()
+    def _line(self) -> str:
+        for line in self.p.stdout:
+            if line.startswith("BENCH "): return line[6:]
+        raise RuntimeError(f"the warm driver ended (exit code {self.p.wait()})")
+    def run(self) -> dict:
+        self.p.stdin.write("go\n"); self.p.stdin.flush()
+        d = json.loads(self._line())
+        if d["status"] != "FINISHED": raise RuntimeError(f"the warm driver's job ended {d['status']}")
+        return d
+    def close(self):
+        self.p.stdin.close()
+        try: self.p.wait(timeout=60)
+        except subprocess.TimeoutExpired: self.p.kill(); self.p.wait()
+
 def timed(label:str, cmd:list[str], root:Path, env:dict, rows:dict, loads:dict) -> str:
     loads.setdefault(label, []).append(os.getloadavg()[0])
     wall, rc, out = on_tty(cmd, root, env)
@@ -150,8 +191,9 @@ def main():
     nb = root/"simple_execute.ipynb"
     source = make_notebook(nb)
     env = terminal_env()
-    rows, loads, job_s, notes = {}, {}, [], []
+    rows, loads, job_s, warm_job_s, notes = {}, {}, [], [], []
     L_PM, L_RUN, L_LIST, L_SHOW = "papermill IN OUT -k python3", "ml_prod run IN", "ml_prod jobs list", "ml_prod jobs show RUN"
+    L_WARM = "run_notebook from a connected driver (in-process)"
     L_LIST0, L_SHOW0 = "ml_prod jobs list (no control service)", "ml_prod jobs show RUN (no control service)"
     where = plain([sys.executable, "-c", "import ml_prod; print(ml_prod.__file__)"], root, env).stdout.strip()
     print(f"notebook: {source}\nproject: {root}\nml_prod: {where}\nload average before: {load()}   cores: {os.cpu_count()}", flush=True)
@@ -163,6 +205,8 @@ def main():
         run_id = RUN_ID.search(out).group(1)
         for cmd in ([PAPERMILL, str(nb), str(root/"out.ipynb"), "-k", "python3"], [ML_PROD, "jobs", "list"], [ML_PROD, "jobs", "show", run_id]):
             on_tty(cmd, root, env)
+        try: warm = WarmDriver(nb, root, env); warm.run(); time.sleep(SETTLE_S)  # its first job, untimed, starts its worker
+        except Exception as e: warm = None; notes.append(f"the connected driver's row is missing: {e}")
         for i in range(a.reps):
             timed(L_PM, [PAPERMILL, str(nb), str(root/f"out-{i}.ipynb"), "-k", "python3"], root, env, rows, loads)
             out = timed(L_RUN, run_cmd, root, env, rows, loads)
@@ -170,7 +214,14 @@ def main():
             job_s.append(float(JOB_S.search(out).group(1)))
             timed(L_LIST, [ML_PROD, "jobs", "list"], root, env, rows, loads)
             timed(L_SHOW, [ML_PROD, "jobs", "show", run_id], root, env, rows, loads)
+            if warm:
+                try:
+                    load1 = os.getloadavg()[0]; d = warm.run()
+                    loads.setdefault(L_WARM, []).append(load1); rows.setdefault(L_WARM, []).append(d["wall"]); warm_job_s.append(d["job"])
+                except Exception as e: notes.append(f"the connected driver failed: {e}"); warm = None
+                time.sleep(SETTLE_S)  # its worker boots the next job's kernel now: not while the next papermill runs
             print(f"rep {i + 1}: " + ", ".join(f"{k.split(' IN')[0].split(' RUN')[0]} {v[-1]:.2f} s" for k, v in rows.items()) + f"   load {load()}", flush=True)
+        if warm: warm.close()
         imports = {f"{L_RUN}": import_times(["run", str(nb)], root, env), f"{L_LIST}": import_times(["jobs", "list"], root, env),
                    f"{L_SHOW}": import_times(["jobs", "show", run_id], root, env)}
         plain([ML_PROD, "control", "stop"], root, env)
@@ -185,9 +236,9 @@ def main():
         left = own_kernels(root)
         if left: notes.append(f"kernels left running: {left}")
         shutil.rmtree(tmp, ignore_errors=True)
-    report(a.reps, rows, loads, job_s, imports, starts, notes)
+    report(a.reps, rows, loads, job_s, warm_job_s, imports, starts, notes)
 
-def report(reps, rows, loads, job_s, imports, starts, notes):
+def report(reps, rows, loads, job_s, warm_job_s, imports, starts, notes):
     pm = med(rows["papermill IN OUT -k python3"])
     print(f"\n## wall time from a terminal, median of {reps} interleaved repetitions (seconds)\n")
     print(f"| {'command':44} | median | min | max | load average (1 min) at its runs |")
@@ -196,6 +247,9 @@ def report(reps, rows, loads, job_s, imports, starts, notes):
         print(f"| {k:44} | {med(v):.2f} | {min(v):.2f} | {max(v):.2f} | {med(loads[k]):.2f} (median), {min(loads[k]):.2f}-{max(loads[k]):.2f} |")
     run = med(rows["ml_prod run IN"])
     print(f"\nml_prod run: the job itself reports {med(job_s):.2f} s (median); {run - med(job_s):.2f} s of the wall time is before it starts and after it ends")
+    warm = med(rows.get("run_notebook from a connected driver (in-process)", []))
+    if warm == warm: print(f"run_notebook from a driver connected once (what the control service would run for a thin `ml_prod run`): {warm:.2f} s, "
+          f"the job itself {med(warm_job_s):.2f} s (median)")
     print("\n## where the CLI's time goes: `python -X importtime` of each command (cumulative seconds; one run each, imports cost more under -X importtime)\n")
     for label, code_s in starts.items(): print(f"{label}: {code_s:.3f} s wall (median of {reps})")
     for k, (wall, cum) in imports.items():
@@ -207,6 +261,9 @@ def report(reps, rows, loads, job_s, imports, starts, notes):
     for k in rows:
         if k.startswith("ml_prod jobs"):
             print(f"{k} / papermill CLI = {med(rows[k]) / pm:.2f}x   ({k} {med(rows[k]):.2f} s, target under 1 s; papermill CLI {pm:.2f} s; load average {now})")
+    if warm == warm:
+        print(f"run_notebook from a connected driver / papermill CLI = {warm / pm:.2f}x   (what a thin ml_prod run would wait for: {warm:.2f} s; "
+              f"papermill CLI {pm:.2f} s; load average {now})")
     print(f"ml_prod run / papermill CLI = {run / pm:.2f}x   (ml_prod run {run:.2f} s, papermill CLI {pm:.2f} s; load average {now})")
 
 if __name__ == "__main__": main()
