@@ -2,7 +2,7 @@
 """Serving under faults (issue 19): an open-loop Poisson client against a real served app on the project's local Ray.
 
     flock /tmp/plan/serving.lock .venv/bin/python bench/chaos_serving.py [--rate 100] [--ab-rate 200] [--ab-requests 20000]
-        [--kill-rate 100] [--replicas 3] [--only update,ab,kill] [--budget-s S]
+        [--kill-rate 100] [--replicas 3] [--only update,ab,kill,controller,broken] [--budget-s S]
 
 A temporary project on the embedded profile; `ml_prod serve up` (conftest's `deploy`) starts its persistent local Ray
 (127.0.0.1: GCS 6379, Serve's proxy 8000) and the tiny model of tests/tiny_model.py is registered as v1 and v2
@@ -22,7 +22,15 @@ retries") and on the last ("after retries"). Scenarios, in order, each on its ow
    10 s for 60 s, once R replicas run: eventual success, the time until R replicas run again after each kill, the
    failed first tries after each kill (the answers printed), audit rows vs answered.
 
-Audit rows are read from the raw segment files (`<audit_dir>/<app>/segments/*.jsonl`, the open ones included), not
+4. `controller`: R replicas behind the stable address; SIGKILL of the ServeController actor's process 5 s into the
+   load, then, once `ml_prod serve status` works again, a v1 -> v2 update (`serve update`) and a second SIGKILL while
+   the replicas load v2 (3 s load): errors, `serve update`'s exit, the time until `serve status` works again, the
+   failed first tries per second of the load (the long form of tests/test_chaos_serving.py's controller test);
+5. `broken`: R replicas serving v1 behind the stable address; three broken v3s tried in turn with `serve update`: its
+   constructor fails, its health check fails (scoring its input example), only the replicas refuse it; each update
+   must fail, `serve status` must say why, v1 must answer every request on the first try.
+
+The client is tests/poisson_load.py (shared with the tests). Audit rows are read from the raw segment files (`<audit_dir>/<app>/segments/*.jsonl`, the open ones included), not
 from compaction: for every answered request (its server id, `request_id` in the answer) exactly one primary 200 row;
 "extra" rows are 200 rows of attempts the client never saw answered (a replica killed between its record and its
 answer). The load average is printed before and after each scenario. Exits 1 if an expectation broke. CI does not run
@@ -31,65 +39,11 @@ this; run it under /tmp/plan/serving.lock on a shared machine (it uses the fixed
 from __future__ import annotations
 import argparse, asyncio, json, os, random, signal, sys, tempfile, threading, time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-RECORD = {"amount": 250.0, "country": "US"}
-BACKOFF_S = (0.2, 0.4)  # before the first and the second retry
-
-
-@dataclass
-class Req:
-    "One client request: its attempts' (status or exception name, answer), when it was due and when it ended."
-    cid: str
-    due: float
-    sticky: str | None = None
-    attempts: list = field(default_factory=list)  # [(status|str, body dict|None, t_received)]
-    lag: float = 0.0
-    t: float = 0.0  # when it was due, on the monotonic clock
-
-    @property
-    def first_ok(self) -> bool: return _ok(self.attempts[0][0])
-    @property
-    def ok(self) -> bool: return bool(self.attempts) and _ok(self.attempts[-1][0])
-    @property
-    def answer(self) -> dict: return self.attempts[-1][1] if self.ok else {}
-
-
-def _ok(code) -> bool: return isinstance(code, int) and 200 <= code < 300
-
-
-async def _one(c, url: str, r: Req, timeout: float):
-    for attempt in (1, 2, 3):
-        h = {"x-request-id": r.cid, "x-attempt": str(attempt), **({"x-sticky-key": r.sticky} if r.sticky else {})}
-        try:
-            resp = await c.post(url, json=RECORD, headers=h, timeout=timeout)
-            try: body = resp.json()
-            except ValueError: body = None
-            r.attempts.append((resp.status_code, body, time.monotonic()))
-        except Exception as e:  # connection refused or reset, timeout: an error like a 5xx
-            r.attempts.append((type(e).__name__, None, time.monotonic()))
-        if r.ok or attempt == 3: return
-        await asyncio.sleep(BACKOFF_S[attempt - 1] * (1 + random.random() / 2))
-
-
-async def _load(url: str, rate: float, stop, name: str, sticky_share=0.0, n_max=None, timeout=5.0, seed=0) -> list[Req]:
-    """Open-loop Poisson arrivals at `rate` per second until `stop()` is true (or `n_max` requests); every request's outcome."""
-    import httpx
-    rng, reqs, tasks = random.Random(seed), [], []
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=512, max_keepalive_connections=64)) as c:
-        t0 = due = time.monotonic()
-        while not stop() and (n_max is None or len(reqs) < n_max):
-            due += rng.expovariate(rate)
-            if (wait := due - time.monotonic()) > 0: await asyncio.sleep(wait)
-            key = f"key-{rng.randrange(200)}" if rng.random() < sticky_share else None
-            r = Req(f"{name}-{len(reqs)}", due - t0, key, lag=max(0.0, -wait), t=due)
-            reqs.append(r)
-            tasks.append(asyncio.create_task(_one(c, url, r, timeout)))
-        await asyncio.gather(*tasks)
-    return reqs
+from poisson_load import Req, audit_check as _audit_check, counts, load as _load, load_avg as _load_avg  # tests/poisson_load.py
 
 
 def load_in_thread(url: str, rate: float, name: str, **kw):
@@ -101,26 +55,9 @@ def load_in_thread(url: str, rate: float, name: str, **kw):
 
 
 def audit_check(app: str, reqs: list[Req], prefix: str) -> dict:
-    "Raw primary 200 rows of `app` vs the answered requests: answered, rows, missing, duplicated, extra, rows by server id."
-    from test_serving import raw_records  # every whole line of the segment files
+    "Raw primary 200 rows of `app` vs the answered requests (tests/poisson_load.py's `audit_check` on this project's audit folder)."
     from ml_prod.settings import load_settings
-    rows = [x for x in raw_records(load_settings().audit_dir, app)
-            if x.get("status") == 200 and not x.get("shadow") and str(x.get("client_request_id") or "").startswith(prefix)]
-    n = Counter(x["request_id"] for x in rows)
-    answered = [r.answer.get("request_id") for r in reqs if r.ok]
-    return dict(answered=len(answered), rows=len(rows), missing=sum(1 for a in answered if n[a] == 0),
-                duplicated=sum(1 for a in answered if n[a] > 1), extra=len(set(n) - set(answered)), by_id={x["request_id"]: x for x in rows})
-
-
-def counts(reqs: list[Req]) -> dict:
-    first = Counter(str(r.attempts[0][0]) for r in reqs if not r.first_ok)
-    last = Counter(str(r.attempts[-1][0]) for r in reqs if not r.ok)
-    span = max(r.due for r in reqs) if reqs else 0
-    return dict(n=len(reqs), err0=sum(first.values()), err2=sum(last.values()), first=dict(first), last=dict(last),
-                achieved=len(reqs) / span if span else 0, lag_p99=sorted(r.lag for r in reqs)[int(0.99 * (len(reqs) - 1))] if reqs else 0)
-
-
-def _load_avg() -> str: return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    return _audit_check(load_settings().audit_dir, app, reqs, prefix)
 
 
 # ---------------------------------------------------------------------------------------------------------- scenarios
@@ -243,6 +180,85 @@ def scenario_kill(a, project, v1, problems) -> dict:
     return dict(name=f"kill -9 a replica every 10 s for 60 s, {a.replicas} replicas (stable address)", rate=a.kill_rate, c=c, au=au, recovery=note)
 
 
+def scenario_controller(a, project, v1, problems) -> dict:
+    "The ServeController SIGKILLed under load, then again while a v1 -> v2 update is loading v2 in the replicas."
+    from conftest import cli, deploy, log_version, status
+    from test_chaos_serving import kill_controller, status_back, timeline, wait_file_line
+    from test_serving import set_alias
+    set_alias("ctl", v1)
+    base = deploy(project, {"name": "ctl", "arms": {"main": {"model": "models:/tiny@ctl", "weight": 1}}, "num_cpus": 0.25,
+                            "replicas": a.replicas}, direct=False)
+    pids = project / "ctl-loads"
+    v2 = log_version("ctl-next", offset=0.5, load_delay=3, pid_file=str(pids), logged_by=os.getpid())
+    replicas = {str(x["pid"]) for x in status("ctl")["replicas"]}
+    stop, t, box = load_in_thread(f"{base}/predict", a.rate, "ctl")
+    t0 = time.monotonic()
+    time.sleep(5)
+    t_kill1 = time.monotonic(); kill_controller()
+    back1 = status_back("ctl", 180)
+    set_alias("ctl", v2)
+    import subprocess
+    from conftest import ML_PROD
+    upd = subprocess.Popen([ML_PROD, "serve", "update", "ctl"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_file_line(pids, lambda line: line.split()[0] in replicas, 120)
+    t_kill2 = time.monotonic(); kill_controller()
+    out, err = upd.communicate(timeout=600)
+    t_upd = time.monotonic() - t_kill2
+    back2 = status_back("ctl", 180)
+    time.sleep(5)
+    stop.set(); t.join()
+    reqs = box["reqs"]
+    timeline(reqs, t0, dict(kill1=t_kill1 - t0, kill2=t_kill2 - t0, update_done=t_kill2 + t_upd - t0))
+    c, au = counts(reqs), audit_check("ctl", reqs, "ctl-")
+    st = status("ctl")
+    served = {x["arms"]["main"]["version"] for x in st["serving"]}
+    if upd.returncode != 0: problems.append(f"controller: `serve update` exited {upd.returncode}: {err[-800:]}")
+    if c["err2"]: problems.append(f"controller: {c['err2']} requests failed after 2 retries: {c['last']}")
+    if served != {str(v2)}: problems.append(f"controller: replicas serve {served} after the update, not v{v2}")
+    if au["missing"] or au["duplicated"]: problems.append(f"controller: audit rows missing {au['missing']}, duplicated {au['duplicated']}")
+    note = (f"`serve status` back {back1:.1f} s after the first kill; `serve update` exited {upd.returncode} {t_upd:.1f} s after the second "
+            f"kill (status fine {back2:.1f} s later); replicas serve {sorted(served)}")
+    cli("serve", "down", "ctl", check=False)
+    return dict(name=f"Serve controller SIGKILLed mid-load, then mid-update v1 -> v2, {a.replicas} replica(s) (stable address)",
+                rate=a.rate, c=c, au=au, recovery=note)
+
+
+def scenario_broken(a, project, v1, problems) -> dict:
+    "Broken v3s tried in turn under load while v1 serves: constructor fails, health check fails, only the replicas refuse it."
+    from conftest import cli, deploy, log_version, status
+    from test_serving import set_alias
+    set_alias("brk", v1)
+    base = deploy(project, {"name": "brk", "arms": {"main": {"model": "models:/tiny@brk", "weight": 1}}, "num_cpus": 0.25,
+                            "replicas": a.replicas}, direct=False)
+    kinds = {"constructor": ({"load_error": "cannot open weights.bin: truncated", "logged_by": os.getpid()}, "cannot open weights.bin"),
+             "health check": ({"broken": True}, "weights are corrupt"),
+             "replicas only": ({"broken_in_replica": True}, "a dependency this model needs is missing")}
+    stop, t, box = load_in_thread(f"{base}/predict", a.rate, "brk")
+    time.sleep(3)
+    said = {}
+    for kind, (cfg, why) in kinds.items():
+        v3 = log_version("brk", **cfg)
+        t_k = time.monotonic()
+        r = cli("serve", "update", "brk", check=False)
+        took = time.monotonic() - t_k
+        refusal = status("brk")["last_refusal"] or {}
+        said[kind] = f"{took:.0f} s, status: {(refusal.get('error') or '')[:80]!r}"
+        if r.returncode == 0 or why not in r.stderr: problems.append(f"broken {kind}: `serve update` exited {r.returncode}: {r.stderr[-500:]}")
+        if why not in (refusal.get("error") or ""): problems.append(f"broken {kind}: `serve status` does not say why v{v3} was refused: {refusal}")
+        set_alias("brk", v1)
+    time.sleep(3)
+    stop.set(); t.join()
+    reqs = box["reqs"]
+    c, au = counts(reqs), audit_check("brk", reqs, "brk-")
+    versions = Counter(r.answer.get("version") for r in reqs if r.ok)
+    if c["err0"]: problems.append(f"broken: {c['err0']} requests without a 2xx on the first try: {c['first']}")
+    if set(versions) != {str(v1)}: problems.append(f"broken: versions answered {dict(versions)}, not only v{v1}")
+    if au["missing"] or au["duplicated"]: problems.append(f"broken: audit rows missing {au['missing']}, duplicated {au['duplicated']}")
+    cli("serve", "down", "brk", check=False)
+    return dict(name=f"broken v3 (constructor, health check, replicas only) while v1 serves, {a.replicas} replica(s) (stable address)",
+                rate=a.rate, c=c, au=au, recovery="; ".join(f"{k}: {v}" for k, v in said.items()) + f"; versions answered {dict(versions)}")
+
+
 def _pid_alive(pid: int) -> bool:
     try: os.kill(pid, 0); return True
     except OSError: return False
@@ -287,7 +303,7 @@ def main() -> int:
     ap.add_argument("--ab-requests", type=int, default=20_000, help="the issue's 100,000 with --ab-requests 100000")
     ap.add_argument("--kill-rate", type=float, default=100)
     ap.add_argument("--replicas", type=int, default=3)
-    ap.add_argument("--only", default="update,ab,kill")
+    ap.add_argument("--only", default="update,ab,kill,controller,broken")
     ap.add_argument("--budget-s", type=float, default=1800, help="no scenario starts after this many seconds")
     a = ap.parse_args()
     from conftest import _stop_cluster, in_project, log_version
@@ -310,7 +326,9 @@ def main() -> int:
                         if name == "update": row = scenario_update(a, root, v1, v2, problems)
                         elif name == "ab": row = scenario_ab(a, root, v1, v2, problems)
                         elif name == "kill": row = scenario_kill(a, root, v1, problems)
-                        else: raise SystemExit(f"--only: unknown scenario {name!r} (update, ab, kill)")
+                        elif name == "controller": row = scenario_controller(a, root, v1, problems)
+                        elif name == "broken": row = scenario_broken(a, root, v1, problems)
+                        else: raise SystemExit(f"--only: unknown scenario {name!r} (update, ab, kill, controller, broken)")
                     except Exception as e:
                         problems.append(f"{name}: {type(e).__name__}: {str(e)[:800]}"); print("FAILED:", problems[-1], flush=True); continue
                     row["load"] = f"{before} -> {_load_avg()}"

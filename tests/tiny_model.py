@@ -1,6 +1,7 @@
 """A tiny MLflow model for serving tests, logged as code (MLflow's models-from-code), so replicas
 load it without importing the tests. Its `model_config` makes it different (`offset`), slow (`delay`
-seconds per call, `load_delay` seconds to load, except in the process `logged_by`) or broken (fails to score: always with `broken`, only
+seconds per call, `load_delay` seconds to load, except in the process `logged_by`) or broken (fails to load with `load_error`, except in the process
+`logged_by`; fails to score: always with `broken`, only
 inside a Ray Serve replica with `broken_in_replica`, like a model whose dependency the cluster's nodes
 lack; with `fail_above`, inside a replica, any call holding a row whose amount is above it: an error rate
 that follows the traffic's share of such rows). With `pid_file` every load appends "PID PARENT_PID" to that file; with `calls_file` every
@@ -39,6 +40,7 @@ class Tiny(mlflow.pyfunc.PythonModel):
         self.cfg = context.model_config or {}
         if self.cfg.get("pid_file"): _append(self.cfg["pid_file"], f"{os.getpid()} {os.getppid()}")
         if self.cfg.get("logged_by") != os.getpid(): time.sleep(self.cfg.get("load_delay", 0.0))  # MLflow loads it while logging it
+        if self.cfg.get("load_error") and self.cfg.get("logged_by") != os.getpid(): raise RuntimeError(self.cfg["load_error"])
 
     def predict(self, context, model_input, params=None):
         if self.cfg.get("calls_file"): _append(self.cfg["calls_file"], str(len(model_input)))

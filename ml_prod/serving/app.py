@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from ..errors import ConfigError, MlProdError
 from .replica import EndpointCore, StepRunner, authorized
-from .replica import _FEEDBACK, _State
+from .replica import _FEEDBACK, _State, _log
 
 # %% ../../nbs/api/54_serving_app.ipynb #85ab7041
 def _not_json(headers:dict) -> str|None:
@@ -148,6 +148,9 @@ def endpoint_deployment():
 
         def check_health(self):
             if self.core.state is None: raise RuntimeError("no model loaded")
+            if why := self.core.stuck():  # a hung model call: only a new replica (process) stops it
+                _log.error("%s: %s", self.core.app, why)
+                raise RuntimeError(why)
 
         # `_FastRoutes` answers these two before FastAPI routes them; the routes are here for OpenAPI
         @api.post("/predict")

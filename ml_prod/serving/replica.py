@@ -165,15 +165,26 @@ class _Scoring:
             m = groups[idx[0]][0]
             records = [r for i in idx for r in groups[i][1]]
             self.model_calls += 1
+            self.call_started = time.monotonic()  # a call past its requests' timeout runs on: `stuck` watches it
             try: scores = m.scores(records)
             except Exception as e:
                 for i in idx: out[i] = e
                 continue
+            finally: self.call_started = None
             k = 0
             for i in idx:
                 n = len(groups[i][1])
                 out[i], k = scores[k:k+n], k + n
         return out
+
+    def stuck(self) -> str|None:
+        """Why this replica should be replaced: a model call still running `stuck_after_s` after it began (its requests
+        were answered 408 long ago; a Python thread cannot be stopped, and it holds the replica's one model thread)."""
+        if (t0 := self.call_started) is None or (ran := time.monotonic() - t0) < (most := self.stuck_after_s()): return None
+        return (f"a model call has run for {ran:.0f} s, over {most:g} s (10 x this endpoint's timeout_s of {self.limits['timeout_s']:g} s, "
+                f"at least 30 s): its requests were answered 408, and it holds the replica's model thread; Ray replaces this replica")
+
+    def stuck_after_s(self) -> float: return max(10 * self.limits["timeout_s"], 30.0)
 
     async def _score_batch(self, items:list[tuple[LoadedModel, list[dict]]]) -> list:
         return await asyncio.get_running_loop().run_in_executor(self.model_thread, self._score_sync, items)
@@ -340,6 +351,7 @@ class _Status:
                         shadow=s.config["arms"][a]["shadow"]) for a, m in s.models.items()} if s else {}
         return dict(app=self.app, replica=self.replica, pid=os.getpid(), arms=arms, update_error=self.update_error,
                     served=self.served, model_calls=self.model_calls, inflight=self.inflight, started=self.started, updated=time.time(),
+                    model_call_s=None if (t0 := self.call_started) is None else round(time.monotonic() - t0, 3),  # how long the running call has run
                     audit=dict(rejected_dropped=self.rejected.dropped, space_warning=self.audit.space_warning or self.feedback_log.space_warning))
 
     def _space_changed(self):
@@ -410,6 +422,7 @@ class EndpointCore(_Status, _Scoring, _Steps, _Requests):
         self.update_error: str|None = None
         self.on_done = on_done or (lambda *a: None)
         self.inflight, self.served, self.model_calls, self.started = 0, 0, 0, time.time()
+        self.call_started: float|None = None  # monotonic time the running model call began
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="ml_prod-model")
         self.load_thread = ThreadPoolExecutor(1, thread_name_prefix="ml_prod-load")
         self.shadow_thread = ThreadPoolExecutor(1, thread_name_prefix="ml_prod-shadow")

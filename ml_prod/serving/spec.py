@@ -56,7 +56,7 @@ class Limits(_Strict):
     "What a request may ask for, and how long it may take."
     max_records: int = Field(256, ge=1, description="Most records in one request (more: 413)")
     max_body_bytes: int = Field(1 << 20, ge=64, description="Largest request body in bytes (more: 413)")
-    timeout_s: float = Field(2.0, gt=0, description="A model call slower than this gets 408, a separate step's call 504 (and an audit record marked timeout)")
+    timeout_s: float = Field(2.0, gt=0, allow_inf_nan=False, description="A model call slower than this gets 408, a separate step's call 504 (and an audit record marked timeout)")
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of the 503 answered beyond max_ongoing_requests + max_queued_requests")
 
 class Decision(_Strict):
