@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: `ml_prod run` from a terminal vs. the papermill CLI, and `ml_prod jobs list` / `jobs show`.
 
-    .venv/bin/python bench/cli.py [--reps N]
+    .venv/bin/python bench/cli.py [--reps N] [--warm-driver]
 
 In a temporary project (`settings.ini` with just `[DEFAULT]`, SQLite MLflow) it starts a persistent local Ray and
 the control service, as `ml_prod cluster up` does (on a free GCS port, so another project's cluster on 6379 is left
@@ -12,14 +12,17 @@ alone), runs one untimed warm-up of each command, then N interleaved repetitions
 3. `ml_prod jobs list`
 4. `ml_prod jobs show RUN` (RUN: the job of step 2)
 
-and, beside them, the same notebook run by `ml_prod.jobs.run_notebook` in one process connected to the cluster once
-(what the control service's own driver would do for a thin `ml_prod run`: a worker and its spare kernel already up),
+and, with `--warm-driver`, the same notebook run by `ml_prod.jobs.run_notebook` in one process connected to the cluster
+once (a worker and its spare kernel already up; off by default since its idle worker is one process more on the node,
+and Ray kills idle workers beyond num_cpus: the thin run's worker among them),
 each command a new process on a pseudo-terminal (what a user's shell gives it: rich draws its tables for a terminal),
 the wall time measured from here. IN is papermill's own test notebook `simple_execute.ipynb` (a parameters cell
 `msg = None` and `print(msg)`), or an equivalent written here if papermill's tests are not installed.
 
-Then the control service is stopped (`ml_prod control stop`) and `jobs list` / `jobs show` are timed again, N
-times: the path without the service (straight to MLflow). Last, where the CLI's time goes: Python's start,
+With the control service up, `ml_prod run` is its thin client (the service's driver submits the job and the command
+follows its output over the service's API). Then the control service is stopped (`ml_prod control stop`) and
+papermill, `ml_prod run`, `jobs list` and `jobs show` are timed again, N interleaved times: the path without the
+service (the CLI is its job's Ray driver; `jobs list` / `show` straight to MLflow), with papermill beside it. Last, where the CLI's time goes: Python's start,
 `python -X importtime` of each command (the cumulative import time of ml_prod's CLI, typer, rich, pydantic, MLflow,
 Ray, papermill) and, for `ml_prod run`, the job's own duration (from its summary) against the wall time.
 
@@ -36,6 +39,7 @@ ML_PROD, PAPERMILL = str(BIN/"ml_prod"), str(BIN/"papermill")
 PM_NOTEBOOK = Path(sys.prefix)/"lib"/f"python{sys.version_info.major}.{sys.version_info.minor}"/"site-packages"/"papermill"/"tests"/"notebooks"/"simple_execute.ipynb"
 RUN_ID = re.compile(r"\(run ([0-9a-f]{32})\)")
 JOB_S = re.compile(r": FINISHED in ([0-9.]+) s")
+SUPERVISOR = re.compile(r"\(job:\S+ pid=(\d+)\)")
 SETTLE_S = 3.0  # pause after the connected driver's job, while its worker boots a spare kernel
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -184,6 +188,8 @@ def timed(label:str, cmd:list[str], root:Path, env:dict, rows:dict, loads:dict) 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions of each command")
+    ap.add_argument("--warm-driver", action="store_true", help="also time run_notebook from a driver connected once (its idle "
+                    "worker is one more process on the node: Ray kills idle workers beyond num_cpus, the thin run's among them)")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ml_prod_bench_cli_"))
     root = tmp/"project"; root.mkdir()
@@ -192,9 +198,12 @@ def main():
     source = make_notebook(nb)
     env = terminal_env()
     rows, loads, job_s, warm_job_s, notes = {}, {}, [], [], []
+    rows0, loads0, job0_s = {}, {}, []  # papermill again beside the runs without the service
+    pids = []  # the worker (supervisor pid) of each timed `ml_prod run` through the service
     L_PM, L_RUN, L_LIST, L_SHOW = "papermill IN OUT -k python3", "ml_prod run IN", "ml_prod jobs list", "ml_prod jobs show RUN"
     L_WARM = "run_notebook from a connected driver (in-process)"
     L_LIST0, L_SHOW0 = "ml_prod jobs list (no control service)", "ml_prod jobs show RUN (no control service)"
+    L_RUN0 = "ml_prod run IN (no control service)"
     where = plain([sys.executable, "-c", "import ml_prod; print(ml_prod.__file__)"], root, env).stdout.strip()
     print(f"notebook: {source}\nproject: {root}\nml_prod: {where}\nload average before: {load()}   cores: {os.cpu_count()}", flush=True)
     try:
@@ -205,13 +214,16 @@ def main():
         run_id = RUN_ID.search(out).group(1)
         for cmd in ([PAPERMILL, str(nb), str(root/"out.ipynb"), "-k", "python3"], [ML_PROD, "jobs", "list"], [ML_PROD, "jobs", "show", run_id]):
             on_tty(cmd, root, env)
-        try: warm = WarmDriver(nb, root, env); warm.run(); time.sleep(SETTLE_S)  # its first job, untimed, starts its worker
-        except Exception as e: warm = None; notes.append(f"the connected driver's row is missing: {e}")
+        warm = None
+        if a.warm_driver:
+            try: warm = WarmDriver(nb, root, env); warm.run(); time.sleep(SETTLE_S)  # its first job, untimed, starts its worker
+            except Exception as e: warm = None; notes.append(f"the connected driver's row is missing: {e}")
         for i in range(a.reps):
             timed(L_PM, [PAPERMILL, str(nb), str(root/f"out-{i}.ipynb"), "-k", "python3"], root, env, rows, loads)
             out = timed(L_RUN, run_cmd, root, env, rows, loads)
             run_id = RUN_ID.search(out).group(1)
             job_s.append(float(JOB_S.search(out).group(1)))
+            pids.append(",".join(sorted(set(SUPERVISOR.findall(out)))) or "-")  # Ray's prefix of its output lines: the supervisor's worker
             timed(L_LIST, [ML_PROD, "jobs", "list"], root, env, rows, loads)
             timed(L_SHOW, [ML_PROD, "jobs", "show", run_id], root, env, rows, loads)
             if warm:
@@ -226,8 +238,13 @@ def main():
                    f"{L_SHOW}": import_times(["jobs", "show", run_id], root, env)}
         plain([ML_PROD, "control", "stop"], root, env)
         for i in range(a.reps):
+            timed(L_PM, [PAPERMILL, str(nb), str(root/f"out0-{i}.ipynb"), "-k", "python3"], root, env, rows0, loads0)
+            out = timed(L_RUN0, run_cmd, root, env, rows, loads)  # the CLI is the job's driver, as before the thin client
+            job0_s.append(float(JOB_S.search(out).group(1)))
             timed(L_LIST0, [ML_PROD, "jobs", "list"], root, env, rows, loads)
             timed(L_SHOW0, [ML_PROD, "jobs", "show", run_id], root, env, rows, loads)
+            print(f"rep {i + 1} without the service: papermill {rows0[L_PM][-1]:.2f} s, ml_prod run {rows[L_RUN0][-1]:.2f} s   load {load()}", flush=True)
+        imports[L_RUN0] = import_times(["run", str(nb)], root, env)
         imports[L_LIST0] = import_times(["jobs", "list"], root, env)
         imports[L_SHOW0] = import_times(["jobs", "show", run_id], root, env)
         starts = startup(root, env, a.reps)
@@ -236,15 +253,18 @@ def main():
         left = own_kernels(root)
         if left: notes.append(f"kernels left running: {left}")
         shutil.rmtree(tmp, ignore_errors=True)
-    report(a.reps, rows, loads, job_s, warm_job_s, imports, starts, notes)
+    notes.append(f"the workers of the {len(pids)} timed ml_prod run jobs (supervisor pids): {' '.join(pids)}: {len(set(pids))} distinct")
+    report(a.reps, rows, loads, job_s, warm_job_s, imports, starts, notes, rows0, loads0, job0_s)
 
-def report(reps, rows, loads, job_s, warm_job_s, imports, starts, notes):
+def report(reps, rows, loads, job_s, warm_job_s, imports, starts, notes, rows0, loads0, job0_s):
     pm = med(rows["papermill IN OUT -k python3"])
     print(f"\n## wall time from a terminal, median of {reps} interleaved repetitions (seconds)\n")
     print(f"| {'command':44} | median | min | max | load average (1 min) at its runs |")
     print(f"|{'-' * 46}|---:|---:|---:|---|")
     for k, v in rows.items():
         print(f"| {k:44} | {med(v):.2f} | {min(v):.2f} | {max(v):.2f} | {med(loads[k]):.2f} (median), {min(loads[k]):.2f}-{max(loads[k]):.2f} |")
+    for k, v in rows0.items():
+        print(f"| {k + ' (beside those)':44} | {med(v):.2f} | {min(v):.2f} | {max(v):.2f} | {med(loads0[k]):.2f} (median), {min(loads0[k]):.2f}-{max(loads0[k]):.2f} |")
     run = med(rows["ml_prod run IN"])
     print(f"\nml_prod run: the job itself reports {med(job_s):.2f} s (median); {run - med(job_s):.2f} s of the wall time is before it starts and after it ends")
     warm = med(rows.get("run_notebook from a connected driver (in-process)", []))
@@ -264,6 +284,10 @@ def report(reps, rows, loads, job_s, warm_job_s, imports, starts, notes):
     if warm == warm:
         print(f"run_notebook from a connected driver / papermill CLI = {warm / pm:.2f}x   (what a thin ml_prod run would wait for: {warm:.2f} s; "
               f"papermill CLI {pm:.2f} s; load average {now})")
+    if rows0:
+        run0, pm0 = med(rows["ml_prod run IN (no control service)"]), med(rows0["papermill IN OUT -k python3"])
+        print(f"ml_prod run without the control service (the CLI its job's driver, as before) / papermill CLI beside it = {run0 / pm0:.2f}x   "
+              f"(ml_prod run {run0:.2f} s, the job itself {med(job0_s):.2f} s; papermill CLI {pm0:.2f} s)")
     print(f"ml_prod run / papermill CLI = {run / pm:.2f}x   (ml_prod run {run:.2f} s, papermill CLI {pm:.2f} s; load average {now})")
 
 if __name__ == "__main__": main()

@@ -8,6 +8,9 @@ Checked from raw facts: the runs, tags and metrics in MLflow's SQLite tables, an
 from __future__ import annotations
 
 import json
+import re
+import signal
+import time
 import os
 import sqlite3
 import subprocess
@@ -45,7 +48,7 @@ def raw_jobs(tracking_uri: str) -> list[dict]:
         for run_id, status, start, end in runs:
             error = db.execute("SELECT value FROM tags WHERE run_uuid = ? AND key = ?", (run_id, keys.ERROR)).fetchone()
             metrics = dict(db.execute("SELECT key, value FROM latest_metrics WHERE run_uuid = ? AND key != ?", (run_id, keys.HEARTBEAT)))
-            out.append(dict(run_id=run_id, status=status, duration_s=(end - start) / 1000, error=error and error[0], metrics=metrics))
+            out.append(dict(run_id=run_id, status=status, duration_s=(end - start) / 1000 if end else None, error=error and error[0], metrics=metrics))
         return out
     finally: db.close()
 
@@ -124,3 +127,128 @@ def test_a_service_of_another_profile_is_not_asked(project_dir, jobs, service):
     assert r.returncode == 0, r.stderr
     assert "mlflow" in imported
     assert [j["run_id"] for j in json.loads(r.stdout)] == [j["run_id"] for j in raw_jobs(s.tracking_uri)]
+
+
+# ---- `ml_prod run` through the service: a real Ray (the session's), the service in this process submitting on it ---------
+
+SLEEPER = "import os, subprocess, time\nchild = subprocess.Popen(['sleep', '300'])\nprint('child', child.pid, flush=True)\ntime.sleep(300)"
+PREFIX = re.compile(r"^\x1b\[36m\(job:(?P<nb>[^ ]+) pid=(?P<pid>\d+)\)\x1b\[0m (?P<line>.*)$")
+
+
+def make_nb(path: Path, *cells: str) -> Path:
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+    nb = new_notebook(cells=[new_code_cell("x: int = 1  # a number", metadata={"tags": ["parameters"]}), *map(new_code_cell, cells)])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+def raw_run(tracking_uri: str, run_id: str) -> dict:
+    "One run's row and tags in MLflow's SQLite tables, and its artifact folder on disk."
+    db = sqlite3.connect(tracking_uri.removeprefix("sqlite:///"))
+    try:
+        status, start, end, uri = db.execute("SELECT status, start_time, end_time, artifact_uri FROM runs WHERE run_uuid = ?", (run_id,)).fetchone()
+        tags = dict(db.execute("SELECT key, value FROM tags WHERE run_uuid = ?", (run_id,)))
+        params = dict(db.execute("SELECT key, value FROM params WHERE run_uuid = ?", (run_id,)))
+    finally: db.close()
+    return dict(status=status, duration_s=(end - start) / 1000 if end else None, tags=tags, params=params, artifact_uri=uri,
+                artifacts=Path(uri.removeprefix("file://")))
+
+
+@pytest.fixture
+def run_service(ray_local, project_dir):
+    "The control service's instance (default handlers, no periodic tasks) in this process, submitting jobs on the session's Ray."
+    from ml_prod.control.service import ControlService
+    from ml_prod.settings import load_settings
+    s = load_settings()
+    svc = ControlService(s, tasks=[], holder="test-thin-run").start()
+    try: yield s
+    finally: svc.stop()
+
+
+def test_run_through_the_service_prints_what_run_prints_without_ray_or_mlflow(project_dir, run_service):
+    s = run_service
+    nb = make_nb(project_dir / "ok.ipynb", "import os\nprint('x is', x, 'kernel', os.getpid(), 'leftover' in globals())\nleftover = 1")
+    outs = []
+    for x in (7, 8):  # the second job on the same worker: a kernel of its own, which has run nothing else
+        r, imported = ml_prod(project_dir, "run", str(nb), "-p", "x", str(x))
+        assert r.returncode == 0 and not imported & set(HEAVY), (r.returncode, r.stdout, r.stderr, sorted(imported & set(HEAVY)))
+        outs.append(r.stdout)
+    kernels = []
+    for x, out in zip((7, 8), outs):
+        run_id = re.search(r"\(run ([0-9a-f]{32})\)", out).group(1)
+        raw = raw_run(s.tracking_uri, run_id)
+        assert raw["status"] == "FINISHED" and raw["params"] == {"x": str(x)}, raw
+        # each output line is the job's log line with Ray's prefix (notebook, supervisor pid); then run's summary
+        *lines, summary_head, nb_line = out.splitlines()
+        got = [PREFIX.match(l) for l in lines]
+        assert all(got) and {(m["nb"], m["pid"]) for m in got} == {("ok.ipynb", raw["tags"]["ml_prod.supervisor_pid"])}, out
+        assert [m["line"] for m in got] == (raw["artifacts"] / "job.log").read_text().splitlines(), out
+        assert summary_head == f"ok.ipynb: FINISHED in {raw['duration_s']:.1f} s (run {run_id})", out
+        assert nb_line == f"  executed notebook: {raw['artifact_uri']}/ok.ipynb", out
+        word = got[0]["line"].split()
+        assert word[:3] == ["x", "is", str(x)] and word[5] == "False", out  # no variable left by another job
+        kernels.append(word[4])
+    assert kernels[0] != kernels[1]
+
+    # a failing job: exit 1, the summary on stderr naming the cell and exception, as MLflow's tables hold it
+    r, imported = ml_prod(project_dir, "run", str(make_nb(project_dir / "boom.ipynb", "1/0")))
+    run_id = re.search(r"\(run ([0-9a-f]{32})\)", r.stderr).group(1)
+    raw = raw_run(s.tracking_uri, run_id)
+    assert (r.returncode, raw["status"]) == (1, "FAILED") and not imported & set(HEAVY), (r.stdout, r.stderr)
+    assert f"  error: {raw['tags']['ml_prod.error']}" in r.stderr.splitlines() and "ZeroDivisionError" in raw["tags"]["ml_prod.error"]
+    # bad input is refused in the client before anything is asked (exit 2); an error of the service's submission is the old path's
+    r, _ = ml_prod(project_dir, "run", str(nb), "-p", "y", "1")
+    assert r.returncode == 2 and "unknown parameter 'y'" in r.stderr, r.stderr
+    r, imported = ml_prod(project_dir, "run", "--detach", str(nb))  # the session's Ray is not a persistent cluster
+    assert r.returncode == 1 and "ml_prod cluster up" in r.stderr and not imported & set(HEAVY), r.stderr
+    assert [j["status"] for j in raw_jobs(s.tracking_uri)] == ["FAILED", "FINISHED", "FINISHED"]  # nothing recorded for the refused ones
+
+
+def _wait(pred, timeout: float, every: float = 0.2):
+    end = time.time() + timeout
+    while time.time() < end:
+        if v := pred(): return v
+        time.sleep(every)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def _gone(pid: int) -> bool:
+    import psutil
+    try: return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess: return True
+
+
+def _started(s, p: subprocess.Popen) -> tuple[str, int, int]:
+    "The RUNNING job of client `p` once its kernel runs the sleeper: run id, kernel pgid, the kernel's child."
+    def running():
+        jobs = [j for j in raw_jobs(s.tracking_uri) if j["status"] == "RUNNING"]
+        return jobs and (t := raw_run(s.tracking_uri, jobs[0]["run_id"])["tags"]).get("ml_prod.kernel_pgid") and (jobs[0]["run_id"], t)
+    run_id, tags = _wait(running, 90)
+    log = Path(tags["ml_prod.output_dir"]) / "job.log"
+    child = _wait(lambda: log.is_file() and re.search(r"child (\d+)", log.read_text()), 60)
+    return run_id, int(tags["ml_prod.kernel_pgid"]), int(child.group(1))
+
+
+def test_ctrl_c_and_a_killed_client_cancel_the_job(project_dir, run_service):
+    s = run_service
+    nb = make_nb(project_dir / "sleep.ipynb", SLEEPER)
+    env = {**os.environ, "THIN_TEST_MODULES": str(project_dir / "modules.json")}
+    # Ctrl-C: exit 130, the run KILLED in MLflow's tables, its kernel and the kernel's child gone
+    p = subprocess.Popen([sys.executable, "-c", PROBE, "run", str(nb)], cwd=project_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_id, pgid, child = _started(s, p)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=90)
+    assert p.returncode == 130 and "interrupted: the job was cancelled" in err, (out, err)
+    assert raw_run(s.tracking_uri, run_id)["status"] == "KILLED"
+    _wait(lambda: _gone(pgid) and _gone(child), 15)
+    assert not {m.split(".")[0] for m in json.loads((project_dir / "modules.json").read_text())} & set(HEAVY)
+    # the client killed (-9): the service stops hearing from it and cancels its job
+    p = subprocess.Popen([sys.executable, "-c", PROBE, "run", str(nb)], cwd=project_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_id, pgid, child = _started(s, p)
+    p.kill(); p.wait()
+    _wait(lambda: raw_run(s.tracking_uri, run_id)["status"] != "RUNNING", 60, every=0.5)
+    raw = raw_run(s.tracking_uri, run_id)
+    assert raw["status"] == "KILLED" and raw["tags"]["ml_prod.error"].endswith(": cancelled"), raw
+    _wait(lambda: _gone(pgid) and _gone(child), 15)

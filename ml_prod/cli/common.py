@@ -19,7 +19,7 @@ from ..settings import load_settings, settings_table
 # %% auto #0
 __all__ = ['EXIT_OK', 'EXIT_FAILED', 'EXIT_BAD_INPUT', 'EXIT_UNHEALTHY', 'EXIT_INTERRUPTED', 'app', 'console', 'err',
            'ProfileOpt', 'PAIR', 'Unhealthy', 'RootGroup', 'root_options', 'group', 'wants_json', 'emit', 'parse_size',
-           'gather_parameters', 'PairOpt', 'PairsCommand', 'ask_service']
+           'gather_parameters', 'PairOpt', 'PairsCommand', 'ask_service', 'NotServed', 'call_service']
 
 # %% ../../nbs/api/90_cli_common.ipynb #2fb775bf
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNHEALTHY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -156,3 +156,33 @@ def ask_service(s, # the command's settings: the service must serve the same pro
     body = dict(body, profile=s.profile, tracking_uri=s.tracking_uri)
     try: return service.request(s, "POST", f"/v1/handlers/{handler}", body, timeout_s=timeout_s)["result"]
     except service.ControlError: return None
+
+# %% ../../nbs/api/90_cli_common.ipynb #8b287a52
+class NotServed(Exception):
+    "No control service takes the request: none is up for the project, or it has no such handler (an older one)."
+
+def call_service(s, # the command's settings
+                 handler:str, # a handler of the service, e.g. "jobs.run"
+                 body:dict, timeout_s:float=30) -> dict:
+    """Handler `handler`'s answer from the project's control service. Raises `NotServed` when nothing was asked (no service
+    up, an older one without the handler), and `MlProdError`, with the command's exit code, when the service refused it or failed."""
+    import urllib.error, urllib.request
+    from ml_prod.control import service
+    d = service.api_dir(s)
+    try: url, token = json.loads((d/"api.json").read_text())["url"], (d/"token").read_text().strip()
+    except (OSError, ValueError, KeyError): raise NotServed(f"no control service for this project (no {d/'api.json'})") from None
+    req = urllib.request.Request(f"{url}/v1/handlers/{handler}", method="POST", data=json.dumps(dict(body, profile=s.profile, tracking_uri=s.tracking_uri)).encode(),
+                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r: return json.loads(r.read())["result"]
+    except urllib.error.HTTPError as e:
+        try: got = json.loads(e.read() or b"{}")
+        except ValueError: got = {}
+        if e.code in (401, 404): raise NotServed(f"the control service at {url}: HTTP {e.code}: {got.get('error', '')}") from None  # another's, or older
+        failed = MlProdError(got.get("error") or f"the control service at {url} answered HTTP {e.code}")
+        failed.exit_code = got.get("exit_code", 1)
+        raise failed from None
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, ConnectionRefusedError): raise NotServed(f"the control service at {url} is gone") from None  # stale api.json
+        raise MlProdError(f"the control service at {url} does not answer ({e.reason})") from None
+    except OSError as e: raise MlProdError(f"the control service at {url} does not answer ({e})") from None

@@ -6,7 +6,7 @@ Docs: https://ml-prod.github.io/ml_prod/api/cli_jobs.html.md"""
 
 # %% ../../nbs/api/91_cli_jobs.ipynb #bd4d34b4
 from __future__ import annotations
-import json, os, re, sys
+import json, os, re, sys, time
 from pathlib import Path
 from typing import Optional
 import typer
@@ -14,12 +14,13 @@ from rich.table import Table
 from ..errors import MlProdError, ParameterError
 from ..settings import load_settings, settings_table
 from .common import (EXIT_UNHEALTHY, PairOpt, PairsCommand, ProfileOpt, app, console, emit, err, gather_parameters,
-                                group, parse_size, wants_json, ask_service)
+                                group, parse_size, wants_json, ask_service, call_service, NotServed)
 from .common import _fail, _settings
 
 # %% auto #0
-__all__ = ['jobs_app', 'cluster_app', 'config_app', 'NotebookArg', 'STATUSES', 'config_show', 'run', 'jobs_list', 'jobs_show',
-           'jobs_logs', 'jobs_cancel', 'jobs_reap', 'cluster_up_cmd', 'cluster_status_cmd', 'cluster_down_cmd']
+__all__ = ['jobs_app', 'cluster_app', 'config_app', 'NotebookArg', 'LOST_S', 'STATUSES', 'config_show', 'run', 'jobs_list',
+           'jobs_show', 'jobs_logs', 'jobs_cancel', 'jobs_reap', 'cluster_up_cmd', 'cluster_status_cmd',
+           'cluster_down_cmd']
 
 # %% ../../nbs/api/91_cli_jobs.ipynb #6b4dd024
 jobs_app = group("Inspect and control notebook jobs (MLflow runs).")
@@ -61,18 +62,19 @@ def run(notebook:Path=NotebookArg,
         detach:bool=typer.Option(False, "--detach", help="Start the job and return; it runs on (needs `ml_prod cluster up` or a remote cluster)"),
        ):
     "Run NOTEBOOK as a tracked job on Ray; cell output streams here."
-    from ml_prod.jobs.submit import run_notebook, submit_notebook
     s = _settings(profile)
     try:
         values = gather_parameters(param, file, notebook)
-        kw = dict(settings=s, cpus=cpus, gpus=gpus, memory=parse_size(memory) if memory else None,
-                  resources=_json_opt("--resources", resources), runtime_env=_json_opt("--runtime-env", runtime_env),
-                  timeout=timeout, cell_timeout=cell_timeout, experiment=experiment, max_retries=retries)
+        opts = dict(cpus=cpus, gpus=gpus, memory=parse_size(memory) if memory else None,
+                    resources=_json_opt("--resources", resources), runtime_env=_json_opt("--runtime-env", runtime_env),
+                    timeout=timeout, cell_timeout=cell_timeout, experiment=experiment, max_retries=retries)
+        if (code := _run_thin(s, notebook, values, opts, detach)) is not None: raise typer.Exit(code)  # the control service ran it
+        from ml_prod.jobs.submit import run_notebook, submit_notebook  # no service takes it: this process is the job's driver
         if detach:
-            h = submit_notebook(notebook, values, detach=True, **kw)
+            h = submit_notebook(notebook, values, detach=True, settings=s, **opts)
             typer.echo(f"started {h.notebook} as run {h.run_id}; follow it with: ml_prod jobs show {h.run_id}")
             raise typer.Exit(0)
-        res = run_notebook(notebook, values, check=False, **kw)
+        res = run_notebook(notebook, values, check=False, settings=s, **opts)
     except MlProdError as e: _fail(e)
     except KeyboardInterrupt:
         err.print("interrupted: the job was cancelled"); raise typer.Exit(130)
@@ -83,6 +85,56 @@ def _json_opt(name:str, text:str|None):
     if text is None: return None
     try: return json.loads(text)
     except json.JSONDecodeError as e: raise ParameterError(f"{name} {text!r}: not valid JSON ({e})") from None
+
+# %% ../../nbs/api/91_cli_jobs.ipynb #52c8afbd
+LOST_S = 10.0  # how long `ml_prod run` keeps asking a control service that stopped answering before it gives up
+
+def _run_thin(s, notebook:Path, values:dict, opts:dict, detach:bool) -> int|None:
+    "Run the job through the project's control service, printing what `run` prints; the exit code, or None when no service takes it."
+    from ml_prod.jobs.query import JobResult, settings_key
+    body = dict(notebook=str(notebook.resolve()), parameters=values, options=opts, cwd=os.getcwd(), detach=detach, settings=settings_key(s))
+    try:
+        if json.loads(json.dumps(body)) != body: return None  # values JSON does not carry as they are: run here, as before
+    except (TypeError, ValueError): return None
+    try: got = call_service(s, "jobs.run", body, timeout_s=600 if detach else 120)  # detach waits for its actor (DETACH_START_TIMEOUT_S)
+    except NotServed: return None
+    except KeyboardInterrupt:  # before its run id came back: the service cancels the job nobody follows
+        err.print("interrupted: the job was cancelled"); return 130
+    if got.get("refused"): return None  # a service for other settings: run here, as before
+    run_id, name = got["run_id"], got["notebook"]
+    if detach:
+        typer.echo(f"started {name} as run {run_id}; follow it with: ml_prod jobs show {run_id}"); return 0
+    try: r = _follow(s, run_id, name)
+    except KeyboardInterrupt:
+        try: call_service(s, "jobs.cancel", dict(run_id=run_id), timeout_s=90)
+        except (NotServed, MlProdError): pass  # the service cancels it all the same once nobody follows it
+        err.print("interrupted: the job was cancelled"); return 130
+    res = JobResult(**r["result"])
+    typer.echo(res.summary(), err=not res.ok)
+    return 0 if res.ok else 1
+
+def _follow(s, run_id:str, name:str) -> dict:
+    "Print job `run_id`'s output as the service reads it, until it ends; the service's last answer (with the result)."
+    offset, lost = 0, None
+    while True:
+        try: r = call_service(s, "jobs.follow", dict(run_id=run_id, offset=offset, wait_s=2), timeout_s=60)
+        except (NotServed, MlProdError) as e:
+            lost = lost or time.time()
+            if time.time() - lost > LOST_S:
+                raise MlProdError(f"the control service stopped answering while it ran job {run_id} ({e}); "
+                                  f"`ml_prod jobs show {run_id}` says how it ended") from None
+            time.sleep(0.5); continue
+        lost = None
+        if r.get("unknown"): raise MlProdError(f"the control service no longer follows job {run_id} (it restarted); `ml_prod jobs show {run_id}` says how it ended")
+        _print_output(name, r["pid"], r["text"])
+        offset = r["offset"]
+        if r["done"]: return r
+
+def _print_output(notebook:str, pid:str, text:str):
+    "A job's output lines as Ray prints a worker's on its driver: `(job:NOTEBOOK pid=PID) line`, the prefix cyan unless RAY_COLOR_PREFIX=0."
+    pre, post = ("", "") if os.environ.get("RAY_COLOR_PREFIX") == "0" else ("\x1b[36m", "\x1b[0m")
+    for line in text.splitlines(): sys.stdout.write(f"{pre}(job:{notebook} pid={pid}){post} {line}\n")
+    sys.stdout.flush()
 
 # %% ../../nbs/api/91_cli_jobs.ipynb #95d8770d
 STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED")

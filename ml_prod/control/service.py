@@ -37,7 +37,10 @@ TASKS = [Task("alias_follower", 1.0, "ml_prod.control.follower:tick"),          
          Task("job_reaper", 30.0, "ml_prod.tracking.store:reap_stale_jobs")]      # FAILED: RUNNING jobs whose supervisor stopped beating
 HANDLERS = {"follow": "ml_prod.control.follower:follow_handler",                    # name -> "package.module:function(settings, body)"
             "jobs.list": "ml_prod.jobs.query:list_handler",                       # `ml_prod jobs list` and `jobs show` as thin clients
-            "jobs.show": "ml_prod.jobs.query:show_handler"}
+            "jobs.show": "ml_prod.jobs.query:show_handler",
+            "jobs.run": "ml_prod.jobs.submit:run_handler",                        # `ml_prod run` as a thin client: submit,
+            "jobs.follow": "ml_prod.jobs.submit:follow_handler",                  # stream the job's output and result,
+            "jobs.cancel": "ml_prod.jobs.submit:cancel_handler"}                  # Ctrl-C
 ACTOR_NAME, STREAM = "ml_prod_control", "control"
 TTL_S, RENEW_S = 10.0, 2.0                                                             # lease: lives TTL_S after its last renewal, renewed every RENEW_S
 
@@ -203,7 +206,7 @@ def _api_handler(svc:ControlService):
                     if parts[2] not in svc.handlers: return self._send(404, dict(error=f"no handler {parts[2]!r} (handlers: {sorted(svc.handlers)})"))
                     return self._send(200, dict(result=load_function(svc.handlers[parts[2]])(svc.s, body)))
                 return self._send(404, dict(error=f"no route {method} {self.path}"))
-            except MlProdError as e: return self._send(400, dict(error=str(e)))
+            except MlProdError as e: return self._send(400, dict(error=str(e), exit_code=e.exit_code))  # the CLI's exit code for it
             except Exception as e: return self._send(500, dict(error=f"{type(e).__name__}: {e}"))
         def do_GET(self): self._route("GET")
         def do_POST(self): self._route("POST")

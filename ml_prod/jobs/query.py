@@ -16,7 +16,8 @@ from ..tracking import tags as keys
 import os, signal, socket
 
 # %% auto #0
-__all__ = ['JobResult', 'run_result', 'job_result', 'list_jobs', 'job_log', 'cancel_job', 'list_handler', 'show_handler']
+__all__ = ['JobResult', 'run_result', 'job_result', 'list_jobs', 'job_log', 'cancel_job', 'list_handler', 'show_handler',
+           'settings_key']
 
 # %% ../../nbs/api/22_jobs_query.ipynb #39687531
 @dataclass
@@ -109,3 +110,8 @@ def show_handler(s:ResolvedSettings, body:dict) -> dict:
     except MlflowException as e:
         if e.error_code != "RESOURCE_DOES_NOT_EXIST": raise
         return dict(unknown=True)
+
+# %% ../../nbs/api/22_jobs_query.ipynb #b2a2d091
+def settings_key(s:ResolvedSettings) -> dict:
+    "A profile's settings as JSON, without where each came from: a client and the control service run a job alike only when theirs are equal."
+    return s.model_dump(mode="json", exclude={"sources", "notes"})

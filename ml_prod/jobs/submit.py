@@ -13,12 +13,13 @@ from ..settings import ResolvedSettings, load_settings
 from ..tracking import store
 from ..tracking import tags as keys
 from .supervisor import JobSpec, supervise
-from .query import JobResult, job_result
-from dataclasses import dataclass, field
+from .query import JobResult, job_result, job_log, settings_key
+from dataclasses import asdict, dataclass, field
 from ..runtime import _compat
 
 # %% auto #0
-__all__ = ['DETACH_START_TIMEOUT_S', 'JobHandle', 'submit_notebook', 'run_notebook', 'finish', 'run_notebooks']
+__all__ = ['DETACH_START_TIMEOUT_S', 'FOLLOW_TTL_S', 'FOLLOW_WAIT_S', 'JobHandle', 'submit_notebook', 'run_notebook', 'finish',
+           'run_notebooks', 'run_handler', 'follow_handler', 'cancel_handler']
 
 # %% ../../nbs/api/23_jobs_submit.ipynb #29e41909
 @dataclass
@@ -241,3 +242,109 @@ def run_notebooks(jobs:list, # notebooks, or dicts of `submit_notebook` argument
     except KeyboardInterrupt:
         for h in handles: h.cancel()
         raise
+
+# %% ../../nbs/api/23_jobs_submit.ipynb #389a1767
+FOLLOW_TTL_S = 10.0   # a followed job whose client has not asked for its output for this long is cancelled (its client is gone)
+FOLLOW_WAIT_S = 5.0   # the longest one `jobs.follow` request waits for new output
+_OPTIONS = ("cpus", "gpus", "memory", "resources", "runtime_env", "timeout", "cell_timeout", "experiment", "max_retries")
+
+@dataclass
+class _Followed:
+    "A job the control service submitted for a client that follows it."
+    handle: JobHandle
+    polled: float                  # when its client last asked for its output
+    log: Path|None = None          # its job.log on this host, once its supervisor has recorded where
+    pid: str = ""                  # its supervisor's pid (Ray's prefix of each output line)
+    result: dict|None = None       # once it has ended
+    cancelling: bool = False
+
+_followed, _followed_lock = {}, threading.Lock()  # run id -> _Followed, in the control service's process
+
+def run_handler(s:ResolvedSettings, body:dict) -> dict:
+    """Control-service handler `jobs.run`: submit the body's job (`notebook`, `parameters`, `options` as `submit_notebook`
+    takes them, `cwd`, `detach`) from this process's driver: `{run_id, notebook}`; `{refused: why}`, with nothing
+    submitted, when the client's settings are not this service's (the client then runs the job itself)."""
+    if body.get("settings") != settings_key(s): return dict(refused=f"this control service runs jobs with the settings of its own start, not the client's")
+    opts = body.get("options") or {}
+    if unknown := sorted(set(opts) - set(_OPTIONS)): raise MlProdError(f"jobs.run: unknown options {unknown}; known: {', '.join(_OPTIONS)}")
+    h = submit_notebook(body["notebook"], body.get("parameters") or {}, settings=s, cwd=body.get("cwd"), detach=bool(body.get("detach")), **opts)
+    if not body.get("detach"):
+        with _followed_lock: _followed[h.run_id] = _Followed(h, time.time())
+        _watch_clients()
+    return dict(run_id=h.run_id, notebook=h.notebook)
+
+def _followed_job(body:dict) -> _Followed|None:
+    with _followed_lock: return _followed.get(body.get("run_id"))
+
+# %% ../../nbs/api/23_jobs_submit.ipynb #c0af6bce
+def _find_log(f:_Followed):
+    "Where the job's output goes on this host, and its supervisor's pid, from its run's tags once its attempt has started."
+    import socket
+    tags = store.client(f.handle.settings).get_run(f.handle.run_id).data.tags
+    if keys.OUTPUT_DIR in tags and tags.get(keys.HOST) == socket.gethostname():
+        f.log, f.pid = Path(tags[keys.OUTPUT_DIR])/"job.log", tags.get(keys.SUPERVISOR_PID, "")
+
+def _output_after(f:_Followed, offset:int, final:bool) -> tuple[bytes, int]:
+    "The job's output after byte `offset` (whole lines while it runs, all of it once it has ended) and the offset after it."
+    if f.log is None: _find_log(f)
+    if f.log is not None and f.log.is_file():
+        if f.log.stat().st_size < offset: offset = 0; _find_log(f)  # a retry started the log again (Ray prints its output again too)
+        with open(f.log, "rb") as log: log.seek(offset); new = log.read()
+    elif final: new = job_log(f.handle.settings, f.handle.run_id).encode()[offset:]  # it ran on another node: its stored log
+    else: new = b""
+    if not final: new = new[:new.rfind(b"\n") + 1]
+    return new, offset + len(new)
+
+def follow_handler(s:ResolvedSettings, body:dict) -> dict:
+    """Control-service handler `jobs.follow`: the followed job's output after byte `offset` of its log, waiting up to
+    `wait_s` for some; `{text, offset, pid, done, result}` (`result`, a `JobResult` as a dict, once it has ended), or `{unknown: True}`."""
+    if (f := _followed_job(body)) is None: return dict(unknown=True)
+    f.polled, offset = time.time(), int(body.get("offset", 0))
+    deadline = time.time() + min(float(body.get("wait_s", 1)), FOLLOW_WAIT_S)
+    while True:
+        done = f.result is not None or f.handle.done()
+        new, end = _output_after(f, offset, final=done)
+        if new or done or time.time() >= deadline: break
+        time.sleep(0.05)
+    if done and f.result is None: f.result = asdict(f.handle.wait())  # ends the run if its supervisor could not
+    f.polled = time.time()
+    return dict(text=new.decode(errors="replace"), offset=end, pid=f.pid, done=done, result=f.result if done else None)
+
+def cancel_handler(s:ResolvedSettings, body:dict) -> dict:
+    "Control-service handler `jobs.cancel`: stop a followed job as Ctrl-C does in `finish` (its kernel's group killed, the run KILLED); `{status}`."
+    if (f := _followed_job(body)) is None: return dict(unknown=True)
+    _cancel(f)
+    return dict(status=f.result["status"])
+
+def _cancel(f:_Followed):
+    f.cancelling, h = True, f.handle
+    h.cancel()
+    try: h.wait(timeout=30)
+    except Exception: pass
+    _close_if_running(h.settings, h.run_id, "cancelled", "KILLED", h.secrets)
+    f.result = asdict(job_result(h.settings, h.run_id))
+
+# %% ../../nbs/api/23_jobs_submit.ipynb #939ba6e0
+def _watch_clients():
+    "Start, once per process, the thread that cancels followed jobs whose client stopped asking, and forgets ended ones."
+    with _followed_lock:
+        if not any(t.name == "ml_prod-followed-jobs" for t in threading.enumerate()):
+            threading.Thread(target=_client_watch, name="ml_prod-followed-jobs", daemon=True).start()
+
+def _client_watch():
+    while True:
+        time.sleep(1.0)
+        with _followed_lock: items = list(_followed.items())
+        for run_id, f in items:
+            try: _check_client(run_id, f)
+            except Exception: pass  # the store is struggling: the next round tries again
+
+def _check_client(run_id:str, f:_Followed):
+    "Forget an ended job its client has not asked about for FOLLOW_TTL_S; cancel one still running (as a dead driver's job dies)."
+    if time.time() - f.polled < FOLLOW_TTL_S or (f.cancelling and f.result is None): return
+    if f.result is None and not f.handle.done():
+        f.cancelling = True
+        threading.Thread(target=_cancel, args=(f,), name=f"ml_prod-cancel-{run_id}", daemon=True).start()
+        return
+    if f.result is None: f.handle.wait()
+    with _followed_lock: _followed.pop(run_id, None)
