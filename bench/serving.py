@@ -234,7 +234,7 @@ def _serve_ml_prod(args, batching: bool = True, steps: list | None = None):
     from ml_prod.serving.control import deploy, undeploy
     from ml_prod.settings import load_settings
     s = load_settings()
-    spec = spec_from_dict({"applications": [{"name": "bench", "arms": {"main": {"model": str(args.model_dir), "weight": 1}},
+    spec = spec_from_dict({"applications": [{"name": "bench", "arms": {"main": {"model": register_model_dir(s, args.model_dir), "weight": 1}},
                                               "batching": {"enabled": batching, "max_batch_size": 32, "wait_ms": 1},
                                               "preprocess": steps or []}]})
     try:
@@ -244,6 +244,15 @@ def _serve_ml_prod(args, batching: bool = True, steps: list | None = None):
     finally:
         try: undeploy(None, s)
         finally: cluster_down(s)
+
+def register_model_dir(s, model_dir) -> str:
+    "Log the model folder as run artifacts in the project's tracking store and register it: ml_prod serves registered versions only."
+    import mlflow
+    from ml_prod.models.registry import register
+    mlflow.set_tracking_uri(s.tracking_uri)
+    mlflow.set_experiment("bench")
+    with mlflow.start_run() as run: mlflow.log_artifacts(str(model_dir), "model")
+    return f"models:/bench/{register(s, run.info.run_id, 'bench')}"
 
 def target_main(args):
     "Entry point of a target process (`--_serve NAME`)."
