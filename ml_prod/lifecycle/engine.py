@@ -108,10 +108,14 @@ def challenger_of(s:ResolvedSettings, name:str, alias:str, pipeline_run:str) -> 
     return int(mv.version) if trained_by == pipeline_run else None
 
 def scores(s:ResolvedSettings, name:str, version:int, frame, a:Application):
-    "Version `version`'s scores of the rows of `frame` (the column the decision reads)."
-    import mlflow, numpy as np
-    mlflow.set_registry_uri(s.registry_uri or s.tracking_uri); mlflow.set_tracking_uri(s.tracking_uri)
-    out = mlflow.pyfunc.load_model(f"models:/{name}/{version}").predict(frame)
+    "Version `version`'s scores of the rows of `frame` (the column the decision reads), from a private copy of its files."
+    import mlflow, numpy as np, tempfile
+    from ml_prod.serving.model import download_model
+    # not `load_model("models:/...")`: on a local store MLflow loads the version's files in place and writes into them
+    # (registered_model_meta, the code's __pycache__), and a replica started later refuses them as changed since pinned
+    with tempfile.TemporaryDirectory(prefix="ml_prod-evaluate-") as d:
+        local = download_model(f"models:/{name}/{version}", d, s.tracking_uri, s.registry_uri or s.tracking_uri)
+        out = mlflow.pyfunc.load_model(str(local)).predict(frame)
     if hasattr(out, "columns"): out = out[a.decision.score] if a.decision.score else out.iloc[:, 0]
     out = np.asarray(out, dtype=float)
     return out[:, 0] if out.ndim == 2 else out
@@ -242,7 +246,6 @@ def _awaiting(s, a:Application, st, now:float) -> dict:
 
 # %% ../../nbs/api/72_lifecycle_engine.ipynb #64619ceb
 def _canary(s, a:Application, st, now:float) -> dict:
-    from ml_prod.models.registry import set_alias
     lc, (name, alias) = a.lifecycle, _model(a)
     t0 = st.facts["canary_since"]
     can, champ = arm_figures(s, a.name, lc.canary_arm, t0, now), arm_figures(s, a.name, lc.arm, t0, now)
@@ -252,16 +255,26 @@ def _canary(s, a:Application, st, now:float) -> dict:
     if action == "wait": return dict(action="wait", reason=why)
     v = st.facts["challenger"]
     if action == "promote":
-        describe_version(s, name, v, a.name, st.facts, figs)
-        set_alias(s, name, alias, v, reason=f"lifecycle {a.name}: canary held: {why}", actor="ml_prod lifecycle",
-                  evaluation_run=st.facts.get("retrain_run"))
-        _set_canary(s, a, 0.0)  # one new config: the champion's arm re-pinned to the new version, and all the traffic back to it
-        state.move(s, a.name, "promoted", f"version {v} promoted to {name}@{alias}: {why}", now=now, expect="canary", by="ml_prod lifecycle", figures=figs)
+        st = state.move(s, a.name, "promoted", f"version {v} promoted to {name}@{alias}: {why}", now=now, expect="canary", by="ml_prod lifecycle",
+                        figures=figs, canary=figs, canary_verdict=why)
     else:
-        _set_canary(s, a, 0.0)
-        state.move(s, a.name, "rolled_back", f"canary of version {v} rolled back: {why}", now=now, expect="canary", by="ml_prod lifecycle", figures=figs)
-    state.move(s, a.name, "cooling_down", f"after {action}", now=now, by="ml_prod lifecycle")
-    return dict(action=action, reason=why)
+        st = state.move(s, a.name, "rolled_back", f"canary of version {v} rolled back: {why}", now=now, expect="canary", by="ml_prod lifecycle", figures=figs,
+                        canary_verdict=why)
+    return _settle(s, a, st, now)
+
+def _settle(s, a:Application, st, now:float) -> dict:
+    "Put the recorded verdict into service, then cool down: after a promotion the champion's alias on the new version, then all the traffic back to the champion's arm. Until it is done every step tries again."
+    from ml_prod.models.registry import set_alias
+    from ml_prod.tracking.store import client
+    (name, alias), v = _model(a), st.facts["challenger"]
+    action = "promote" if st.phase == "promoted" else "rollback"
+    if action == "promote" and int(client(s).get_model_version_by_alias(name, alias).version) != v:
+        describe_version(s, name, v, a.name, st.facts, st.facts.get("canary") or {})
+        set_alias(s, name, alias, v, reason=f"lifecycle {a.name}: canary held: {st.facts.get('canary_verdict')}", actor="ml_prod lifecycle",
+                  evaluation_run=st.facts.get("retrain_run"))
+    _set_canary(s, a, 0.0)  # one new config: the champion's arm re-pinned to its alias's version, and all the traffic back to it
+    state.move(s, a.name, "cooling_down", f"after {action}", now=now, expect=st.phase, by="ml_prod lifecycle")
+    return dict(action=action, reason=st.facts.get("canary_verdict") or action)
 
 def describe_version(s:ResolvedSettings, name:str, version:int, app:str, facts:dict, canary:dict):
     "Write on the registered version why the loop promoted it, so the MLflow UI tells the story without ml_prod: description and tags."
@@ -287,7 +300,8 @@ def _cooling(s, a:Application, st, now:float) -> dict:
     return dict(action="watch", reason="cooldown over")
 
 # %% ../../nbs/api/72_lifecycle_engine.ipynb #a38a5bd3
-_STEPS = dict(watching=_watching, retraining=_retraining, evaluating=_evaluating, awaiting_approval=_awaiting, canary=_canary, cooling_down=_cooling)
+_STEPS = dict(watching=_watching, retraining=_retraining, evaluating=_evaluating, awaiting_approval=_awaiting, canary=_canary,
+              promoted=_settle, rolled_back=_settle, cooling_down=_cooling)
 
 def step(s:ResolvedSettings, app:str, now:float|None=None) -> dict:
     "One step of `app`'s loop: what it did (`action`) and why, in the phase it was in."
