@@ -62,10 +62,12 @@ def version_folder(version: int, name: str = "tiny") -> Path:
     return Path(uri.removeprefix("file://"))
 
 
-def sha256_of_files(folder: Path) -> str:
-    "The documented digest, computed here on its own: sha256 over 'relative/path\\0sha256(content)\\n' in sorted path order."
+def sha256_of_files(folder: Path, skip: tuple = ("registered_model_meta",)) -> str:
+    """The documented digest, computed here on its own: sha256 over 'relative/path\\0sha256(content)\\n' in sorted path order,
+    without MLflow's `registered_model_meta` at the top (`skip=()`: over every file)."""
     h = hashlib.sha256()
-    for p in sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.relative_to(folder).as_posix()):
+    for p in sorted((p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in skip),
+                    key=lambda p: p.relative_to(folder).as_posix()):
         h.update(f"{p.relative_to(folder).as_posix()}\0{hashlib.sha256(p.read_bytes()).hexdigest()}\n".encode())
     return h.hexdigest()
 
@@ -136,6 +138,23 @@ def test_build_records_the_digest_of_each_pinned_versions_files(project_dir):
     tamper(v1, project_dir / "never")
     _, again = built_arm(spec_of("digests", "champion"), deployed={"digests": deployed})
     assert again["digest"] == arm["digest"] != sha256_of_files(version_folder(v1))
+
+
+def test_a_models_uri_load_elsewhere_leaves_the_pinned_version_servable(project_dir):
+    """A notebook loading `models:/tiny/N` through MLflow, on the embedded profile's local store, writes MLflow's
+    `registered_model_meta` into the version's stored folder; a replica started afterwards still serves the version."""
+    import mlflow
+    import pandas as pd
+    from ml_prod.serving.model import load_model
+    from ml_prod.settings import load_settings
+    v1 = log_tiny("champion")
+    _, arm = built_arm(spec_of("meta", "champion"))
+    folder = version_folder(v1)
+    every_file = sha256_of_files(folder, skip=())
+    with mlflow_at(load_settings().tracking_uri): mlflow.pyfunc.load_model(f"models:/tiny/{v1}")  # what a user's notebook does
+    assert (folder / "registered_model_meta").is_file() and sha256_of_files(folder, skip=()) != every_file  # the stored files changed
+    with mlflow_at(load_settings().tracking_uri): m = load_model(arm["pinned"], digest=arm["digest"])  # what a replica does
+    assert len(m.frame_scores(pd.DataFrame(X_COLUMNS))) == 2
 
 
 def test_replica_refuses_a_version_whose_files_changed_and_keeps_serving(project_dir):
