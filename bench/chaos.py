@@ -11,7 +11,7 @@ an exclusive transaction for 20 s (one lock covers every such job then running).
 SQLite tables, the stored executed notebooks and psutil, as the test reads them, and printed as one table: scenario,
 jobs, final statuses, ended within deadline + 60 s, left RUNNING, orphaned processes, seconds per job (submission to
 end, median / max), and every broken expectation below it. It uses a temporary project and exits 1 when anything
-broke. Run it under /tmp/plan/serving.lock on a shared machine; the load average is printed with the table.
+broke. Run it with no other Ray on the machine; the load average is printed with the table.
 
     .venv/bin/python bench/chaos.py --control [--rate 100] [--kills 3] [--only service,lease,scheduler,canary]
 

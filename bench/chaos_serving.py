@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Serving under faults (issue 19): an open-loop Poisson client against a real served app on the project's local Ray.
 
-    flock /tmp/plan/serving.lock .venv/bin/python bench/chaos_serving.py [--rate 100] [--ab-rate 200] [--ab-requests 20000]
+    .venv/bin/python bench/chaos_serving.py [--rate 100] [--ab-rate 200] [--ab-requests 20000]
         [--kill-rate 100] [--replicas 3] [--only update,ab,kill,controller,broken] [--budget-s S]
 
 A temporary project on the embedded profile; `ml_prod serve up` (conftest's `deploy`) starts its persistent local Ray
@@ -34,7 +34,7 @@ The client is tests/poisson_load.py (shared with the tests). Audit rows are read
 from compaction: for every answered request (its server id, `request_id` in the answer) exactly one primary 200 row;
 "extra" rows are 200 rows of attempts the client never saw answered (a replica killed between its record and its
 answer). The load average is printed before and after each scenario. Exits 1 if an expectation broke. CI does not run
-this; run it under /tmp/plan/serving.lock on a shared machine (it uses the fixed ports above).
+this; run it with no other Ray on the machine (it uses the fixed ports above).
 """
 from __future__ import annotations
 import argparse, asyncio, json, os, random, signal, sys, tempfile, threading, time

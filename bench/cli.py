@@ -28,7 +28,7 @@ Ray, papermill) and, for `ml_prod run`, the job's own duration (from its summary
 
 Every ratio is printed with the machine's load average and the baseline's absolute time beside it; the last line is
 `ml_prod run / papermill CLI = N.NNx`. The cluster is stopped at the end, and no kernel it started is left.
-Run it under the shared lock when others use Ray on the machine (`flock /tmp/plan/serving.lock ...`).
+Run it with no other Ray on the machine.
 """
 from __future__ import annotations
 import argparse, json, os, pty, re, select, shutil, socket, statistics, subprocess, sys, tempfile, time

@@ -18,7 +18,7 @@ Audit rows are read from the raw files (the open JSON-lines segments and the Par
 `audit_upkeep` compacts them into when it restarts). `bench/chaos.py --control` runs the same scenarios longer and prints
 the issue's table; this module asserts outcomes and generous liveness deadlines only.
 
-Every test here deploys or kills processes of the shared cluster: run it under the serving lock."""
+Every test here deploys or kills processes of the shared cluster: one test session on the machine at a time (the shared cluster's fixed ports)."""
 from __future__ import annotations
 
 import asyncio
@@ -577,11 +577,10 @@ def canary_under_kills(project: Path, url: str, label: str, challenger_cfg: dict
 @pytest.mark.long  # about 2.5 min on 2 busy cores: `make test LONG=1`; bench/chaos.py --control runs it at 100 req/s
 @pytest.mark.timeout(900)
 def test_the_canary_verdict_is_not_fooled_by_replica_kills(project, canary_app):
-    """Open finding (2026-12-07 02:13 UTC run): the worse challenger was rolled back on its error rate (1 kill in its canary),
-    but the as-good one was rolled back too, on latency: "canary p95 12.8 ms is 1.56x the champion's 8.2 ms, over
-    max_latency_ratio = 1.5" on 77 vs 98 requests, 0 errors on either arm, after one replica kill (a restarted replica's
-    first answers are slow, and p95 over so few requests follows them). policy.canary_verdict's latency rule needs a
-    guard (enough requests per arm, or the two arms compared on the same replicas); this test fails until it has one."""
+    """A worse challenger is rolled back on its error rate and an as-good one promoted, while replicas of the app are
+    SIGKILLed during the canary. It found that the latency rule judged p95 as soon as min_requests had come: an as-good
+    canary was rolled back on "canary p95 12.8 ms is 1.56x the champion's 8.2 ms" over 77 vs 98 requests, 0 errors,
+    after one kill (a replaced replica's first answers are slow); latency is now judged at the end of the hold."""
     url = canary_app
     v1 = champion_version()
     # a worse challenger (better on the holdout, but it fails on amounts above 260 in a replica): rolled back on its error

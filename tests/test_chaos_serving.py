@@ -13,8 +13,8 @@ test reads what the application serves when it starts.
 
 Overload (429/503 with Retry-After, never 500) is tests/test_serving.py::test_overload_is_503_and_recovers; a replica
 killed under load is test_serving.py::test_killed_replica_loses_no_answered_record; the long forms, with the table
-of figures, are bench/chaos_serving.py. Runs on the session's shared serving cluster (conftest's `project`), under
-/tmp/plan/serving.lock. No latency is asserted, only outcomes and generous liveness deadlines."""
+of figures, are bench/chaos_serving.py. Runs on the session's shared serving cluster (conftest's `project`), one
+test session on the machine at a time. No latency is asserted, only outcomes and generous liveness deadlines."""
 from __future__ import annotations
 
 import json

@@ -3,7 +3,7 @@
 With the service up, the CLI asks it over its authenticated loopback API (handlers `jobs.list` and `jobs.show`, which
 query MLflow inside the service) and imports neither Ray nor MLflow; without it, the CLI asks MLflow itself, as before.
 The CLI runs in a subprocess (its own entry point, wrapped to write `sys.modules` at exit); the service is the
-`ControlService` the control actor hosts, started in this process (no Ray: nothing here needs the serving lock).
+`ControlService` the control actor hosts, started in this process (no Ray).
 Checked from raw facts: the runs, tags and metrics in MLflow's SQLite tables, and the modules each process imported."""
 from __future__ import annotations
 

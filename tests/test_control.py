@@ -3,7 +3,7 @@
 which moves endpoints to the version their alias points to however the alias was moved, over HTTP under load with no
 failed request. The served history is events in the tracking store: the same from two state folders.
 
-Every test here deploys or starts `ray start` processes: run it under the serving lock (see the helpers' brief)."""
+Every test here deploys or starts `ray start` processes: one test session on the machine at a time (the shared cluster's fixed ports)."""
 from __future__ import annotations
 
 import json

@@ -6,7 +6,7 @@ state), in Ray's session folder of the cluster that ran it all, or in the enviro
 
 Everything runs on one persistent local cluster of its own (GCS and Serve on free ports), started the way
 `ml_prod serve up` starts one (`cluster_up` with Serve's flags) from a shell that holds the API key, and is
-driven through the CLI. It runs `ray start`: run it under the serving lock (see tests/conftest.py)."""
+driven through the CLI. It runs `ray start`: one test session on the machine at a time."""
 from __future__ import annotations
 
 import json

@@ -6,7 +6,7 @@ asserted is what they recorded themselves (when each was inside its claim) and t
 experiment (status, start and end times, heartbeat metrics), read with MLflow's own client.
 
 The last test races an operator's `serve update` with the alias follower on a real Ray Serve application (the
-session's shared serving cluster, conftest's `project`: run it under the serving lock) and reads Ray Serve's own
+session's shared serving cluster, conftest's `project`: one test session on the machine at a time) and reads Ray Serve's own
 copy of the deployed config. On the code before the claim (8f1634c) it fails: the operator's update returned with
 the canary's weight 3, and Serve's config ended with weight 1.0, the follower's update (started from the config it
 had read before the operator's apply) having put the old weight back."""

@@ -13,7 +13,7 @@
 
 The first tests need no Ray (MLflow on SQLite in a fresh project, the replica's request path in
 process); the last ones run on the session's shared serving cluster over HTTP (conftest's `project`;
-run them under /tmp/plan/serving.lock)."""
+its fixed ports allow one test session on the machine at a time)."""
 from __future__ import annotations
 
 import hashlib

@@ -87,9 +87,9 @@ def canary_verdict(canary:ArmFigures, champion:ArmFigures, # both arms over the 
     if canary.requests < c.min_requests:
         if age > c.timeout_s: return "rollback", f"only {canary.requests} canary requests in {age:.0f} s, under min_requests = {c.min_requests} by timeout_s = {c.timeout_s:g}"
         return "wait", f"{canary.requests} of {c.min_requests} canary requests"
+    if age < c.hold_s: return "wait", f"figures hold; {age:.0f} of hold_s = {c.hold_s:g} s (latency is judged at its end)"
     if canary.p95_ms is not None and champion.p95_ms and canary.p95_ms / champion.p95_ms > c.max_latency_ratio:
-        return "rollback", f"canary p95 {canary.p95_ms:.1f} ms is {canary.p95_ms / champion.p95_ms:.2f}x the champion's {champion.p95_ms:.1f} ms, over max_latency_ratio = {c.max_latency_ratio:g}"
-    if age < c.hold_s: return "wait", f"figures hold; {age:.0f} of hold_s = {c.hold_s:g} s"
+        return "rollback", f"canary p95 {canary.p95_ms:.1f} ms is {canary.p95_ms / champion.p95_ms:.2f}x the champion's {champion.p95_ms:.1f} ms over {age:.0f} s, over max_latency_ratio = {c.max_latency_ratio:g}"
     return "promote", (f"{canary.requests} canary requests, error rate {canary.error_rate:.2%} vs {champion.error_rate:.2%}, "
                        f"p95 {canary.p95_ms if canary.p95_ms is None else round(canary.p95_ms, 1)} ms vs {champion.p95_ms if champion.p95_ms is None else round(champion.p95_ms, 1)} ms, held {age:.0f} s")
 
