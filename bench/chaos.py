@@ -81,9 +81,6 @@ def main() -> int:
 
 # ---- the control service under faults (--control) ---------------------------------------------------------------------
 
-def _load_avg() -> str: return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
-
-
 def _row(name, rate, c=None, audit="", recovery="") -> dict:
     c = c or {}
     return dict(name=name, rate=rate, n=c.get("n", "-"), err0=f"{c['err0']} {c['first'] or ''}" if c else "-",
@@ -175,36 +172,9 @@ def control_table(rows: list[dict]) -> str:
 
 
 def control_main(a) -> int:
-    import tempfile as tf
-    from conftest import _stop_cluster, in_project
+    from chaos_serving import run_scenarios  # bench/chaos_serving.py: one fresh project, the scenarios, one table
     scenarios = dict(service=scenario_service, lease=scenario_lease, scheduler=scenario_scheduler, canary=scenario_canary)
-    t_start, rows, problems = time.monotonic(), [], []
-    with tf.TemporaryDirectory(prefix="ml_prod-chaos-control-") as tmp:
-        root = Path(tmp) / "project"
-        root.mkdir()
-        (root / "settings.ini").write_text("[DEFAULT]\n")
-        for v in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID"): os.environ.pop(v, None)
-        with in_project(root):
-            try:
-                for name in a.only.split(","):
-                    if name not in scenarios: raise SystemExit(f"--only: unknown scenario {name!r} ({', '.join(scenarios)})")
-                    before, t = _load_avg(), time.monotonic()
-                    print(f"{name}: start, load average {before}", flush=True)
-                    try: got = scenarios[name](a, root, problems)
-                    except Exception as e:
-                        problems.append(f"{name}: {type(e).__name__}: {str(e)[:800]}"); print("FAILED:", problems[-1], flush=True); continue
-                    for r in got: r["load"] = f"{before} -> {_load_avg()}"
-                    rows += got
-                    print(f"{name}: {time.monotonic() - t:.0f} s, load average {_load_avg()}", flush=True)
-                    print(control_table(got), flush=True)
-            finally:
-                _stop_cluster()
-    print()
-    print(control_table(rows))
-    for r in rows: print(f"load average (1, 5, 15 min) before -> after {r['name'][:60]}: {r['load']}")
-    print(f"total {time.monotonic() - t_start:.0f} s; load average at the end {_load_avg()} ({os.cpu_count()} cores)")
-    for p in problems: print("BROKEN:", p)
-    return 1 if problems else 0
+    return run_scenarios(a, "ml_prod-chaos-control-", scenarios, control_table)
 
 
 if __name__ == "__main__":

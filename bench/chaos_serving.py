@@ -306,9 +306,25 @@ def main() -> int:
     ap.add_argument("--only", default="update,ab,kill,controller,broken")
     ap.add_argument("--budget-s", type=float, default=1800, help="no scenario starts after this many seconds")
     a = ap.parse_args()
-    from conftest import _stop_cluster, in_project, log_version
+    from conftest import log_version
+    versions = {}
+    def setup(_root):
+        versions["v1"], versions["v2"] = log_version("bench-v1"), log_version("bench-v2", offset=0.5)
+    scenarios = dict(update=lambda a, root, problems: [scenario_update(a, root, versions["v1"], versions["v2"], problems)],
+                     ab=lambda a, root, problems: [scenario_ab(a, root, versions["v1"], versions["v2"], problems)],
+                     kill=lambda a, root, problems: [scenario_kill(a, root, versions["v1"], problems)],
+                     controller=lambda a, root, problems: [scenario_controller(a, root, versions["v1"], problems)],
+                     broken=lambda a, root, problems: [scenario_broken(a, root, versions["v1"], problems)])
+    return run_scenarios(a, "ml_prod-chaos-serving-", scenarios, table, setup=setup, budget_s=a.budget_s)
+
+
+def run_scenarios(a, prefix: str, scenarios: dict, table, setup=None, budget_s: float | None = None) -> int:
+    """Run the scenarios `a.only` names, in that order, in one fresh project (`settings.ini` with just [DEFAULT]), each
+    `scenarios[name](a, root, problems) -> rows`; print each one's rows with the load average before and after, then
+    all of them as one `table`, and every broken expectation. 1 when anything broke. The project's Ray is stopped at the end."""
+    from conftest import _stop_cluster, in_project
     t_start, rows, problems = time.monotonic(), [], []
-    with tempfile.TemporaryDirectory(prefix="ml_prod-chaos-serving-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         root = Path(tmp) / "project"
         root.mkdir()
         (root / "settings.ini").write_text("[DEFAULT]\n")
@@ -316,31 +332,25 @@ def main() -> int:
         with in_project(root):
             try:
                 print(f"load average {_load_avg()} ({os.cpu_count()} cores) at the start", flush=True)
-                v1, v2 = log_version("bench-v1"), log_version("bench-v2", offset=0.5)
+                if setup: setup(root)
                 for name in a.only.split(","):
-                    if time.monotonic() - t_start > a.budget_s: print(f"{name}: not run, out of time"); continue
-                    before = _load_avg()
-                    t = time.monotonic()
+                    if name not in scenarios: raise SystemExit(f"--only: unknown scenario {name!r} ({', '.join(scenarios)})")
+                    if budget_s is not None and time.monotonic() - t_start > budget_s: print(f"{name}: not run, out of time"); continue
+                    before, t = _load_avg(), time.monotonic()
                     print(f"{name}: start, load average {before}", flush=True)
-                    try:
-                        if name == "update": row = scenario_update(a, root, v1, v2, problems)
-                        elif name == "ab": row = scenario_ab(a, root, v1, v2, problems)
-                        elif name == "kill": row = scenario_kill(a, root, v1, problems)
-                        elif name == "controller": row = scenario_controller(a, root, v1, problems)
-                        elif name == "broken": row = scenario_broken(a, root, v1, problems)
-                        else: raise SystemExit(f"--only: unknown scenario {name!r} (update, ab, kill, controller, broken)")
+                    try: got = scenarios[name](a, root, problems)
                     except Exception as e:
                         problems.append(f"{name}: {type(e).__name__}: {str(e)[:800]}"); print("FAILED:", problems[-1], flush=True); continue
-                    row["load"] = f"{before} -> {_load_avg()}"
-                    rows.append(row)
-                    print(f"{name}: {time.monotonic() - t:.0f} s, load average {row['load']}", flush=True)
-                    print(table([row]), flush=True)
+                    for r in got: r["load"] = f"{before} -> {_load_avg()}"
+                    rows += got
+                    print(f"{name}: {time.monotonic() - t:.0f} s, load average {_load_avg()}", flush=True)
+                    print(table(got), flush=True)
             finally:
                 _stop_cluster()
     print()
     print(table(rows))
-    for r in rows: print(f"load average (1, 5, 15 min) before -> after {r['name']}: {r['load']}")
-    print(f"total {time.monotonic() - t_start:.0f} s; load average at the end {_load_avg()}")
+    for r in rows: print(f"load average (1, 5, 15 min) before -> after {r['name'][:60]}: {r['load']}")
+    print(f"total {time.monotonic() - t_start:.0f} s; load average at the end {_load_avg()} ({os.cpu_count()} cores)")
     for p in problems: print("BROKEN:", p)
     return 1 if problems else 0
 

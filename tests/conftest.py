@@ -278,6 +278,17 @@ def open_sweep(s, root: Path, samples: int):
                        run_tags=tune._trial_tags(s, nb, nb.read_bytes(), {}, sweep_id))
 
 
+def raw_records(audit_dir, app: str, folder: str = "segments") -> list[dict]:
+    "Every whole JSON line of every segment of `app` (`folder`: 'segments' or 'feedback-segments'), read from the files themselves, before any compaction (no ml_prod code)."
+    out = []
+    for p in sorted((Path(audit_dir) / app / folder).glob("*.jsonl")):
+        for line in p.read_bytes().split(b"\n"):
+            if line.strip():
+                try: out.append(json.loads(line))
+                except ValueError: pass
+    return out
+
+
 def free_ports(n: int, lo: int = 26000, hi: int = 32000) -> list[int]:
     """`n` distinct ports that are free right now, drawn from below the ephemeral range (32768-60999 here).
 

@@ -8,16 +8,15 @@ ml_prod's own query (which deduplicates)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
-RECORD = {"amount": 250.0, "country": "US"}
+from conftest import RECORD, raw_records
+
 BACKOFF_S = (0.2, 0.4)  # before the first and the second retry
 
 
@@ -92,17 +91,6 @@ class Load:
         self.stop.set()
         self.thread.join(120)
         assert not self.thread.is_alive(), "the load's requests did not all end within 120 s"
-
-
-def raw_records(audit_dir, app: str) -> list[dict]:
-    "Every whole JSON line of the request segments of `app`, read from the files themselves (before any compaction)."
-    out = []
-    for p in sorted((Path(audit_dir) / app / "segments").glob("*.jsonl")):
-        for line in p.read_bytes().split(b"\n"):
-            if line.strip():
-                try: out.append(json.loads(line))
-                except ValueError: pass
-    return out
 
 
 def audit_check(audit_dir, app: str, reqs: list[Req], prefix: str) -> dict:

@@ -27,20 +27,11 @@ from ml_prod.audit.writer import AuditWriter, FeedbackWriter, AuditError
 from ml_prod.audit.store import compact
 from ml_prod.audit.query import query, read_feedback, join_feedback
 
+from conftest import raw_records
+
 HERE = Path(__file__).parent
 ONE = b'{"amount": 250.0, "country": "US"}'
 T = 1735689600.0  # 2025-01-01T00:00:00Z
-
-
-def raw_records(audit_dir: Path, app: str, folder: str = "segments") -> list[dict]:
-    "Every whole JSON line of every segment of `app`, read from the files (no ml_prod code)."
-    out = []
-    for p in sorted((Path(audit_dir) / app / folder).glob("*.jsonl")):
-        for line in p.read_bytes().split(b"\n"):
-            if line.strip():
-                try: out.append(json.loads(line))
-                except ValueError: pass
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,8 @@ import httpx
 import psutil
 import pytest
 
-from conftest import ML_PROD, RECORD, cli, deploy, log_version, status
-from poisson_load import Load, audit_check, counts, load_avg, raw_records
+from conftest import ML_PROD, RECORD, cli, deploy, log_version, raw_records, status
+from poisson_load import Load, audit_check, counts, load_avg
 
 RATE = 50  # requests a second in these short forms (bench/chaos_serving.py runs them at 100)
 

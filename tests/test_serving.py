@@ -17,18 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import RECORD, cli, deploy, log_version, ray_deployed, raw_project, status
-
-
-def raw_records(audit_dir, app: str) -> list[dict]:
-    "Every whole JSON line of the request segments of `app`, read from the files themselves (before any compaction)."
-    out = []
-    for p in sorted((Path(audit_dir) / app / "segments").glob("*.jsonl")):
-        for line in p.read_bytes().split(b"\n"):
-            if line.strip():
-                try: out.append(json.loads(line))
-                except ValueError: pass
-    return out
+from conftest import RECORD, cli, deploy, log_version, ray_deployed, raw_project, raw_records, status
 
 
 def answered_once(raw: list[dict], answered: list[str]) -> dict:

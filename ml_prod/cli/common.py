@@ -19,7 +19,7 @@ from ..settings import load_settings, settings_table
 # %% auto #0
 __all__ = ['EXIT_OK', 'EXIT_FAILED', 'EXIT_BAD_INPUT', 'EXIT_UNHEALTHY', 'EXIT_INTERRUPTED', 'app', 'console', 'err',
            'ProfileOpt', 'PAIR', 'Unhealthy', 'RootGroup', 'root_options', 'group', 'wants_json', 'emit', 'parse_size',
-           'gather_parameters', 'PairOpt', 'PairsCommand', 'ask_service', 'NotServed', 'call_service']
+           'gather_parameters', 'PairOpt', 'PairsCommand', 'NotServed', 'call_service', 'ask_service']
 
 # %% ../../nbs/api/90_cli_common.ipynb #2fb775bf
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNHEALTHY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -146,17 +146,6 @@ def _takes_pair(process, names:str):
         process((name, v), state)
     return take
 
-# %% ../../nbs/api/90_cli_common.ipynb #43c28ed3
-def ask_service(s, # the command's settings: the service must serve the same profile and tracking store
-                handler:str, # a handler of the service (`ml_prod.control.service.HANDLERS`), e.g. "jobs.list"
-                body:dict, timeout_s:float=30):
-    "Handler `handler`'s answer from the project's control service, over its authenticated API; None when none answers it."
-    from ml_prod.control import service  # neither Ray nor MLflow: they load inside its functions only
-    if not (service.api_dir(s)/"api.json").is_file(): return None
-    body = dict(body, profile=s.profile, tracking_uri=s.tracking_uri)
-    try: return service.request(s, "POST", f"/v1/handlers/{handler}", body, timeout_s=timeout_s)["result"]
-    except service.ControlError: return None
-
 # %% ../../nbs/api/90_cli_common.ipynb #8b287a52
 class NotServed(Exception):
     "No control service takes the request: none is up for the project, or it has no such handler (an older one)."
@@ -186,3 +175,11 @@ def call_service(s, # the command's settings
         if isinstance(e.reason, ConnectionRefusedError): raise NotServed(f"the control service at {url} is gone") from None  # stale api.json
         raise MlProdError(f"the control service at {url} does not answer ({e.reason})") from None
     except OSError as e: raise MlProdError(f"the control service at {url} does not answer ({e})") from None
+
+# %% ../../nbs/api/90_cli_common.ipynb #43c28ed3
+def ask_service(s, # the command's settings: the service must serve the same profile and tracking store
+                handler:str, # a handler of the service (`ml_prod.control.service.HANDLERS`), e.g. "jobs.list"
+                body:dict, timeout_s:float=30):
+    "Handler `handler`'s answer from the project's control service (`call_service`); None when it does not answer it."
+    try: return call_service(s, handler, body, timeout_s)
+    except (NotServed, MlProdError): return None
