@@ -222,19 +222,30 @@ ParamSchema.validate = _validate  # a method of ParamSchema, defined once the ch
 
 # %% ../nbs/api/02_params.ipynb #f3845b7b
 def _parameters_cell(nb) -> int|None:
-    "Index of the first code cell tagged `parameters`, or None."
-    return next((i for i, c in enumerate(nb.cells) if c.cell_type == "code" and "parameters" in c.get("metadata", {}).get("tags", [])), None)
+    "Index of the first code cell tagged `parameters`, or None (`nb` a `NotebookNode` or its plain JSON)."
+    return next((i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code" and "parameters" in c.get("metadata", {}).get("tags", [])), None)
+
+def _read_v4(path) -> dict:
+    """The notebook at `path` as plain JSON when it is nbformat 4 (all a schema reads), else as nbformat reads it: its
+    import takes most of a second (jsonschema's format checkers), which a thin `ml_prod run` would pay for nothing."""
+    import json
+    try:
+        nb = json.loads(Path(path).read_text(encoding="utf-8"))
+        if nb.get("nbformat") == 4 and isinstance(nb.get("cells"), list): return nb
+    except (OSError, ValueError, AttributeError): pass
+    import nbformat
+    return nbformat.read(path, as_version=4)  # an older format converted, or nbformat's own error
 
 def notebook_schema(nb, # path of a notebook, or the notebook itself (a `NotebookNode`)
                     name:str|None=None, # how error messages name the notebook (default: its path)
                    ) -> ParamSchema:
     "The parameter schema of a job notebook, read from its cell tagged `parameters`."
-    import nbformat
     path = str(name or (nb if isinstance(nb, (str, Path)) else "notebook"))
-    if isinstance(nb, (str, Path)): nb = nbformat.read(nb, as_version=4)
+    if isinstance(nb, (str, Path)): nb = _read_v4(nb)
     if (i := _parameters_cell(nb)) is None: return ParamSchema(path)
-    src = nb.cells[i].source
+    src = nb["cells"][i]["source"]
     return ParamSchema(path, parse_parameters("".join(src) if isinstance(src, list) else src, Path(path).name), i)
+
 
 # %% ../nbs/api/02_params.ipynb #c3ae0912
 def secret_env_var(name:str) -> str:

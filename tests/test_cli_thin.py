@@ -4,7 +4,9 @@ With the service up, the CLI asks it over its authenticated loopback API (handle
 query MLflow inside the service) and imports neither Ray nor MLflow; without it, the CLI asks MLflow itself, as before.
 The CLI runs in a subprocess (its own entry point, wrapped to write `sys.modules` at exit); the service is the
 `ControlService` the control actor hosts, started in this process (no Ray).
-Checked from raw facts: the runs, tags and metrics in MLflow's SQLite tables, and the modules each process imported."""
+`ml_prod run` goes to the service's warm job workers (`ml_prod.jobs.warm`).
+Checked from raw facts: the runs, tags and metrics in MLflow's SQLite tables, the modules each process imported, the
+job's processes (psutil) and Ray's own resource view."""
 from __future__ import annotations
 
 import json
@@ -164,7 +166,10 @@ def run_service(ray_local, project_dir):
     s = load_settings()
     svc = ControlService(s, tasks=[], holder="test-thin-run").start()
     try: yield s
-    finally: svc.stop()
+    finally:
+        svc.stop()
+        from ml_prod.jobs import warm
+        warm.shutdown()  # this process's warm job workers (the service's, here)
 
 
 def test_run_through_the_service_prints_what_run_prints_without_ray_or_mlflow(project_dir, run_service):
@@ -235,6 +240,7 @@ def test_ctrl_c_and_a_killed_client_cancel_the_job(project_dir, run_service):
     s = run_service
     nb = make_nb(project_dir / "sleep.ipynb", SLEEPER)
     env = {**os.environ, "THIN_TEST_MODULES": str(project_dir / "modules.json")}
+    _warm_worker_ready(s)  # both jobs on the warm worker: it stops a job when told to, as a task is interrupted
     # Ctrl-C: exit 130, the run KILLED in MLflow's tables, its kernel and the kernel's child gone
     p = subprocess.Popen([sys.executable, "-c", PROBE, "run", str(nb)], cwd=project_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run_id, pgid, child = _started(s, p)
@@ -252,3 +258,61 @@ def test_ctrl_c_and_a_killed_client_cancel_the_job(project_dir, run_service):
     raw = raw_run(s.tracking_uri, run_id)
     assert raw["status"] == "KILLED" and raw["tags"]["ml_prod.error"].endswith(": cancelled"), raw
     _wait(lambda: _gone(pgid) and _gone(child), 15)
+
+
+def _warm_worker_ready(s):
+    from ml_prod.jobs import warm
+    _wait(lambda: warm.keep_warm(s)["idle"] >= 1, 120, every=0.5)
+
+
+def _running(s, run_id: str, attempt: str = "1") -> dict:
+    "The tags of job `run_id` once attempt `attempt` has its kernel."
+    return _wait(lambda: (t := raw_run(s.tracking_uri, run_id)["tags"]).get("ml_prod.attempts") == attempt and "ml_prod.kernel_pgid" in t and t, 90)
+
+
+def _job_of(s, p: subprocess.Popen) -> str:
+    "The run id of client `p`'s job, the only RUNNING one."
+    return _wait(lambda: (jobs := [j for j in raw_jobs(s.tracking_uri) if j["status"] == "RUNNING"]) and jobs[0]["run_id"], 90)
+
+
+def test_thin_runs_go_to_a_warm_worker_which_holds_their_cpus(project_dir, run_service, ray_local):
+    import psutil
+    s = run_service
+    nb = make_nb(project_dir / "hold.ipynb", "import time; time.sleep(3)")
+    _warm_worker_ready(s)
+    _wait(lambda: ray_local.available_resources().get("CPU") == 2.0, 30)
+    env = {**os.environ, "THIN_TEST_MODULES": str(project_dir / "modules.json")}
+    sups, kernels = [], []
+    for _ in range(2):
+        submitted = time.time()
+        p = subprocess.Popen([sys.executable, "-c", PROBE, "run", str(nb)], cwd=project_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        tags = _running(s, _job_of(s, p))
+        held = ray_local.available_resources().get("CPU")
+        sup = psutil.Process(int(tags["ml_prod.supervisor_pid"]))
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0 and "FINISHED" in out, (out, err)
+        assert held == 1.0  # the job's CPU, held for it while it ran (the worker itself holds none)
+        # its supervisor is a warm worker: a Ray actor process that was up before the job was submitted
+        assert sup.create_time() < submitted and "JobWorker" in " ".join(sup.cmdline()), (sup.cmdline(), sup.create_time(), submitted)
+        sups.append(sup.pid); kernels.append(tags["ml_prod.kernel_pgid"])
+        _wait(lambda: ray_local.available_resources().get("CPU") == 2.0, 30)  # freed when it ended
+    assert sups[0] == sups[1] and kernels[0] != kernels[1]  # the same worker, each job a kernel of its own
+
+
+def test_a_warm_worker_killed_mid_job_runs_it_again_as_a_task(project_dir, run_service):
+    import psutil
+    s = run_service
+    nb = make_nb(project_dir / "twice.ipynb", "import time; time.sleep(4); print('slept', flush=True)")
+    _warm_worker_ready(s)
+    env = {**os.environ, "THIN_TEST_MODULES": str(project_dir / "modules.json")}
+    p = subprocess.Popen([sys.executable, "-c", PROBE, "run", str(nb)], cwd=project_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_id = _job_of(s, p)
+    first = _running(s, run_id)
+    assert "JobWorker" in " ".join(psutil.Process(int(first["ml_prod.supervisor_pid"])).cmdline())  # on the warm worker
+    os.kill(int(first["ml_prod.supervisor_pid"]), signal.SIGKILL)
+    out, err = p.communicate(timeout=180)
+    raw = raw_run(s.tracking_uri, run_id)
+    assert p.returncode == 0 and raw["status"] == "FINISHED" and raw["tags"]["ml_prod.attempts"] == "2", (out, err, raw["tags"])
+    assert raw["tags"]["ml_prod.supervisor_pid"] != first["ml_prod.supervisor_pid"]
+    assert "slept" in (raw["artifacts"] / "job.log").read_text()
+    _wait(lambda: _gone(int(first["ml_prod.kernel_pgid"])), 15)  # the killed attempt's kernel went with it

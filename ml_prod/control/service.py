@@ -34,7 +34,8 @@ TASKS = [Task("alias_follower", 1.0, "ml_prod.control.follower:tick"),          
          Task("audit_upkeep", 3600.0, "ml_prod.serving.control:maintain_audit"),  # compaction, then retention
          Task("scheduler", 5.0, "ml_prod.control.scheduler:scheduler_task"),      # fires due schedules
          Task("lifecycle", 5.0, "ml_prod.lifecycle.engine:tick"),                 # one step of each application's retrain loop
-         Task("job_reaper", 30.0, "ml_prod.tracking.store:reap_stale_jobs")]      # FAILED: RUNNING jobs whose supervisor stopped beating
+         Task("job_reaper", 30.0, "ml_prod.tracking.store:reap_stale_jobs"),      # FAILED: RUNNING jobs whose supervisor stopped beating
+         Task("job_workers", 10.0, "ml_prod.jobs.warm:keep_warm")]                # warm job workers for `ml_prod run`'s jobs
 HANDLERS = {"follow": "ml_prod.control.follower:follow_handler",                    # name -> "package.module:function(settings, body)"
             "jobs.list": "ml_prod.jobs.query:list_handler",                       # `ml_prod jobs list` and `jobs show` as thin clients
             "jobs.show": "ml_prod.jobs.query:show_handler",

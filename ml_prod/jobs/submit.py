@@ -13,6 +13,7 @@ from ..settings import ResolvedSettings, load_settings
 from ..tracking import store
 from ..tracking import tags as keys
 from .supervisor import JobSpec, supervise
+from .warm import start as _start_warm
 from .query import JobResult, job_result, job_log, settings_key
 from dataclasses import asdict, dataclass, field
 from ..runtime import _compat
@@ -30,10 +31,25 @@ class JobHandle:
     settings: ResolvedSettings = field(repr=False)
     ref: object = field(default=None, repr=False)
     secrets: tuple = field(default=(), repr=False)  # its secret parameters' values, masked in what this process stores
+    stop: object = field(default=None, repr=False)     # stops a job on a warm worker, whose actor call Ray cannot interrupt
+    rerun: object = field(default=None, repr=False)    # a new ref running the job again, when its warm worker was lost
 
     def done(self) -> bool:
         import ray
-        return bool(ray.wait([self.ref], timeout=0)[0])
+        return bool(ray.wait([self.ref], timeout=0)[0]) and not self._rerun_if_lost()
+
+    def _rerun_if_lost(self) -> bool:
+        "If the warm worker running the job died, run it again as a task (`rerun`; None when no retry is left): whether it does."
+        import ray
+        from ray.exceptions import RayActorError
+        if self.rerun is None: return False
+        try: ray.get(self.ref, timeout=0); return False
+        except RayActorError: pass
+        except Exception: return False
+        ref, self.rerun, self.stop = self.rerun(), None, None
+        if ref is None: return False
+        self.ref = ref
+        return True
 
     def wait(self, timeout:float|None=None) -> JobResult:
         "Block until the job ends (Ray's retries included) and return its result."
@@ -46,6 +62,7 @@ class JobHandle:
         except RayTaskError as e:  # the supervisor raised: not a lost worker (e.g. the store stayed down past its retries)
             _close_if_running(self.settings, self.run_id, f"the job's supervisor failed: {str(e.cause if e.cause else e).splitlines()[0][:500]}", secrets=self.secrets)
         except RayError as e:
+            if self._rerun_if_lost(): return self.wait(timeout)  # its warm worker died: it runs again as a task
             _close_if_running(self.settings, self.run_id, f"the job's Ray worker was lost and retries ran out: {type(e).__name__}: {str(e).splitlines()[0][:300]}", secrets=self.secrets)
         return job_result(self.settings, self.run_id)
 
@@ -54,7 +71,8 @@ class JobHandle:
         import ray
         try: store.client(self.settings).set_tag(self.run_id, keys.CANCEL_REQUESTED, "true")
         except Exception: pass  # the store is struggling: ray.cancel below stops the job all the same
-        ray.cancel(self.ref)
+        if self.stop: self.stop()
+        else: ray.cancel(self.ref)
 
 def _close_if_running(s, run_id, reason, status="FAILED", secrets=()):
     """End the run with `reason` unless the supervisor already wrote its final status. What its last attempt left on this
@@ -156,6 +174,18 @@ def _start_detached(spec:JobSpec, opts:dict, timeout:float|None=None):
                           "actor removed; free resources or ask for fewer (see `ray status`), then submit again.") from None
     return actor.run.remote(spec)
 
+_CPUS_ONLY = {"num_cpus", "num_gpus", "name", "retry_exceptions", "max_retries"}  # the task options a warm worker's job honours
+
+def _launch(s:ResolvedSettings, spec:JobSpec, opts:dict, detach:bool, warm:bool) -> dict:
+    """Start job `spec` in a detached actor, on a warm worker (`jobs.warm`: when `warm`, the job asks for CPUs only and
+    a worker is idle), or as a task: the `JobHandle` fields `ref`, and for a warm worker's job `stop` and `rerun`."""
+    if detach: return dict(ref=_start_detached(spec, opts))
+    if warm and not opts["num_gpus"] and set(opts) <= _CPUS_ONLY and (started := _start_warm(s, spec, opts["num_cpus"])):
+        left = opts["max_retries"]  # its worker lost: a task with one retry fewer, as Ray retries a task (-1: forever)
+        def rerun(): return _remote_supervise().options(**{**opts, "max_retries": max(left - 1, -1)}).remote(spec) if left else None
+        return dict(ref=started[0], stop=started[1], rerun=rerun)
+    return dict(ref=_remote_supervise().options(**opts).remote(spec))
+
 def _wants(opts:dict) -> str:
     "The resources a task asks for, in words."
     want = [f"{opts.get('num_cpus', 1):g} CPU"] + ([f"{opts['num_gpus']:g} GPU"] if opts.get("num_gpus") else [])
@@ -181,6 +211,7 @@ def submit_notebook(notebook:str|Path, # the .ipynb to run
                     run_name:str|None=None, # MLflow run name (default: the notebook's name)
                     tags:dict|None=None, # extra MLflow tags of the run
                     detach:bool=False, # run in a detached Ray actor that outlives this process (needs a persistent cluster)
+                    warm:bool=False, # run on an idle warm job worker of this process when the job asks for CPUs only (`jobs.warm`)
                    ) -> JobHandle:
     "Validate, record and start a notebook job on Ray; returns at once."
     from ml_prod.params import notebook_schema
@@ -203,12 +234,12 @@ def submit_notebook(notebook:str|Path, # the .ipynb to run
         connect(s)
         opts = _task_options(s, cpus, gpus, memory, resources, runtime_env, max_retries, f"job:{path.name}")
         _beat_while_waiting(s, run_id)  # until its supervisor starts: it may wait long for a worker
-        ref = _start_detached(spec, opts) if detach else _remote_supervise().options(**opts).remote(spec)
+        launched = _launch(s, spec, opts, detach, warm)
     except BaseException as e:
         with _waiting_lock: _waiting.pop(run_id, None)
         store.fail_run(store.client(s), run_id, f"could not start the job on Ray: {type(e).__name__}: {e}")
         raise
-    return JobHandle(run_id, path.name, s, ref, tuple(str(values[n]) for n in schema.secret_names if values.get(n)))
+    return JobHandle(run_id, path.name, s, secrets=tuple(str(values[n]) for n in schema.secret_names if values.get(n)), **launched)
 
 # %% ../../nbs/api/23_jobs_submit.ipynb #5b5faa2e
 def run_notebook(notebook:str|Path, # the .ipynb to run
@@ -267,7 +298,7 @@ def run_handler(s:ResolvedSettings, body:dict) -> dict:
     if body.get("settings") != settings_key(s): return dict(refused=f"this control service runs jobs with the settings of its own start, not the client's")
     opts = body.get("options") or {}
     if unknown := sorted(set(opts) - set(_OPTIONS)): raise MlProdError(f"jobs.run: unknown options {unknown}; known: {', '.join(_OPTIONS)}")
-    h = submit_notebook(body["notebook"], body.get("parameters") or {}, settings=s, cwd=body.get("cwd"), detach=bool(body.get("detach")), **opts)
+    h = submit_notebook(body["notebook"], body.get("parameters") or {}, settings=s, cwd=body.get("cwd"), detach=bool(body.get("detach")), warm=True, **opts)
     if not body.get("detach"):
         with _followed_lock: _followed[h.run_id] = _Followed(h, time.time())
         _watch_clients()
