@@ -2,7 +2,8 @@
 """Serving under faults (issue 19): an open-loop Poisson client against a real served app on the project's local Ray.
 
     .venv/bin/python bench/chaos_serving.py [--rate 100] [--ab-rate 200] [--ab-requests 20000]
-        [--kill-rate 100] [--replicas 3] [--only update,ab,kill,controller,broken] [--budget-s S]
+        [--kill-rate 100] [--replicas 3] [--only update,ab,kill,controller,broken,overload] [--budget-s S]
+        [--knee-rates 20,30,50,...] [--step-s 5] [--overload-s 20]
 
 A temporary project on the embedded profile; `ml_prod serve up` (conftest's `deploy`) starts its persistent local Ray
 (127.0.0.1: GCS 6379, Serve's proxy 8000) and the tiny model of tests/tiny_model.py is registered as v1 and v2
@@ -29,6 +30,16 @@ retries") and on the last ("after retries"). Scenarios, in order, each on its ow
 5. `broken`: R replicas serving v1 behind the stable address; three broken v3s tried in turn with `serve update`: its
    constructor fails, its health check fails (scoring its input example), only the replicas refuse it; each update
    must fail, `serve status` must say why, v1 must answer every request on the first try.
+6. `overload`: 1 replica behind the stable address, batching as by default; open-loop steps of `--step-s` at the
+   `--knee-rates` in turn until the p99 of the requests answered on the first try (sent -> answer) passes 10 ms (the
+   knee; when the lowest rate's p99 is over 10 ms already, where it passes 3x that: `--knee-ms`, `--knee-factor`); then 5x the knee for `--overload-s`, then half the knee as long: every HTTP answer during the overload 2xx,
+   429 or 503, every 429/503 with a Retry-After header (the raw headers the client kept), the accepted requests' p50/p99
+   beside the knee's p99 (printed), and the recovery: seconds from the overload's end to the first 1 s window from
+   which on no first try is refused and the p99 is under the knee's limit (at most 10 s).
+   Run only when named: its 5x phase has not finished on this 2-core machine yet (bench/README.md).
+
+The `ab` and `overload` load is split over client processes of at most 80 req/s each (`load_procs`: one asyncio +
+httpx client sends about 140/s on this machine); the others' comes from one client thread.
 
 The client is tests/poisson_load.py (shared with the tests). Audit rows are read from the raw segment files (`<audit_dir>/<app>/segments/*.jsonl`, the open ones included), not
 from compaction: for every answered request (its server id, `request_id` in the answer) exactly one primary 200 row;
@@ -99,8 +110,7 @@ def scenario_ab(a, project, v1, v2, problems) -> dict:
     set_alias("ab-a", v1); set_alias("ab-b", v2)
     url = deploy(project, {"name": "ab", "num_cpus": 0.25, "arms": {"a": {"model": "models:/tiny@ab-a", "weight": 0.9},
                                                                     "b": {"model": "models:/tiny@ab-b", "weight": 0.1}}})
-    box = {"reqs": asyncio.run(_load(f"{url}/predict", a.ab_rate, lambda: False, "ab", sticky_share=0.2, n_max=a.ab_requests, seed=1))}
-    reqs = box["reqs"]
+    reqs = load_procs(f"{url}/predict", a.ab_rate, "ab", time.monotonic() + 0.5, n_max=a.ab_requests, sticky_share=0.2, seed=1)
     ok = [r for r in reqs if r.ok]
     share = lambda rs: (sum(1 for r in rs if r.answer.get("arm") == "a") / len(rs)) if rs else float("nan")
     unkeyed = [r for r in ok if not r.sticky]
@@ -259,6 +269,144 @@ def scenario_broken(a, project, v1, problems) -> dict:
                 rate=a.rate, c=c, au=au, recovery="; ".join(f"{k}: {v}" for k, v in said.items()) + f"; versions answered {dict(versions)}")
 
 
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[int(q * (len(xs) - 1))] if xs else float("nan")
+
+
+def _latency_ms(reqs: list[Req]) -> list[float]:
+    "Milliseconds from sending to the answer of the requests answered 2xx on their first try."
+    return [1000 * (r.attempts[0][2] - r.sent) for r in reqs if r.first_ok]
+
+
+def _sent_rate(reqs: list[Req]) -> float:
+    "Requests a second actually sent (first attempts), from the first send to the last."
+    ts = sorted(r.sent for r in reqs if r.sent)
+    return (len(ts) - 1) / (ts[-1] - ts[0]) if len(ts) > 1 and ts[-1] > ts[0] else 0.0
+
+
+def _refusals(reqs: list[Req]) -> tuple[Counter, list]:
+    "Every attempt's status that is not 2xx (Counter), and the 429/503 attempts without a Retry-After header."
+    codes, bare = Counter(), []
+    for r in reqs:
+        for at in r.attempts:
+            if _is_ok(at[0]): continue
+            codes[str(at[0])] += 1
+            if at[0] in (429, 503) and not (at[3] or {}).get("retry-after"): bare.append((r.cid, at[0], at[3]))
+    return codes, bare
+
+
+def _is_ok(code) -> bool: return isinstance(code, int) and 200 <= code < 300
+
+
+def _recovery(reqs: list[Req], t_end: float, limit_ms: float, window_s: float = 1.0) -> float | None:
+    """Seconds from `t_end` to the start of the first `window_s` window (by the time requests were sent) from which on
+    every window has no refused first try and a first-try p99 under `limit_ms`; None when not even the last one is."""
+    after = [r for r in reqs if r.sent >= t_end]
+    if not after: return None
+    wins = [[] for _ in range(int((max(r.sent for r in after) - t_end) // window_s) + 1)]
+    for r in after: wins[int((r.sent - t_end) // window_s)].append(r)
+    normal = [all(r.first_ok for r in w) and (not w or _pct(_latency_ms(w), 0.99) < limit_ms) for w in wins]
+    return next((k * window_s for k in range(len(wins)) if all(normal[k:])), None)
+
+
+def _proc_load(url: str, rate: float, name: str, start_at: float, stop_at: float, kw: dict) -> list[Req]:
+    "One client process's share: `load` at `rate` from `start_at` to `stop_at` (the monotonic clock is the machine's)."
+    time.sleep(max(0.0, start_at - time.monotonic()))
+    return asyncio.run(_load(url, rate, lambda: time.monotonic() > stop_at, name, **kw))
+
+
+def load_procs(url: str, rate: float, name: str, start_at: float, stop_at: float = float("inf"), per_proc: float = 80,
+               n_max: int | None = None, max_procs: int = 6, **kw) -> list[Req]:
+    """`rate` split over ceil(rate / per_proc) client processes, at most `max_procs` (forked: one asyncio + httpx client
+    sends about 140/s on this machine, two loops in one process starve each other, and 13 processes of 512 connections
+    each swamped the 2 cores and Ray's proxy), from `start_at` to `stop_at` (or `n_max` requests in all); all their
+    requests, client ids `{name}-p{i}-{n}`."""
+    import math, multiprocessing
+    n = max(1, min(max_procs, math.ceil(rate / per_proc)))
+    share = [None] * n if n_max is None else [n_max // n + (i < n_max % n) for i in range(n)]
+    with multiprocessing.get_context("fork").Pool(n) as pool:
+        parts = pool.starmap(_proc_load, [(url, rate / n, f"{name}-p{i}", start_at, stop_at, dict(kw, n_max=share[i], seed=kw.get("seed", 0) + 1000 * i))
+                                          for i in range(n)])
+    return [r for part in parts for r in part]
+
+
+def scenario_overload(a, project, v1, problems) -> dict:
+    """Open-loop steps at rising rates against 1 replica (its stable address, default batching) until the p99 of the
+    answered requests passes `a.knee_ms` (or `a.knee_factor` x the lowest rate's p99 when that passes it already); then 5x
+    that rate for `a.overload_s`, then half of it for as long: only 2xx, 429 or 503 (with Retry-After) during the
+    overload, normal again (no refusal, p99 under the knee's limit) within 10 s after it."""
+    from conftest import cli, deploy
+    from test_serving import set_alias
+    set_alias("ovl", v1)
+    base = deploy(project, {"name": "ovl", "arms": {"main": {"model": "models:/tiny@ovl", "weight": 1}}, "num_cpus": 0.25}, direct=False)
+    url = f"{base}/predict"
+    def run(rate, name, seconds, start_at=None):
+        t = time.monotonic() + 0.5 if start_at is None else start_at  # the processes' start-up
+        return load_procs(url, rate, name, t, t + seconds, max_connections=128)
+    steps, knee, knee_p99, limit, all_reqs = [], None, None, None, run(20, "ovl-warm", 5)
+    for rate in a.knee_rates:
+        reqs = run(rate, f"ovl-k{rate:g}", a.step_s)
+        all_reqs += reqs
+        lat, c = _latency_ms(reqs), counts(reqs)
+        p50, p99 = _pct(lat, 0.5), _pct(lat, 0.99)
+        steps.append(f"{rate:g}/s: sent {_sent_rate(reqs):.0f}/s, {len(reqs)} requests, p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
+                     f"client lag p99 {c['lag_p99'] * 1000:.0f} ms, non-2xx first tries {c['first'] or 0}")
+        print("  knee step", steps[-1], flush=True)
+        if limit is None and p99 > a.knee_ms:  # already at the lowest rate: no 10 ms knee on this machine
+            limit = a.knee_factor * p99
+            print(f"  the p99 at {rate:g}/s is over {a.knee_ms:g} ms already: the knee is where it passes {a.knee_factor:g}x that, "
+                  f"{limit:.1f} ms", flush=True)
+        elif p99 > (limit or a.knee_ms): knee, knee_p99 = rate, p99; break
+        limit = limit or a.knee_ms
+        time.sleep(1)
+    if knee is None:
+        problems.append(f"overload: the p99 stayed under {limit:.1f} ms up to {a.knee_rates[-1]:g}/s; no knee found")
+        cli("serve", "down", "ovl", check=False)
+        return dict(name="overload (no knee found)", rate=a.knee_rates[-1], c=counts(all_reqs), au=audit_check("ovl", all_reqs, "ovl-"),
+                    recovery="; ".join(steps))
+    time.sleep(2)
+    over_rate, normal_rate = 5 * knee, knee / 2
+    t_start = time.monotonic() + 1.0
+    t_end = t_start + a.overload_s
+    box = {}
+    normal = threading.Thread(target=lambda: box.update(normal=run(normal_rate, "ovl-after", a.overload_s, start_at=t_end)), daemon=True)
+    normal.start()  # its own processes, started with the overload's
+    over = run(over_rate, "ovl-over", a.overload_s, start_at=t_start)
+    normal.join()
+    after = box["normal"]
+    all_reqs += over + after
+    codes_over, bare_over = _refusals(over)
+    codes_after, bare_after = _refusals(after)
+    wrong = {k: v for k, v in codes_over.items() if k.isdigit() and k not in ("429", "503")}  # HTTP answers
+    unanswered = {k: v for k, v in codes_over.items() if not k.isdigit()}  # the client's own timeouts, resets
+    acc = _latency_ms(over)
+    acc_p50, acc_p99 = _pct(acc, 0.5), _pct(acc, 0.99)
+    rec = _recovery(after, t_end, limit)
+    after_p99 = _pct(_latency_ms([r for r in after if rec is not None and r.sent >= t_end + rec]), 0.99)
+    c_over, c_after = counts(over), counts(after)
+    c, au = counts(all_reqs), audit_check("ovl", all_reqs, "ovl-")
+    print(f"  overload {over_rate:g}/s: sent {_sent_rate(over):.0f}/s, {len(over)} requests, first tries 2xx {len(acc)}, "
+          f"non-2xx attempts {dict(codes_over)}; accepted p50 {acc_p50:.1f} ms, p99 {acc_p99:.1f} ms (knee p99 {knee_p99:.1f} ms at {knee:g}/s); "
+          f"client lag p99 {c_over['lag_p99'] * 1000:.0f} ms", flush=True)
+    print(f"  after, {normal_rate:g}/s: sent {_sent_rate(after):.0f}/s, {len(after)} requests, non-2xx attempts {dict(codes_after)}; "
+          f"normal again {rec if rec is None else f'{rec:.1f} s'} after the overload ended (p99 from then {after_p99:.1f} ms)", flush=True)
+    if wrong: problems.append(f"overload: answers other than 2xx/429/503 during the overload: {wrong}")
+    if unanswered: print(f"  overload: attempts without an HTTP answer (client-side): {unanswered}", flush=True)
+    if bare_over or bare_after: problems.append(f"overload: {len(bare_over) + len(bare_after)} 429/503 answers without Retry-After, e.g. {(bare_over + bare_after)[:2]}")
+    if rec is None or rec > 10: problems.append(f"overload: not normal (no 429/503, p99 < {limit:.1f} ms) within 10 s after the overload: {rec}")
+    if not codes_over: problems.append(f"overload: no request refused at {over_rate:g}/s (sent {_sent_rate(over):.0f}/s): not an overload")
+    if au["missing"] or au["duplicated"]: problems.append(f"overload: audit rows missing {au['missing']}, duplicated {au['duplicated']}")
+    note = (f"knee {knee:g}/s (p99 {knee_p99:.1f} ms > {limit:.1f} ms; steps: " + "; ".join(steps) + f"); overload {over_rate:g}/s for {a.overload_s:g} s "
+            f"(sent {_sent_rate(over):.0f}/s, {len(over)} requests): non-2xx attempts {dict(codes_over)}, accepted first tries {len(acc)} "
+            f"p50 {acc_p50:.1f} / p99 {acc_p99:.1f} ms vs the knee's p99 {knee_p99:.1f} ms; after, {normal_rate:g}/s (sent {_sent_rate(after):.0f}/s, "
+            f"{len(after)} requests): non-2xx {dict(codes_after)}, normal again after {'never' if rec is None else f'{rec:.1f} s'}"
+            f" (no refusal, p99 < {limit:.1f} ms; p99 from then {after_p99:.1f} ms); 429/503 without Retry-After: {len(bare_over) + len(bare_after)}")
+    cli("serve", "down", "ovl", check=False)
+    return dict(name=f"overload at 5x the p99 knee, 1 replica (stable address)", rate=over_rate, c=c, au=au, recovery=note,
+                phases=dict(over=c_over, after=c_after))
+
+
 def _pid_alive(pid: int) -> bool:
     try: os.kill(pid, 0); return True
     except OSError: return False
@@ -303,9 +451,17 @@ def main() -> int:
     ap.add_argument("--ab-requests", type=int, default=20_000, help="the issue's 100,000 with --ab-requests 100000")
     ap.add_argument("--kill-rate", type=float, default=100)
     ap.add_argument("--replicas", type=int, default=3)
-    ap.add_argument("--only", default="update,ab,kill,controller,broken")
+    ap.add_argument("--knee-rates", default="20,50,100,150,200,300,400,600", help="overload: the knee search's rates (req/s)")
+    ap.add_argument("--knee-ms", type=float, default=10, help="overload: the knee is the rate whose p99 passes this")
+    ap.add_argument("--knee-factor", type=float, default=3,
+                    help="overload: when the lowest rate's p99 passes --knee-ms already, the knee is where it passes this many times that")
+    ap.add_argument("--step-s", type=float, default=5, help="overload: seconds of each knee step")
+    ap.add_argument("--overload-s", type=float, default=20, help="overload: seconds at 5x the knee, then as many at half the knee")
+    ap.add_argument("--only", default="update,ab,kill,controller,broken",
+                    help="scenarios in order; `overload` only when named (its 5x phase has not finished on 2 cores, see bench/README.md)")
     ap.add_argument("--budget-s", type=float, default=1800, help="no scenario starts after this many seconds")
     a = ap.parse_args()
+    a.knee_rates = [float(x) for x in a.knee_rates.split(",")]
     from conftest import log_version
     versions = {}
     def setup(_root):
@@ -314,7 +470,8 @@ def main() -> int:
                      ab=lambda a, root, problems: [scenario_ab(a, root, versions["v1"], versions["v2"], problems)],
                      kill=lambda a, root, problems: [scenario_kill(a, root, versions["v1"], problems)],
                      controller=lambda a, root, problems: [scenario_controller(a, root, versions["v1"], problems)],
-                     broken=lambda a, root, problems: [scenario_broken(a, root, versions["v1"], problems)])
+                     broken=lambda a, root, problems: [scenario_broken(a, root, versions["v1"], problems)],
+                     overload=lambda a, root, problems: [scenario_overload(a, root, versions["v1"], problems)])
     return run_scenarios(a, "ml_prod-chaos-serving-", scenarios, table, setup=setup, budget_s=a.budget_s)
 
 

@@ -22,13 +22,14 @@ BACKOFF_S = (0.2, 0.4)  # before the first and the second retry
 
 @dataclass
 class Req:
-    "One client request: its attempts' (status or exception name, answer, time received), when it was due."
+    "One client request: its attempts' (status or exception name, answer, time received, headers of a non-2xx), when it was due and sent."
     cid: str
     due: float
     sticky: str | None = None
-    attempts: list = field(default_factory=list)  # [(status|str, body dict|None, t_received)]
+    attempts: list = field(default_factory=list)  # [(status|str, body dict|None, t_received, headers dict|None)]
     lag: float = 0.0
     t: float = 0.0  # when it was due, on the monotonic clock
+    sent: float = 0.0  # when its first attempt was sent, on the monotonic clock
 
     @property
     def first_ok(self) -> bool: return _ok(self.attempts[0][0])
@@ -44,22 +45,25 @@ def _ok(code) -> bool: return isinstance(code, int) and 200 <= code < 300
 async def _one(c, url: str, r: Req, timeout: float, record: dict):
     for attempt in (1, 2, 3):
         h = {"x-request-id": r.cid, "x-attempt": str(attempt), **({"x-sticky-key": r.sticky} if r.sticky else {})}
+        if attempt == 1: r.sent = time.monotonic()
         try:
             resp = await c.post(url, json=record, headers=h, timeout=timeout)
             try: body = resp.json()
             except ValueError: body = None
-            r.attempts.append((resp.status_code, body, time.monotonic()))
+            # the raw headers of a refusal (Retry-After); none kept for a 2xx, which 100,000-request runs are made of
+            r.attempts.append((resp.status_code, body, time.monotonic(), None if _ok(resp.status_code) else dict(resp.headers)))
         except Exception as e:  # connection refused or reset, timeout: an error like a 5xx
-            r.attempts.append((type(e).__name__, None, time.monotonic()))
+            r.attempts.append((type(e).__name__, None, time.monotonic(), None))
         if r.ok or attempt == 3: return
         await asyncio.sleep(BACKOFF_S[attempt - 1] * (1 + random.random() / 2))
 
 
-async def load(url: str, rate: float, stop, name: str, sticky_share=0.0, n_max=None, timeout=5.0, seed=0, record=RECORD) -> list[Req]:
+async def load(url: str, rate: float, stop, name: str, sticky_share=0.0, n_max=None, timeout=5.0, seed=0, record=RECORD,
+               max_connections=512) -> list[Req]:
     """Open-loop Poisson arrivals at `rate` per second to `url` until `stop()` is true (or `n_max` requests); every request's outcome."""
     import httpx
     rng, reqs, tasks = random.Random(seed), [], []
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=512, max_keepalive_connections=64)) as c:
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=min(64, max_connections))) as c:
         t0 = due = time.monotonic()
         while not stop() and (n_max is None or len(reqs) < n_max):
             due += rng.expovariate(rate)
