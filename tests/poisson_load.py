@@ -59,10 +59,12 @@ async def _one(c, url: str, r: Req, timeout: float, record: dict):
 
 
 async def load(url: str, rate: float, stop, name: str, sticky_share=0.0, n_max=None, timeout=5.0, seed=0, record=RECORD,
-               max_connections=512) -> list[Req]:
-    """Open-loop Poisson arrivals at `rate` per second to `url` until `stop()` is true (or `n_max` requests); every request's outcome."""
+               max_connections=512, max_pending=None) -> list[Req]:
+    """Open-loop Poisson arrivals at `rate` per second to `url` until `stop()` is true (or `n_max` requests); every request's outcome.
+    With `max_pending`, an arrival while that many requests are unfinished is not sent (its one attempt 'not sent'):
+    a client that cannot keep up then sheds load instead of queueing it without end."""
     import httpx
-    rng, reqs, tasks = random.Random(seed), [], []
+    rng, reqs, tasks, pending = random.Random(seed), [], [], [0]
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=min(64, max_connections))) as c:
         t0 = due = time.monotonic()
         while not stop() and (n_max is None or len(reqs) < n_max):
@@ -71,7 +73,11 @@ async def load(url: str, rate: float, stop, name: str, sticky_share=0.0, n_max=N
             key = f"key-{rng.randrange(200)}" if rng.random() < sticky_share else None
             r = Req(f"{name}-{len(reqs)}", due - t0, key, lag=max(0.0, -wait), t=due)
             reqs.append(r)
-            tasks.append(asyncio.create_task(_one(c, url, r, timeout, record)))
+            if max_pending is not None and pending[0] >= max_pending:
+                r.attempts.append(("not sent", None, time.monotonic(), None)); continue
+            pending[0] += 1
+            tasks.append(task := asyncio.create_task(_one(c, url, r, timeout, record)))
+            task.add_done_callback(lambda _: pending.__setitem__(0, pending[0] - 1))
         await asyncio.gather(*tasks)
     return reqs
 
