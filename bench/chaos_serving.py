@@ -55,7 +55,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-from poisson_load import Req, audit_check as _audit_check, counts, load as _load, load_avg as _load_avg  # tests/poisson_load.py
+from poisson_load import Req, _ok, audit_check as _audit_check, counts, load as _load, load_avg as _load_avg, pct as _pct  # tests/poisson_load.py
 
 
 def load_in_thread(url: str, rate: float, name: str, **kw):
@@ -270,11 +270,6 @@ def scenario_broken(a, project, v1, problems) -> dict:
                 rate=a.rate, c=c, au=au, recovery="; ".join(f"{k}: {v}" for k, v in said.items()) + f"; versions answered {dict(versions)}")
 
 
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[int(q * (len(xs) - 1))] if xs else float("nan")
-
-
 def _latency_ms(reqs: list[Req]) -> list[float]:
     "Milliseconds from sending to the answer of the requests answered 2xx on their first try."
     return [1000 * (r.attempts[0][2] - r.sent) for r in reqs if r.first_ok]
@@ -291,13 +286,10 @@ def _refusals(reqs: list[Req]) -> tuple[Counter, list]:
     codes, bare = Counter(), []
     for r in reqs:
         for at in r.attempts:
-            if _is_ok(at[0]): continue
+            if _ok(at[0]): continue
             codes[str(at[0])] += 1
             if at[0] in (429, 503) and not (at[3] or {}).get("retry-after"): bare.append((r.cid, at[0], at[3]))
     return codes, bare
-
-
-def _is_ok(code) -> bool: return isinstance(code, int) and 200 <= code < 300
 
 
 def _recovery(reqs: list[Req], t_end: float, limit_ms: float, window_s: float = 1.0) -> float | None:

@@ -246,7 +246,6 @@ def notebook_schema(nb, # path of a notebook, or the notebook itself (a `Noteboo
     src = nb["cells"][i]["source"]
     return ParamSchema(path, parse_parameters("".join(src) if isinstance(src, list) else src, Path(path).name), i)
 
-
 # %% ../nbs/api/02_params.ipynb #c3ae0912
 def secret_env_var(name:str) -> str:
     "The environment variable that carries the secret parameter `name` into the kernel."

@@ -114,13 +114,19 @@ def audit_check(audit_dir, app: str, reqs: list[Req], prefix: str) -> dict:
                 duplicated=sum(1 for a in answered if n[a] > 1), extra=len(set(n) - set(answered)), by_id={x["request_id"]: x for x in rows})
 
 
+def pct(xs: list[float], q: float) -> float:
+    "The `q` quantile of `xs` (the nearest rank below), NaN when empty."
+    xs = sorted(xs)
+    return xs[int(q * (len(xs) - 1))] if xs else float("nan")
+
+
 def counts(reqs: list[Req]) -> dict:
     "Requests, errors on the first try (err0) and after the retries (err2) with their statuses, achieved rate, client lag p99."
     first = Counter(str(r.attempts[0][0]) for r in reqs if not r.first_ok)
     last = Counter(str(r.attempts[-1][0]) for r in reqs if not r.ok)
     span = max(r.due for r in reqs) if reqs else 0
     return dict(n=len(reqs), err0=sum(first.values()), err2=sum(last.values()), first=dict(first), last=dict(last),
-                achieved=len(reqs) / span if span else 0, lag_p99=sorted(r.lag for r in reqs)[int(0.99 * (len(reqs) - 1))] if reqs else 0)
+                achieved=len(reqs) / span if span else 0, lag_p99=pct([r.lag for r in reqs], 0.99) if reqs else 0)
 
 
 def load_avg() -> str: return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())

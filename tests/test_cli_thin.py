@@ -225,12 +225,20 @@ def _gone(pid: int) -> bool:
     except psutil.NoSuchProcess: return True
 
 
+def _job_of(s, p: subprocess.Popen) -> str:
+    "The run id of client `p`'s job, the only RUNNING one."
+    return _wait(lambda: (jobs := [j for j in raw_jobs(s.tracking_uri) if j["status"] == "RUNNING"]) and jobs[0]["run_id"], 90)
+
+
+def _running(s, run_id: str, attempt: str = "1") -> dict:
+    "The tags of job `run_id` once attempt `attempt` has its kernel."
+    return _wait(lambda: (t := raw_run(s.tracking_uri, run_id)["tags"]).get("ml_prod.attempts") == attempt and "ml_prod.kernel_pgid" in t and t, 90)
+
+
 def _started(s, p: subprocess.Popen) -> tuple[str, int, int]:
     "The RUNNING job of client `p` once its kernel runs the sleeper: run id, kernel pgid, the kernel's child."
-    def running():
-        jobs = [j for j in raw_jobs(s.tracking_uri) if j["status"] == "RUNNING"]
-        return jobs and (t := raw_run(s.tracking_uri, jobs[0]["run_id"])["tags"]).get("ml_prod.kernel_pgid") and (jobs[0]["run_id"], t)
-    run_id, tags = _wait(running, 90)
+    run_id = _job_of(s, p)
+    tags = _running(s, run_id)
     log = Path(tags["ml_prod.output_dir"]) / "job.log"
     child = _wait(lambda: log.is_file() and re.search(r"child (\d+)", log.read_text()), 60)
     return run_id, int(tags["ml_prod.kernel_pgid"]), int(child.group(1))
@@ -263,16 +271,6 @@ def test_ctrl_c_and_a_killed_client_cancel_the_job(project_dir, run_service):
 def _warm_worker_ready(s):
     from ml_prod.jobs import warm
     _wait(lambda: warm.keep_warm(s)["idle"] >= 1, 120, every=0.5)
-
-
-def _running(s, run_id: str, attempt: str = "1") -> dict:
-    "The tags of job `run_id` once attempt `attempt` has its kernel."
-    return _wait(lambda: (t := raw_run(s.tracking_uri, run_id)["tags"]).get("ml_prod.attempts") == attempt and "ml_prod.kernel_pgid" in t and t, 90)
-
-
-def _job_of(s, p: subprocess.Popen) -> str:
-    "The run id of client `p`'s job, the only RUNNING one."
-    return _wait(lambda: (jobs := [j for j in raw_jobs(s.tracking_uri) if j["status"] == "RUNNING"]) and jobs[0]["run_id"], 90)
 
 
 def test_thin_runs_go_to_a_warm_worker_which_holds_their_cpus(project_dir, run_service, ray_local):

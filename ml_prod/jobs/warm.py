@@ -40,8 +40,8 @@ class JobWorker:
 
 # %% ../../nbs/api/24_jobs_warm.ipynb #a0974c6b
 class _Pool:
-    "This process's idle warm workers, how many are starting, and how many to keep (the settings' `job_warm_workers`)."
-    def __init__(self): self.idle, self.starting, self.size, self.lock = [], 0, 1, threading.Lock()
+    "This process's idle warm workers, how many are starting, and the CPUs of their node (read again by each `keep_warm`)."
+    def __init__(self): self.idle, self.starting, self.head_cpus, self.lock = [], 0, None, threading.Lock()
 
 _pool = _Pool()
 
@@ -67,20 +67,22 @@ def _start_one(s:ResolvedSettings):
     finally:
         with _pool.lock: _pool.starting -= 1
 
-def _head_cpus() -> float:
-    "The CPUs of the warm workers' node (a cluster's head may have none: then no job can run beside them)."
+def _head_cpus(refresh:bool=False) -> float:
+    "The CPUs of the warm workers' node (a cluster's head may have none: then no job can run beside them), asked of Ray once per `keep_warm`."
     import ray
-    return next((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive") and _NODE in n["Resources"]), 0.0)
+    if refresh or _pool.head_cpus is None:
+        _pool.head_cpus = next((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive") and _NODE in n["Resources"]), 0.0)
+    return _pool.head_cpus
 
 def keep_warm(s:ResolvedSettings) -> dict:
     """Control-service task: start warm workers until `s.job_warm_workers` are idle or starting, let go of any beyond;
     `{idle, starting}` (none without a connected Ray, or on a head without CPUs)."""
     import sys
-    if not ((ray := sys.modules.get("ray")) and ray.is_initialized()) or not _head_cpus(): return dict(idle=0, starting=0)  # never start a Ray for it
+    if not ((ray := sys.modules.get("ray")) and ray.is_initialized()) or not _head_cpus(refresh=True): return dict(idle=0, starting=0)  # never start a Ray for it
+    keep = s.job_warm_workers
     with _pool.lock:
-        _pool.size = s.job_warm_workers
-        extra, _pool.idle = _pool.idle[_pool.size:], _pool.idle[:_pool.size]
-        n = max(0, _pool.size - len(_pool.idle) - _pool.starting)
+        extra, _pool.idle = _pool.idle[keep:], _pool.idle[:keep]
+        n = max(0, keep - len(_pool.idle) - _pool.starting)
         _pool.starting += n
     for w in extra: _kill(w)
     for _ in range(n): threading.Thread(target=_start_one, args=(s,), name="ml_prod-warm-start", daemon=True).start()
@@ -104,12 +106,13 @@ def _take():
             return w
         except Exception: _kill(w)
 
-def _give_back(w):
+def _give_back(w, keep:int):
+    "Keep `w` idle if fewer than `keep` are; else let it go."
     with _pool.lock:
-        if len(_pool.idle) < _pool.size: _pool.idle.append(w); return
+        if len(_pool.idle) < keep: _pool.idle.append(w); return
     _kill(w)
 
-def _after(w, ref, pg):
+def _after(w, ref, pg, keep:int):
     "Once the job on `w` ends: its CPUs freed, and `w` back in the pool unless it died."
     import ray
     from ray.exceptions import RayActorError
@@ -119,7 +122,7 @@ def _after(w, ref, pg):
     try: ray.get(ref, timeout=10)
     except RayActorError: return
     except Exception: pass
-    _give_back(w)
+    _give_back(w, keep)
 
 def start(s:ResolvedSettings, spec:JobSpec, cpus:float=1):
     """Run job `spec` on an idle warm worker, its `cpus` held by a placement group on the workers' node: `(ref, cancel)`
@@ -133,8 +136,8 @@ def start(s:ResolvedSettings, spec:JobSpec, cpus:float=1):
     pg = placement_group([{"CPU": cpus, _NODE: 0.001} if cpus else {_NODE: 0.001}])
     if not pg.wait(PLACE_S):
         remove_placement_group(pg)
-        _give_back(w)
+        _give_back(w, s.job_warm_workers)
         return None
     ref = w.run.remote(spec)
-    threading.Thread(target=_after, args=(w, ref, pg), name=f"ml_prod-warm-{spec.run_id}", daemon=True).start()
+    threading.Thread(target=_after, args=(w, ref, pg, s.job_warm_workers), name=f"ml_prod-warm-{spec.run_id}", daemon=True).start()
     return ref, lambda: w.cancel.remote(spec.run_id)
