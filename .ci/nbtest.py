@@ -13,7 +13,7 @@ kernel would, two at a time.
 """
 from __future__ import annotations
 import argparse, multiprocessing, os, sys, time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 
@@ -36,9 +36,16 @@ def main() -> int:
     t0 = time.monotonic()
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=a.workers, mp_context=ctx, max_tasks_per_child=1) as pool:
-        futures = {f: pool.submit(one, str(f), skip, a.flags.split(), str(cfg.config_path), cfg.cell_timeout or None) for f in files}
-        results = {f: fut.result()[0] for f, fut in futures.items()}
-    failed = [f.name for f, ok in results.items() if not ok]
+        futures = {pool.submit(one, str(f), skip, a.flags.split(), str(cfg.config_path), cfg.cell_timeout or None): f for f in files}
+        results = {}
+        for fut in as_completed(futures):
+            f = futures[fut]
+            try: results[f] = fut.result()
+            except Exception as e: results[f] = (False, time.monotonic() - t0); print(f"{f.name}: its process died ({type(e).__name__})", flush=True)
+            print(f"{'ok    ' if results[f][0] else 'FAILED'} {results[f][1]:6.1f} s  {f.relative_to(Path.cwd()) if f.is_relative_to(Path.cwd()) else f}", flush=True)
+    slowest = sorted(results.items(), key=lambda kv: -kv[1][1])[:10]
+    print("slowest notebooks: " + ", ".join(f"{f.name} {t:.0f} s" for f, (_, t) in slowest))
+    failed = [f.name for f, (ok, _) in results.items() if not ok]
     if failed:
         sys.stderr.write("\nnotebook tests failed:\n\t" + "\n\t".join(failed) + "\n")
         return 1

@@ -317,7 +317,8 @@ threading.Event().wait()
 def lease_takeover(root: Path) -> dict:
     """Standalone instances on the store of the project in `root` (the working directory; no cluster): A holds the lease;
     B starts and is refused; A renews; C starts waiting for the lease, then A is SIGKILLed (it never releases its claim).
-    The raw facts: B's exit status and output, the claims after B, A's last beat before the kill, when C became active."""
+    The raw facts: B's exit status and output, the claims after B, A's last beat before the kill, when the kill was sent,
+    when C became active."""
     from ml_prod.control.service import RENEW_S, TTL_S
 
     def start(holder: str, wait_s: float) -> tuple[subprocess.Popen, Path]:
@@ -343,10 +344,11 @@ def lease_takeover(root: Path) -> dict:
         last_beat = wait_for(lambda: (x := claims()["chaos-a"]["beat"]) and x > after_b["chaos-a"]["beat"] and x, timeout=30, every=0.2)  # A renews
         c_proc, c_out = start("chaos-c", TTL_S + 4 * RENEW_S)  # C waits for the lease (A still holds it when C starts)
         time.sleep(3)  # C is up and waiting meanwhile
+        kill_sent = time.time()
         a.send_signal(signal.SIGKILL); a.wait(30)
         killed_at = time.time()
         took = wait_for(lambda: active(c_proc, c_out), timeout=120, every=0.2)
-        return dict(a_pid=a.pid, b_rc=b_rc, b_out=b_out.read_text(), after_b=after_b, last_beat=last_beat, killed_at=killed_at, took=took,
+        return dict(a_pid=a.pid, b_rc=b_rc, b_out=b_out.read_text(), after_b=after_b, last_beat=last_beat, kill_sent=kill_sent, killed_at=killed_at, took=took,
                     final=claims(), c_pid=c_proc.pid, ttl_s=TTL_S, renew_s=RENEW_S)
     finally:
         for p in procs:
@@ -355,7 +357,8 @@ def lease_takeover(root: Path) -> dict:
 
 def test_a_second_service_refuses_then_takes_over_within_the_lease_time(project_dir):
     """Standalone instances on one project's store (no cluster): A holds the lease; B refuses, naming A, and A keeps it;
-    SIGKILL A (it never releases its claim); C takes the lease once A's claim has expired, within TTL_S (+ margin), not before."""
+    SIGKILL A (it never releases its claim); C takes the lease once A is gone, not before the kill: A ran on this
+    machine, so C sees its process gone at once, without waiting for A's claim to expire (TTL_S)."""
     r = lease_takeover(project_dir)
     assert r["b_rc"] == 1, r["b_out"][-3000:]
     assert f"REFUSED another control service holds the lease: chaos-a (pid {r['a_pid']} on " in r["b_out"], r["b_out"]
@@ -364,7 +367,7 @@ def test_a_second_service_refuses_then_takes_over_within_the_lease_time(project_
     assert a["beat"] >= r["last_beat"] and a["beat"] <= r["killed_at"] + 0.5, (a, r["killed_at"])
     assert a["status"] == "KILLED" and a["end"], a  # closed by C: it never renews again
     assert c["status"] == "RUNNING" and c["pid"] == r["c_pid"], c
-    assert r["took"] >= a["beat"] + r["ttl_s"] - 0.5, (r["took"], a["beat"])  # not before A's lease expired
+    assert r["took"] >= r["kill_sent"], (r["took"], r["kill_sent"])  # never while A lived
     assert r["took"] - r["killed_at"] <= r["ttl_s"] + r["renew_s"] + 20, r["took"] - r["killed_at"]  # within the lease time (+ a margin for 2 busy cores)
     measured(**dict(scenario="second service on the same store", takeover_after_kill_s=round(r["took"] - r["killed_at"], 1), ttl_s=r["ttl_s"]))
 

@@ -54,11 +54,12 @@ def load_function(path:str):
 
 # %% ../../nbs/api/80_control_service.ipynb #79b204dc
 def _expires(e:events.Event) -> float: return (e.beat or e.time) + e.data.get("ttl_s", TTL_S)
+def _alive(e:events.Event, now:float) -> bool: return _expires(e) > now and not events.gone(e.data)  # renewed, and its process not seen gone
 
 def live_claims(s:ResolvedSettings, now:float|None=None) -> list[events.Event]:
-    "The open claims of the lease whose holder renewed them within their ttl, earliest first."
+    "The open claims of the lease whose holder renewed them within their ttl and lives, earliest first."
     now = now or time.time()
-    return [e for e in events.read(s, STREAM, kinds=("claim",), open_only=True) if _expires(e) > now]
+    return [e for e in events.read(s, STREAM, kinds=("claim",), open_only=True) if _alive(e, now)]
 
 def winner(claims:list[events.Event]) -> events.Event|None:
     "The claim that holds the lease: the earliest live one (time, then event id): every instance reads the same."
@@ -112,7 +113,7 @@ class ControlService:
     def _claim(self) -> events.Event:
         "This instance's open claim: its own from before a restart (restated with this process's pid and host), else a new one."
         mine = [e for e in events.read(self.s, STREAM, kinds=("claim",), open_only=True) if e.data.get("holder") == self.holder]
-        data = dict(holder=self.holder, host=socket.gethostname(), pid=os.getpid(), ttl_s=self.ttl_s)
+        data = dict(holder=self.holder, **events.this_process(), ttl_s=self.ttl_s)
         if not mine: claim = events.append(self.s, STREAM, "claim", data, by=self.holder, keep_open=True)
         else:
             claim = min(mine, key=lambda e: (e.time, e.event_id))  # adopted: it keeps its place in the lease's order
@@ -126,7 +127,7 @@ class ControlService(ControlService):
         "Renew this instance's claim, close claims that expired, and tell whether it holds the lease."
         events.beat(self.s, self.claim)
         now, opened = time.time(), events.read(self.s, STREAM, kinds=("claim",), open_only=True)
-        live = [e for e in opened if _expires(e) > now or e.event_id == self.claim.event_id]
+        live = [e for e in opened if _alive(e, now) or e.event_id == self.claim.event_id]
         w = winner(live)
         self.active = bool(w and w.event_id == self.claim.event_id)
         if self.active:

@@ -13,7 +13,8 @@ from . import store
 from . import tags as keys
 
 # %% auto #0
-__all__ = ['CLAIM_TTL_S', 'Event', 'actor', 'append', 'read', 'beat', 'close', 'restate', 'ClaimHeld', 'describe_claim', 'hold']
+__all__ = ['CLAIM_TTL_S', 'Event', 'actor', 'append', 'read', 'beat', 'close', 'restate', 'this_process', 'gone', 'ClaimHeld',
+           'describe_claim', 'hold']
 
 # %% ../../nbs/api/14a_tracking_events.ipynb #c33b9964
 _TRANSIENT = ("database is locked", "database table is locked", "Giving up after")
@@ -120,8 +121,35 @@ def restate(s:ResolvedSettings, e:Event, data:dict) -> Event:
     e.data = dict(data)
     return e
 
+# %% ../../nbs/api/14a_tracking_events.ipynb #e5e84ff5
+import os
+from pathlib import Path
+
+def _where() -> str|None:
+    "This machine's boot and this process's pid namespace (Linux): where a pid names one process."
+    try: return Path("/proc/sys/kernel/random/boot_id").read_text().strip() + ":" + str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError: return None
+
+def _started(pid:int) -> str|None:
+    "When process `pid` started (clock ticks since boot), or None when no such process runs (a zombie has ended)."
+    try: state, *rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, ValueError): return None
+    return None if state in ("Z", "X") else rest[18]
+
+def this_process() -> dict:
+    "This process as a claim names it: `pid`, `host` and, on Linux, `proc` (boot, pid namespace, start time)."
+    where = _where()
+    return dict(pid=os.getpid(), host=socket.gethostname(), **({"proc": f"{where}:{_started(os.getpid())}"} if where else {}))
+
+def gone(d:dict) -> bool:
+    "Whether the process claim data `d` names is gone for sure: this host, this boot and pid namespace, and no process with its pid and start time."
+    where, proc = _where(), str(d.get("proc", ""))
+    if not where or d.get("host") != socket.gethostname() or not proc.startswith(where + ":"): return False  # not known here: wait for the ttl
+    return _started(int(d["pid"])) != proc.rsplit(":", 1)[1]
+
+
 # %% ../../nbs/api/14a_tracking_events.ipynb #7572588a
-import os, threading
+import threading
 from contextlib import contextmanager
 from ..errors import MlProdError
 
@@ -134,11 +162,11 @@ _local = threading.local()  # the claims this thread holds: stream -> its event
 def _expires(e:Event) -> float: return (e.beat or e.time) + float(e.data.get("ttl_s", CLAIM_TTL_S))
 
 def _live(s:ResolvedSettings, stream:str, mine:Event|None=None) -> list[Event]:
-    "The other open claims on `stream` whose holder renewed them within their ttl; the expired ones are closed (their holder died)."
+    "The other open claims on `stream` whose holder renewed them within their ttl and lives; the others are closed (their holder died)."
     now, out = time.time(), []
     for e in read(s, stream, kinds=("claim",), open_only=True):
         if mine and e.event_id == mine.event_id: continue
-        if _expires(e) > now: out.append(e)
+        if _expires(e) > now and not gone(e.data): out.append(e)
         else: close(s, e, "KILLED")
     return out
 
@@ -175,7 +203,7 @@ def hold(s:ResolvedSettings,
     "Hold the claim on `stream` while the block runs (renewed meanwhile, closed after); `ClaimHeld` if another writer holds it beyond `wait_s`."
     held = _local.__dict__.setdefault("held", {})
     if stream in held: yield held[stream]; return  # nested in a block of this thread that holds it
-    data, deadline = dict(purpose=purpose, pid=os.getpid(), host=socket.gethostname(), ttl_s=ttl_s), time.time() + wait_s
+    data, deadline = dict(purpose=purpose, **this_process(), ttl_s=ttl_s), time.time() + wait_s
     while True:
         mine, others = _attempt(s, stream, data, by or actor())
         if mine or time.time() >= deadline: break
