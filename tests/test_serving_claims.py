@@ -123,25 +123,24 @@ def test_a_second_writer_waits_then_is_told_who_holds_it(tmp_path):
     holder.kill(); holder.wait(30)
 
 
-def test_the_claim_of_a_holder_that_died_expires(tmp_path):
-    from ml_prod.tracking.events import ClaimHeld, hold
+def test_the_claim_of_a_holder_that_died_is_taken_over_at_once(tmp_path):
+    """A writer SIGKILLs itself inside its claim (ttl 60 s): its claim stays RUNNING, and the next writer on this machine,
+    which sees the holder's process gone, closes it (KILLED) and takes the claim at once, long before its ttl ends.
+    (A holder whose process cannot be checked here, another host's, waits for its ttl: notebook 14a.)"""
+    from ml_prod.tracking.events import hold
     s = store(tmp_path)
-    (dead,) = start_writers(tmp_path, ["bob@desk"], inside=-1, ttl=3)  # SIGKILLs itself inside its claim
+    (dead,) = start_writers(tmp_path, ["bob@desk"], inside=-1, ttl=60)  # SIGKILLs itself inside its claim
     assert dead.wait(120) == -signal.SIGKILL
     (run,) = claim_runs(s)
     assert run.info.status == "RUNNING"  # nobody closed it: its holder is gone
-    with pytest.raises(ClaimHeld, match=f"pid {dead.pid} on"):  # until its ttl has passed, it holds
-        with hold(s, STREAM, "serve update", wait_s=0): pass
     t0 = time.time()
-    with hold(s, STREAM, "serve update", wait_s=30, poll_s=0.2):
+    with hold(s, STREAM, "serve update", wait_s=0):
         took = time.time() - t0
     runs = {r.info.run_id: r for r in claim_runs(s)}
     assert runs[run.info.run_id].info.status == "KILLED", runs[run.info.run_id].info  # closed by the writer that took over
     assert not [r for r in runs.values() if r.info.status == "RUNNING"]
-    last_beat = max([m.value for m in __import__("mlflow").MlflowClient(s.tracking_uri).get_metric_history(run.info.run_id, "ml_prod.lease_beat")]
-                    or [run.info.start_time / 1000])
-    assert t0 + took >= last_beat + 3 - 0.5, (t0 + took, last_beat)  # not before the dead holder's ttl ran out
-    print(f"\nthe dead holder's claim expired and was taken over {took:.1f} s after the first refusal")
+    assert took < 30, took  # not the ttl (60 s)
+    print(f"\nthe dead holder's claim was taken over {took:.1f} s after the attempt began")
 
 
 # ---- a real Ray Serve application: an operator's update while the follower follows an alias move ----------

@@ -21,10 +21,27 @@ __all__ = ['REAP_AFTER_BEATS', 'client', 'ensure_experiment', 'job_run_tags', 'c
 # %% ../../nbs/api/14_tracking_store.ipynb #40eaa87b
 REAP_AFTER_BEATS = 6                   # a job silent this many heartbeats is reaped
 
+# %% ../../nbs/api/14_tracking_store.ipynb #64faa8f2
+_opened: set[str] = set()  # the SQLite stores this process has opened (their tables exist)
+
+def _open_sqlite(s:ResolvedSettings):
+    "Open the profile's SQLite stores once per process under a lock beside each, so one process creates a new store's tables."
+    import fcntl
+    for uri, touch in ((s.tracking_uri, "search_experiments"), (s.registry_uri, "search_registered_models")):
+        if not uri.startswith("sqlite:///") or (uri, touch) in _opened: continue
+        db = Path(uri[len("sqlite:///"):]); db.parent.mkdir(parents=True, exist_ok=True)
+        from mlflow.tracking import MlflowClient
+        with open(db.with_name(db.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            getattr(MlflowClient(tracking_uri=s.tracking_uri, registry_uri=s.registry_uri), touch)(max_results=1)
+        _opened.add((uri, touch))
+
+
 # %% ../../nbs/api/14_tracking_store.ipynb #c14da186
 def client(s:ResolvedSettings):
     "An `MlflowClient` for the profile's tracking and registry stores."
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # MLflow's download bars would land in whatever cell or log is running (a panel's)
+    _open_sqlite(s)
     from mlflow.tracking import MlflowClient
     return MlflowClient(tracking_uri=s.tracking_uri, registry_uri=s.registry_uri)
 
@@ -44,7 +61,6 @@ def _experiment_location(s:ResolvedSettings, name:str) -> str|None:
 def ensure_experiment(s:ResolvedSettings, name:str|None=None) -> str:
     "The id of experiment `name` (default: the profile's), created if missing."
     name = name or s.experiment
-    if s.tracking_uri.startswith("sqlite:"): Path(s.tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     c = client(s)
     exp = c.get_experiment_by_name(name)
     if exp is not None: return exp.experiment_id
