@@ -21,8 +21,8 @@ __all__ = ['REAP_AFTER_BEATS', 'client', 'ensure_experiment', 'job_run_tags', 'c
 # %% ../../nbs/api/14_tracking_store.ipynb #40eaa87b
 REAP_AFTER_BEATS = 6                   # a job silent this many heartbeats is reaped
 
-# %% ../../nbs/api/14_tracking_store.ipynb #64faa8f2
-_opened: set[str] = set()  # the SQLite stores this process has opened (their tables exist)
+# %% ../../nbs/api/14_tracking_store.ipynb #8e3bc171
+_opened: set[tuple[str, str]] = set()  # the SQLite stores (uri, which client) this process has opened: their tables exist
 
 def _open_sqlite(s:ResolvedSettings):
     "Open the profile's SQLite stores once per process under a lock beside each, so one process creates a new store's tables."
