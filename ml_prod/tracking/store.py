@@ -33,7 +33,8 @@ def _open_sqlite(s:ResolvedSettings):
         from mlflow.tracking import MlflowClient
         with open(db.with_name(db.name + ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-            getattr(MlflowClient(tracking_uri=s.tracking_uri, registry_uri=s.registry_uri), touch)(max_results=1)
+            try: getattr(MlflowClient(tracking_uri=s.tracking_uri, registry_uri=s.registry_uri), touch)(max_results=1)
+            except Exception: continue  # busy or unreachable now: the caller's own call meets it, with its retries
         _opened.add((uri, touch))
 
 
