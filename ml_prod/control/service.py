@@ -53,8 +53,8 @@ def load_function(path:str):
     except (ImportError, AttributeError) as e: raise ControlError(f"function {path!r} cannot be loaded: {e}") from None
 
 # %% ../../nbs/api/80_control_service.ipynb #79b204dc
-def _expires(e:events.Event) -> float: return (e.beat or e.time) + e.data.get("ttl_s", TTL_S)
-def _alive(e:events.Event, now:float) -> bool: return _expires(e) > now and not events.gone(e.data)  # renewed, and its process not seen gone
+def _expires(e:events.Event) -> float: return events.expires(e, TTL_S)
+def _alive(e:events.Event, now:float) -> bool: return events.alive(e, now, TTL_S)  # renewed, and its process not seen gone
 
 def live_claims(s:ResolvedSettings, now:float|None=None) -> list[events.Event]:
     "The open claims of the lease whose holder renewed them within their ttl and lives, earliest first."

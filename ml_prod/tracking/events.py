@@ -14,7 +14,7 @@ from . import tags as keys
 
 # %% auto #0
 __all__ = ['CLAIM_TTL_S', 'Event', 'actor', 'append', 'read', 'beat', 'close', 'restate', 'this_process', 'gone', 'ClaimHeld',
-           'describe_claim', 'hold']
+           'expires', 'alive', 'describe_claim', 'hold']
 
 # %% ../../nbs/api/14a_tracking_events.ipynb #c33b9964
 _TRANSIENT = ("database is locked", "database table is locked", "Giving up after")
@@ -122,9 +122,10 @@ def restate(s:ResolvedSettings, e:Event, data:dict) -> Event:
     return e
 
 # %% ../../nbs/api/14a_tracking_events.ipynb #e5e84ff5
-import os
+import functools, os
 from pathlib import Path
 
+@functools.cache
 def _where() -> str|None:
     "This machine's boot and this process's pid namespace (Linux): where a pid names one process."
     try: return Path("/proc/sys/kernel/random/boot_id").read_text().strip() + ":" + str(os.stat("/proc/self/ns/pid").st_ino)
@@ -159,14 +160,20 @@ class ClaimHeld(MlProdError):
 CLAIM_TTL_S = 30.0  # a claim lives this long after its last renewal
 _local = threading.local()  # the claims this thread holds: stream -> its event
 
-def _expires(e:Event) -> float: return (e.beat or e.time) + float(e.data.get("ttl_s", CLAIM_TTL_S))
+def expires(e:Event, ttl_s:float=CLAIM_TTL_S) -> float:
+    "When claim `e` expires: its ttl (its own `ttl_s`, else `ttl_s`) after its last renewal."
+    return (e.beat or e.time) + float(e.data.get("ttl_s", ttl_s))
+
+def alive(e:Event, now:float, ttl_s:float=CLAIM_TTL_S) -> bool:
+    "Whether claim `e` may still be held at `now`: renewed within its ttl, and its process not seen gone (`gone`)."
+    return expires(e, ttl_s) > now and not gone(e.data)
 
 def _live(s:ResolvedSettings, stream:str, mine:Event|None=None) -> list[Event]:
     "The other open claims on `stream` whose holder renewed them within their ttl and lives; the others are closed (their holder died)."
     now, out = time.time(), []
     for e in read(s, stream, kinds=("claim",), open_only=True):
         if mine and e.event_id == mine.event_id: continue
-        if _expires(e) > now and not gone(e.data): out.append(e)
+        if alive(e, now): out.append(e)
         else: close(s, e, "KILLED")
     return out
 
@@ -212,7 +219,7 @@ def hold(s:ResolvedSettings,
         w = min(others, key=lambda e: (e.time, e.event_id))
         raise ClaimHeld(f"the claim on {stream} is held by {describe_claim(w)}; waited {wait_s:.0f} s. {hint[:1].upper() + hint[1:]} "
                         f"(if that process is gone, its claim expires {float(w.data.get('ttl_s', CLAIM_TTL_S)):.0f} s after its last renewal, at "
-                        f"{time.strftime('%H:%M:%S', time.localtime(_expires(w)))}).")
+                        f"{time.strftime('%H:%M:%S', time.localtime(expires(w)))}).")
     stop = threading.Event()
     renewer = threading.Thread(target=_renew, args=(s, mine, ttl_s / 4, stop), name=f"ml_prod-claim-{stream}", daemon=True)
     held[stream] = mine
