@@ -22,13 +22,15 @@ else
 NBDEV_TEST_FLAGS := --flags slow
 PYTEST_ARGS      := -m "not long"
 endif
+# pytest's parallel workers (pytest-xdist; one test module per worker at a time); 0: one process
+TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
 .PHONY: help venv export normalize clean readme check test demo tutorial docs bench
 
 help:
 	@echo "make demo     set up .venv and run the fraud example as tracked jobs on a local Ray (ml_prod demo)"
-	@echo "make test     set up .venv and run all tests: nbdev-test on nbs/, then pytest tests (SKIP_SLOW=1: skip slow ones; LONG=1: add the long scenarios)"
+	@echo "make test     set up .venv and run all tests: nbdev-test on nbs/, then pytest tests (SKIP_SLOW=1: skip slow ones; LONG=1: add the long scenarios; TEST_WORKERS=N: pytest workers, default 2)"
 	@echo "make venv     create .venv and install ml_prod with every extra: lab, example, dev (re-runs only when pyproject.toml changes)"
 	@echo "make export   write ml_prod/ from the notebooks in nbs/"
 	@echo "make normalize  nbdev-clean the notebooks in nbs/, $(EXAMPLES)/ and $(SHIPPED)/ (metadata, execution counts; outputs kept)"
@@ -69,7 +71,7 @@ check: venv
 test: venv
 	$(PY) .ci/nbtest.py $(NBDEV_TEST_FLAGS)
 	@$(PY) .ci/cells.py $(NBDEV_TEST_FLAGS)
-	$(PY) -m pytest tests $(PYTEST_ARGS) --durations=20
+	$(PY) -m pytest tests $(PYTEST_ARGS) -n $(TEST_WORKERS) --dist loadfile --durations=20
 
 demo: venv
 	$(BIN)/ml_prod demo

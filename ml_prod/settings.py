@@ -33,6 +33,7 @@ class Settings(BaseModel):
     job_max_retries: int = Field(1, ge=0, le=10, description="Times a job is retried when its Ray worker or node is lost")
     job_heartbeat_s: float = Field(10.0, gt=0, description="Seconds between a running job's heartbeats; a run silent for 6 beats is reaped as FAILED")
     job_warm_workers: int = Field(1, ge=0, le=8, description="Warm job workers the control service keeps idle for `ml_prod run`'s jobs (about 250 MiB each); 0: none, each job starts a Ray worker")
+    ray_port: int = Field(6379, ge=1, le=65535, description="GCS port of the project's persistent local Ray (`ml_prod cluster up`, `serve up`); another port lets two projects' clusters run on one machine")
     serve_host: str = Field("127.0.0.1", description="Address Ray Serve's HTTP endpoints bind to")
     serve_port: int = Field(8000, ge=1, le=65535, description="Port of the Ray Serve HTTP endpoint")
     serve_api_key_env: str = Field("ML_PROD_API_KEY", description="Environment variable holding the serving API key(s), comma separated")

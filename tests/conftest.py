@@ -113,7 +113,10 @@ def fresh_venv(tmp_path_factory) -> Path:
 # ---- one persistent serving cluster for the session ------------------------------------------------
 #
 # `ml_prod serve up` starts the project's persistent local Ray (`ray start` with all the machine's CPUs, GCS
-# on 6379, Serve's proxy on 8000, direct ingress) on first use. Every serving test module (test_loopback, test_serving,
+# on the project's ray_port, Serve's proxy on its serve_port, direct ingress) on first use. `make test` runs pytest
+# in parallel workers (pytest-xdist, one test module per worker at a time): each worker has a session, so a serving
+# project and cluster, of its own, on ports of its own (`SERVING_PORTS`: Ray's and ml_prod's defaults, 6379 and
+# 8000, on the first worker, and 100 more per worker after it). Every serving test module (test_loopback, test_serving,
 # test_serving_ops, test_serving_steps) works in ONE project, `serving_project`, through the module
 # fixture `project`, so the cluster is started once per session by the first `deploy` and reused.
 #
@@ -131,6 +134,8 @@ def fresh_venv(tmp_path_factory) -> Path:
 
 ML_PROD = str(Path(sys.executable).parent / "ml_prod")
 HERE = Path(__file__).parent
+WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))  # pytest-xdist's worker number; 0 without it
+SERVING_PORTS = {"ray_port": 6379 + 100 * WORKER, "serve_port": 8000 + 100 * WORKER}  # the serving project's GCS and Serve proxy
 RECORD = {"amount": 250.0, "country": "US"}
 # Ray's replicas and handles report their load to the autoscaler every 10 s by default; every second on
 # the shared cluster, so that test_serving_ops's autoscaling test (5 s look-back window) sees the load
@@ -186,7 +191,7 @@ def _stop_cluster():
 def serving_project(tmp_path_factory):
     "The one serving project of the session (a registry of tiny-model versions); its cluster is stopped at the end."
     root = tmp_path_factory.mktemp("serving")
-    (root / "settings.ini").write_text("[DEFAULT]\n")
+    (root / "settings.ini").write_text("[DEFAULT]\n" + "".join(f"{k} = {v}\n" for k, v in SERVING_PORTS.items()))
     step_log(root).mkdir()
     yield root
     with in_project(root): _stop_cluster()
@@ -248,7 +253,7 @@ def deploy(project: Path, app: dict, env=None, direct: bool = True) -> str:
     spec.write_text(yaml.safe_dump({"applications": [app]}))
     out = cli("serve", "up", str(spec), env={**cluster_env(project), **(env or {})}).stdout
     stable = out.split(" serving at ")[1].split()[0]
-    assert stable.startswith("http://127.0.0.1:8000/"), out
+    assert stable.startswith(f"http://127.0.0.1:{SERVING_PORTS['serve_port']}/"), out
     return status(app["name"])["replica_urls"][0] if direct else stable.removesuffix("/predict")
 
 

@@ -15,8 +15,8 @@ registrations of one model name.
 * 20 registrations of one model name at once (4 processes of 5 threads), 10 rounds, on MLflow on SQLite:
   versions unique and contiguous in the database itself, no error.
 
-Figures (counts, RSS, seconds) are printed, not asserted. Runs on the shared serving cluster, whose fixed ports
-(6379, 8000) allow one test session on the machine at a time."""
+Figures (counts, RSS, seconds) are printed, not asserted. Runs on the worker's serving cluster, whose fixed ports
+(conftest's `SERVING_PORTS`) allow one test session on the machine at a time."""
 from __future__ import annotations
 
 import json

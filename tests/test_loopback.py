@@ -12,7 +12,7 @@ replica's own port.
   the session's shared one (conftest's `project`); then a driver that imported `ray` first joins that
   cluster through `connect` (it must not hang).
 
-The shared serving cluster's fixed ports (6379, 8000) apply: run under the machine-wide Ray lock."""
+The serving cluster's fixed ports (conftest's `SERVING_PORTS`) apply: run under the machine-wide Ray lock."""
 from __future__ import annotations
 
 import json

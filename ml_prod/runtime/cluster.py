@@ -139,7 +139,7 @@ def _without(names:list[str]):
 # %% ../../nbs/api/11_runtime_cluster.ipynb #c3374e8c
 def cluster_up(s:ResolvedSettings|None=None, # settings of the project (default: the active profile)
                num_cpus:int|None=None, # CPUs the head offers (default: ray_num_cpus or all)
-               port:int=6379, # port of the head's GCS
+               port:int|None=None, # port of the head's GCS (default: the ray_port setting, 6379)
                resources:dict|None=None, # custom resources of the head, e.g. {"trainer": 1}
                env:dict|None=None, # extra environment for the cluster's processes (e.g. Ray Serve's start-up flags)
               ) -> dict:
@@ -147,6 +147,7 @@ def cluster_up(s:ResolvedSettings|None=None, # settings of the project (default:
     s = s or load_settings()
     if s.ray_address: raise MlProdError(f"Profile '{s.profile}' uses the cluster at {s.ray_address}; `cluster up` starts a local one only for profiles with an empty ray_address.")
     if info := local_cluster(s): return info
+    port = port or s.ray_port
     cmd = [_ray_cli(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={_temp_dir(s)}"]
     if num_cpus or s.ray_num_cpus: cmd.append(f"--num-cpus={num_cpus or s.ray_num_cpus}")
     if resources: cmd.append(f"--resources={json.dumps(resources)}")
