@@ -71,7 +71,7 @@ check: venv
 test: venv
 	$(PY) .ci/nbtest.py $(NBDEV_TEST_FLAGS)
 	@$(PY) .ci/cells.py $(NBDEV_TEST_FLAGS)
-	$(PY) -m pytest tests $(PYTEST_ARGS) -n $(TEST_WORKERS) --dist loadfile --durations=20
+	$(PY) -m pytest tests $(PYTEST_ARGS) -n $(TEST_WORKERS) --durations=20
 
 demo: venv
 	$(BIN)/ml_prod demo

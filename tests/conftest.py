@@ -404,6 +404,84 @@ def ray_deployed(gcs: int, dashboard: int, num_cpus: int, config: str = "serve_c
         stop_processes(_started_by(temp, gcs, marker))
 
 
+# ---- parallel workers: who runs where, and tests that run alone ------------------------------------------
+#
+# `make test` runs pytest in workers (pytest-xdist). Each test module is one unit of work, except that the modules
+# using the serving project (a function of theirs takes `project`) are one unit, "serving", so that one worker runs
+# them in order on one serving cluster, and the modules using `fresh_venv` share one install. A test marked `solo`
+# (zero errors or a figure under load) runs while no other test of the run does: the workers share a lock file.
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "solo: runs while no other test of the run does (pytest-xdist workers wait)")
+
+
+def _unit(path: str) -> str:
+    "The unit of work of the test module at `path` (relative to the repository): 'serving', 'fresh_venv' or the path."
+    import ast
+    args = {a.arg for node in ast.walk(ast.parse((REPO / path).read_text())) if isinstance(node, ast.FunctionDef) for a in node.args.args}
+    return "serving" if "project" in args else "fresh_venv" if "fresh_venv" in args else path
+
+
+def pytest_xdist_make_scheduler(config, log):
+    "pytest-xdist's scheduling by scope, with `_unit`'s scopes (its `xdist_group` marks are not seen under pytest 9)."
+    from functools import cache
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByUnit(LoadScopeScheduling):
+        _split_scope = staticmethod(cache(lambda nodeid: _unit(nodeid.split("::", 1)[0])))
+    return ByUnit(config, log)
+
+
+@contextmanager
+def _turn(solo: bool):
+    """A readers-writer lock shared by the run's workers: a `solo` test holds it alone, others share it. A solo test
+    waiting for it holds the gate, so no other test starts meanwhile (it is not starved)."""
+    import fcntl
+    base = Path(os.environ.get("TMPDIR", "/tmp")) / f"ml_prod-tests-{os.environ['PYTEST_XDIST_TESTRUNUID']}"
+    with open(f"{base}.gate", "a") as gate, open(f"{base}.lock", "a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try: fcntl.flock(lock, fcntl.LOCK_EX if solo else fcntl.LOCK_SH)
+        finally: fcntl.flock(gate, fcntl.LOCK_UN)
+        try: yield
+        finally: fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    "Each test (its set-up, call and tear-down) under the workers' shared lock; alone if it is marked `solo`."
+    if not os.environ.get("PYTEST_XDIST_TESTRUNUID"):
+        yield
+        return
+    with _turn(item.get_closest_marker("solo") is not None): yield
+
+
+# ---- MLflow's process-wide URIs do not leak from one test into the next ---------------------------------------
+
+def _mlflow_uris() -> tuple:
+    if "mlflow" not in sys.modules: return None, None
+    from mlflow.tracking._model_registry import utils as registry
+    from mlflow.tracking._tracking_service import utils as tracking
+    return tracking._tracking_uri, registry._registry_uri
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uris_restored():
+    """MLflow's process-wide tracking and registry URIs, and $MLFLOW_TRACKING_URI/$MLFLOW_REGISTRY_URI, as they were
+    before each test. A replica's set-up run in this process (`EndpointCore` in test_audit, test_serving_safety) sets
+    them; left behind, a later test's `MlflowClient(tracking_uri)` would read that project's registry, which one
+    depending on what this worker ran before."""
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    before = _mlflow_uris()
+    yield
+    for k, v in env.items():
+        if v is None: os.environ.pop(k, None)
+        else: os.environ[k] = v
+    if "mlflow" in sys.modules:
+        from mlflow.tracking._model_registry import utils as registry
+        from mlflow.tracking._tracking_service import utils as tracking
+        tracking._tracking_uri, registry._registry_uri = before
+
+
 # ---- no kernel may outlive the session ---------------------------------------------------------------
 
 def pytest_sessionstart(session):

@@ -40,6 +40,8 @@ import pytest
 
 from conftest import HERE, cli, deploy, log_version, status, wait_for
 
+pytestmark = pytest.mark.solo  # under load, zero errors: run while no other test of the run does
+
 APP, ALIAS = "chaosctl", "chaosctl"
 RATE = 20.0  # requests per second of the short form; bench/chaos.py --control uses 100
 BACKOFF_S = (0.2, 0.4)

@@ -31,6 +31,8 @@ import pytest
 from conftest import ML_PROD, RECORD, cli, deploy, log_version, raw_records, status
 from poisson_load import Load, audit_check, counts, load_avg
 
+pytestmark = pytest.mark.solo  # under load, zero errors: run while no other test of the run does
+
 RATE = 50  # requests a second in these short forms (bench/chaos_serving.py runs them at 100)
 
 

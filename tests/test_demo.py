@@ -32,6 +32,7 @@ def audit_records(app_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.solo  # every one of its requests answered while the loop retrains: run while no other test does
 def test_demo_runs_the_tutorial_end_to_end(project_dir):
     (port,) = free_ports(1)  # Serve's HTTP port: a free one, not the default 8000 another Ray may hold
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "ML_PROD_SERVE_PORT": str(port)}

@@ -68,6 +68,7 @@ def champion(project, s, monkeypatch, label: str, seed: int, model: str) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.solo  # the canary is judged from live traffic: run while no other test does
 @pytest.mark.timeout(2400)
 def test_the_loop_retrains_evaluates_canaries_and_promotes(project, monkeypatch):
     import mlflow

@@ -33,6 +33,7 @@ def set_alias(alias: str, version: int):
     move(load_settings(), "tiny", alias, version, reason="test")
 
 
+@pytest.mark.solo  # zero errors or exact figures under load: run while no other test does
 def test_request_path_update_and_audit(project):
     v1 = log_version("champion")
     v2 = log_version("candidate", offset=0.5)
@@ -163,6 +164,7 @@ def test_request_path_update_and_audit(project):
     assert "k-123" not in "".join(p.read_text(errors="ignore") for p in Path(s.audit_dir).rglob("*.jsonl"))
 
 
+@pytest.mark.solo  # zero errors or exact figures under load: run while no other test does
 def test_overload_is_503_and_recovers(project):
     v = log_version("slow", delay=0.2)
     url = deploy(project, {"name": "slow", "arms": {"main": {"model": "models:/tiny@slow", "weight": 1}},
@@ -180,6 +182,7 @@ def test_overload_is_503_and_recovers(project):
     cli("serve", "down", "slow")
 
 
+@pytest.mark.solo  # zero errors or exact figures under load: run while no other test does
 def test_killed_replica_loses_no_answered_record(project):
     log_version("steady")
     url = deploy(project, {"name": "steady", "arms": {"main": {"model": "models:/tiny@steady", "weight": 1}}})
