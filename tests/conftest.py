@@ -433,11 +433,11 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 @contextmanager
-def _turn(solo: bool):
-    """A readers-writer lock shared by the run's workers: a `solo` test holds it alone, others share it. A solo test
-    waiting for it holds the gate, so no other test starts meanwhile (it is not starved)."""
+def _turn(base: Path, solo: bool):
+    """A readers-writer lock shared by the run's workers (files `base`.gate and `base`.lock): a `solo` test holds it
+    alone, others share it. A solo test waiting for it holds the gate, so no other test starts meanwhile (it is not
+    starved)."""
     import fcntl
-    base = Path(os.environ.get("TMPDIR", "/tmp")) / f"ml_prod-tests-{os.environ['PYTEST_XDIST_TESTRUNUID']}"
     with open(f"{base}.gate", "a") as gate, open(f"{base}.lock", "a") as lock:
         fcntl.flock(gate, fcntl.LOCK_EX)
         try: fcntl.flock(lock, fcntl.LOCK_EX if solo else fcntl.LOCK_SH)
@@ -449,10 +449,11 @@ def _turn(solo: bool):
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     "Each test (its set-up, call and tear-down) under the workers' shared lock; alone if it is marked `solo`."
-    if not os.environ.get("PYTEST_XDIST_TESTRUNUID"):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
         yield
         return
-    with _turn(item.get_closest_marker("solo") is not None): yield
+    # a worker's temporary folder is its own folder in the run's (pytest keeps the last few runs' and removes the rest)
+    with _turn(Path(item.config.option.basetemp).parent / "solo", item.get_closest_marker("solo") is not None): yield
 
 
 # ---- MLflow's process-wide URIs do not leak from one test into the next ---------------------------------------
