@@ -416,9 +416,11 @@ def pytest_configure(config):
 
 
 def _unit(path: str) -> str:
-    "The unit of work of the test module at `path` (relative to the repository): 'serving', 'fresh_venv' or the path."
+    """The unit of work of the test module at `path` (relative to the repository): 'serving', 'fresh_venv' or the path,
+    by the fixtures its tests and fixtures ask for (a helper's argument named `project` is not the fixture)."""
     import ast
-    args = {a.arg for node in ast.walk(ast.parse((REPO / path).read_text())) if isinstance(node, ast.FunctionDef) for a in node.args.args}
+    asks = lambda f: f.name.startswith("test_") or any("fixture" in ast.unparse(d) for d in f.decorator_list)
+    args = {a.arg for f in ast.walk(ast.parse((REPO / path).read_text())) if isinstance(f, ast.FunctionDef) and asks(f) for a in f.args.args}
     return "serving" if "project" in args else "fresh_venv" if "fresh_venv" in args else path
 
 
