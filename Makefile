@@ -22,7 +22,7 @@ else
 NBDEV_TEST_FLAGS := --flags slow
 PYTEST_ARGS      := -m "not long"
 endif
-# pytest's parallel workers (pytest-xdist; one test module per worker at a time); 0: one process
+# pytest's parallel workers (pytest-xdist; tests/conftest.py says which tests run where, and which alone); 0: one process
 TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help

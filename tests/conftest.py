@@ -114,9 +114,9 @@ def fresh_venv(tmp_path_factory) -> Path:
 #
 # `ml_prod serve up` starts the project's persistent local Ray (`ray start` with all the machine's CPUs, GCS
 # on the project's ray_port, Serve's proxy on its serve_port, direct ingress) on first use. `make test` runs pytest
-# in parallel workers (pytest-xdist, one test module per worker at a time): each worker has a session, so a serving
-# project and cluster, of its own, on ports of its own (`SERVING_PORTS`: Ray's and ml_prod's defaults, 6379 and
-# 8000, on the first worker, and 100 more per worker after it). Every serving test module (test_loopback, test_serving,
+# in workers (pytest-xdist; see "parallel workers" below), all serving modules on one of them; its serving project
+# uses ports of the worker's own (`SERVING_PORTS`: Ray's and ml_prod's defaults, 6379 and 8000, on the first worker,
+# 100 more per worker after it), so a serving cluster never meets another worker's cluster on a port. Every serving test module (test_loopback, test_serving,
 # test_serving_ops, test_serving_steps) works in ONE project, `serving_project`, through the module
 # fixture `project`, so the cluster is started once per session by the first `deploy` and reused.
 #
@@ -460,11 +460,11 @@ def pytest_runtest_protocol(item, nextitem):
 
 # ---- MLflow's process-wide URIs do not leak from one test into the next ---------------------------------------
 
-def _mlflow_uris() -> tuple:
-    if "mlflow" not in sys.modules: return None, None
+def _mlflow_uri_modules() -> tuple:
+    "MLflow's modules holding the process-wide tracking and registry URIs (`_tracking_uri`, `_registry_uri`)."
     from mlflow.tracking._model_registry import utils as registry
     from mlflow.tracking._tracking_service import utils as tracking
-    return tracking._tracking_uri, registry._registry_uri
+    return tracking, registry
 
 
 @pytest.fixture(autouse=True)
@@ -474,14 +474,16 @@ def _mlflow_uris_restored():
     them; left behind, a later test's `MlflowClient(tracking_uri)` would read that project's registry, which one
     depending on what this worker ran before."""
     env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    before = _mlflow_uris()
+    before = (None, None)  # MLflow's defaults, if this test is the first to import it
+    if "mlflow" in sys.modules:
+        tracking, registry = _mlflow_uri_modules()
+        before = tracking._tracking_uri, registry._registry_uri
     yield
     for k, v in env.items():
         if v is None: os.environ.pop(k, None)
         else: os.environ[k] = v
     if "mlflow" in sys.modules:
-        from mlflow.tracking._model_registry import utils as registry
-        from mlflow.tracking._tracking_service import utils as tracking
+        tracking, registry = _mlflow_uri_modules()
         tracking._tracking_uri, registry._registry_uri = before
 
 
