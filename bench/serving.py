@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: one tiny model served by bare FastAPI, by Ray Serve (proxy, direct ingress, HAProxy) and by ml_prod.
 
-    .venv/bin/python bench/serving.py [--duration 15] [--connections 1,8,32] [--only NAME[,NAME]] [--warmup 3]
+    .venv/bin/python bench/serving.py [--duration 15] [--connections 1,8,32] [--only NAME[,NAME]] [--warmup 3] [--rounds 3]
 
 Targets, each started in turn in a fresh process of its own (so Ray's environment flags apply to a fresh
 cluster), all serving the same model: a torch MLP (30 float features -> 32 -> ReLU -> 1 -> sigmoid, weights
@@ -21,16 +21,20 @@ from a fixed seed, `torch.set_num_threads(1)`, inference under `torch.inference_
                ml_prod project on the embedded profile (its persistent local Ray, started by `deploy` with the
                Serve flags ml_prod sets itself; the bench sets none), API key required (`ML_PROD_API_KEY`),
                validation against the model's signature, the audit record of every request, batching on;
-               requests go to the replica's own port (the fast path `ml_prod serve status` lists);
+               requests go to the replica's own port (the one `ml_prod serve status` lists beside it);
+- `ml_prod_shared` the same deployment, requests to the application's stable address: the port all its replicas
+               share (SO_REUSEPORT), the `url` that `ml_prod serve up` prints;
 - `ml_prod_nobatch` the same with batching off.
 - `ml_prod_step` `ml_prod` with one separate pre step (`{step: "builtins:list", num_cpus: 0}`: a copy of the
                records, in a deployment of its own): the cost of one handle hop per request.
 
 Load comes from wrk (a C HTTP load generator; `apt-get install -y wrk`), POSTing through a Lua script whose
 `done()` hook prints exact p50/p90/p99 latencies. Each target gets a warm-up at the highest connection count,
-then one run per connection count (`-t2`, or `-t1` for 1 connection). The table shows req/s, p50 and p99 in
-ms, the number of non-2xx/3xx answers and socket errors, and req/s as a fraction of the baseline at the same
-connection count. wrk shares the 2 cores with the server, the same for every target.
+then one run per connection count (`-t2`, or `-t1` for 1 connection). `--rounds N` (default 3) repeats the whole
+list N times, interleaved (every target once per round, in a fresh process each time), and the table shows the
+median over the rounds of req/s, p50 and p99 in ms, the number of non-2xx/3xx answers and socket errors summed,
+each round's req/s, and the median req/s as a fraction of the baseline's median at the same connection count,
+beside the baseline's own figure. wrk shares the 2 cores with the server, the same for every target.
 
 All Ray targets keep every listening socket on 127.0.0.1: `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` before Ray is
 imported makes 127.0.0.1 the node address, and a worker setup hook (ml_prod's `ml_prod.runtime.cluster.loopback_hook`) moves the two listeners
@@ -46,7 +50,7 @@ import argparse, json, os, secrets, shutil, signal, socket, subprocess, sys, tem
 from pathlib import Path
 
 N_FEATURES, HIDDEN, SEED = 30, 32, 0
-TARGETS = ["fastapi", "ray_proxy", "ray_direct", "ray_haproxy", "ml_prod", "ml_prod_nobatch", "ml_prod_step"]
+TARGETS = ["fastapi", "ray_proxy", "ray_direct", "ray_haproxy", "ml_prod", "ml_prod_shared", "ml_prod_nobatch", "ml_prod_step"]
 START_TIMEOUT_S = 240
 STOP_TIMEOUT_S = 60
 
@@ -225,10 +229,11 @@ def _serve_ray(args, mode: str):
             ray.shutdown()
             if state: shutil.rmtree(state, ignore_errors=True)
 
-def _serve_ml_prod(args, batching: bool = True, steps: list | None = None):
+def _serve_ml_prod(args, batching: bool = True, steps: list | None = None, shared: bool = False):
     """ml_prod's full request path (API key, validation against the signature, arm pick, audit record, batching on
     or off) on the embedded profile: `ml_prod.deploy` starts the project's persistent local Ray with the Serve flags
-    it needs and serves the model folder; requests go to the replica's own (direct ingress) port."""
+    it needs and serves the model folder; requests go to the replica's own (direct ingress) port, or with `shared` to the
+    application's stable address (the port its replicas share)."""
     from ml_prod.runtime.cluster import cluster_down
     from ml_prod.serving.spec import spec_from_dict
     from ml_prod.serving.control import deploy, undeploy
@@ -239,7 +244,8 @@ def _serve_ml_prod(args, batching: bool = True, steps: list | None = None):
                                               "preprocess": steps or []}]})
     try:
         e = deploy(spec, s)["bench"]
-        _write_ready(args.ready_file, {"url": e["replica_urls"][0] + "/predict", "headers": {"x-api-key": os.environ["ML_PROD_API_KEY"]}})
+        url = e["url"] if shared else e["replica_urls"][0]
+        _write_ready(args.ready_file, {"url": url + "/predict", "headers": {"x-api-key": os.environ["ML_PROD_API_KEY"]}})
         _wait_for_stop()
     finally:
         try: undeploy(None, s)
@@ -258,7 +264,7 @@ def target_main(args):
     "Entry point of a target process (`--_serve NAME`)."
     {"fastapi": _serve_fastapi, "ray_proxy": lambda a: _serve_ray(a, "proxy"), "ray_direct": lambda a: _serve_ray(a, "direct"),
      "ray_haproxy": lambda a: _serve_ray(a, "haproxy"), "ml_prod": _serve_ml_prod,
-     "ml_prod_nobatch": lambda a: _serve_ml_prod(a, batching=False),
+     "ml_prod_shared": lambda a: _serve_ml_prod(a, shared=True), "ml_prod_nobatch": lambda a: _serve_ml_prod(a, batching=False),
      "ml_prod_step": lambda a: _serve_ml_prod(a, steps=[{"step": "builtins:list", "num_cpus": 0}])}[args._serve](args)
 
 # ---------------------------------------------------------------------------------------------- the driver side
@@ -376,15 +382,27 @@ def check_once(url: str, headers: dict) -> str:
         detail = e.read()[:300].decode(errors="replace") if hasattr(e, "read") else ""
         raise RuntimeError(f"check request to {url} failed: {e} {detail}") from None
 
+def median_rows(rows: list[dict]) -> list[dict]:
+    "One row per (target, connections): the median over the rounds of req/s, p50 and p99, errors summed, each round's req/s."
+    from statistics import median
+    out = {}
+    for r in rows: out.setdefault((r["target"], r["connections"]), []).append(r)
+    return [dict(target=t, connections=c, rps=median(x["rps"] for x in rs), p50_us=median(x["p50_us"] for x in rs),
+                 p99_us=median(x["p99_us"] for x in rs), non2xx=sum(x["non2xx"] for x in rs), socket_errors=sum(x["socket_errors"] for x in rs),
+                 rounds=[round(x["rps"]) for x in rs], load=[round(x["load"], 2) for x in rs]) for (t, c), rs in out.items()]
+
 def print_table(rows: list[dict]):
+    "The medians over the rounds, each round's req/s and the load average (1 min) after each run."
+    rows = median_rows(rows)
     base = {r["connections"]: r["rps"] for r in rows if r["target"] == "fastapi"}
     print()
-    print(f"{'target':<11} {'conns':>5} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'sock err':>8} {'vs fastapi':>10}")
-    print("-" * 74)
+    print(f"{'target':<15} {'conns':>5} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'sock err':>8} {'vs fastapi':>10}  {'fastapi req/s':>13}  rounds (req/s; load)")
+    print("-" * 120)
     for r in rows:
         ratio = f"{r['rps'] / base[r['connections']]:.2f}" if base.get(r["connections"]) else "-"
-        print(f"{r['target']:<11} {r['connections']:>5} {r['rps']:>9.0f} {r['p50_us'] / 1000:>8.2f} {r['p99_us'] / 1000:>8.2f} "
-              f"{r['non2xx']:>8} {r['socket_errors']:>8} {ratio:>10}")
+        fa = f"{base[r['connections']]:.0f}" if base.get(r["connections"]) else "-"
+        print(f"{r['target']:<15} {r['connections']:>5} {r['rps']:>9.0f} {r['p50_us'] / 1000:>8.2f} {r['p99_us'] / 1000:>8.2f} "
+              f"{r['non2xx']:>8} {r['socket_errors']:>8} {ratio:>10}  {fa:>13}  {r['rounds']}; {r['load']}")
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="Targets: " + ", ".join(TARGETS))
@@ -392,6 +410,7 @@ def main():
     ap.add_argument("--connections", default="1,8,32", help="comma-separated connection counts (default 1,8,32)")
     ap.add_argument("--only", default="", help="comma-separated targets to run (default: all)")
     ap.add_argument("--warmup", type=float, default=3, help="seconds of untimed load per target before measuring")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the targets; the table shows medians (default 3)")
     ap.add_argument("--json", default="", help="also write the results to this JSON file")
     ap.add_argument("--_serve", default="", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -412,14 +431,14 @@ def main():
     def on_sigterm(*_): raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, on_sigterm)
     rows, workdir = [], Path(tempfile.mkdtemp(prefix="ml_prod-bench-serving-"))
-    print(f"targets {names}, connections {conns}, {args.duration:g} s per run, warm-up {args.warmup:g} s; "
+    print(f"targets {names}, connections {conns}, {args.rounds} round(s), {args.duration:g} s per run, warm-up {args.warmup:g} s; "
           f"{os.cpu_count()} cores; work dir {workdir}", flush=True)
     try:
-        model_dir = save_model_dir(workdir/"model") if "ml_prod" in names else workdir/"model"
-        for name in names:
+        model_dir = save_model_dir(workdir/"model") if any(n.startswith("ml_prod") for n in names) else workdir/"model"
+        for rnd, name in [(k, n) for k in range(1, args.rounds + 1) for n in names]:
             t = Target(name, workdir, model_dir)
             try:
-                print(f"\n== {name}: starting (load average {os.getloadavg()[0]:.2f})", flush=True)
+                print(f"\n== round {rnd}/{args.rounds}, {name}: starting (load average {os.getloadavg()[0]:.2f})", flush=True)
                 info = t.start()
                 if "skip" in info:
                     print(f"  {name}: skipped: {info['skip']}", flush=True); continue
@@ -431,7 +450,7 @@ def main():
                     print(f"  warm-up: {w['rps']:.0f} req/s", flush=True)
                 for c in conns:
                     r = run_wrk(url, script, c, args.duration)
-                    r.update(target=name, connections=c, load=os.getloadavg()[0])
+                    r.update(target=name, connections=c, round=rnd, load=os.getloadavg()[0])
                     rows.append(r)
                     print(f"  {c:>3} connections: {r['rps']:8.0f} req/s  p50 {r['p50_us'] / 1000:6.2f} ms  "
                           f"p99 {r['p99_us'] / 1000:6.2f} ms  non-2xx {r['non2xx']}  socket errors {r['socket_errors']}  "

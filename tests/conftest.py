@@ -247,13 +247,15 @@ def log_version(alias: str, **model_config) -> int:
 
 def deploy(project: Path, app: dict, env=None, direct: bool = True) -> str:
     """Deploy one application with `ml_prod serve up` (which starts the shared cluster with `cluster_env` if it is not up);
-    the base URL of its replica (`direct`) or its stable one (Ray's proxy)."""
+    the base URL of its replica (`direct`) or its stable one (the application's shared port)."""
     import yaml
     spec = project / f"{app['name']}.yaml"
     spec.write_text(yaml.safe_dump({"applications": [app]}))
     out = cli("serve", "up", str(spec), env={**cluster_env(project), **(env or {})}).stdout
     stable = out.split(" serving at ")[1].split()[0]
-    assert stable.startswith(f"http://127.0.0.1:{SERVING_PORTS['serve_port']}/"), out
+    port = int(stable.split(":")[2].split("/")[0])  # the shared port: the first free ones after the worker's Serve proxy
+    assert stable.startswith("http://127.0.0.1:") and 0 < port - SERVING_PORTS["serve_port"] < 100, out
+    assert f"through Ray's proxy: http://127.0.0.1:{SERVING_PORTS['serve_port']}/{app['name']}/predict" in out, out
     return status(app["name"])["replica_urls"][0] if direct else stable.removesuffix("/predict")
 
 

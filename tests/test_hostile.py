@@ -195,18 +195,22 @@ def hostile_answers(url: str, rounds: int) -> tuple[dict, list]:
 
 
 def test_hostile_bodies_and_headers_are_4xx_and_the_replica_lives(served):
-    "The same hostile requests to the replica's own port and through Ray's proxy (the application's stable address)."
+    "The same hostile requests to the replica's own port, to the application's stable address (its shared port) and through Ray's proxy."
     pid = replica_pid()
     alive(served, pid)
     before = rss_mib(pid)
-    stable = status(APP)["url"].removesuffix("/predict")
+    st = status(APP)
+    stable, proxy = st["url"], st["proxy_url"]
+    assert stable != proxy and stable != served, st
     seen, bad = hostile_answers(served, rounds=3)  # three times: memory that grows per request would show
-    via_proxy, bad_via_proxy = hostile_answers(stable, rounds=1)
+    via_stable, bad_via_stable = hostile_answers(stable, rounds=1)
+    via_proxy, bad_via_proxy = hostile_answers(proxy, rounds=1)
     after = rss_mib(pid)
-    n = 4 * (len(HOSTILE) + 6)
-    print(f"replica pid {pid}: RSS {before:.0f} MiB before, {after:.0f} MiB after {n} hostile requests (3/4 to its port, 1/4 through the proxy)")
-    print(*(f"  {code} / {via_proxy[name][0]} through the proxy  {name}: {text}" for name, (code, text) in seen.items()), sep="\n")
+    n = 5 * (len(HOSTILE) + 6)
+    print(f"replica pid {pid}: RSS {before:.0f} MiB before, {after:.0f} MiB after {n} hostile requests (3/5 to its port, 1/5 to the shared port, 1/5 through the proxy)")
+    print(*(f"  {code} / {via_stable[name][0]} on the shared port / {via_proxy[name][0]} through the proxy  {name}: {text}" for name, (code, text) in seen.items()), sep="\n")
     assert not bad, bad
+    assert not bad_via_stable, bad_via_stable
     assert not bad_via_proxy, bad_via_proxy
     alive(served, pid)
     assert httpx.post(f"{stable}/predict", json=RECORD, headers=AUTH, timeout=30).status_code == 200

@@ -147,10 +147,12 @@ def test_serve_up_persistent_cluster(project):
     from ml_prod.settings import load_settings
     log_version("loopback")
     direct = deploy(project, {"name": "lb", "arms": {"main": {"model": "models:/tiny@loopback", "weight": 1}}})
-    stable = status("lb")["url"]
+    st = status("lb")
     r = httpx.post(f"{direct}/predict", json=RECORD, timeout=30)
     assert r.status_code == 200, r.text
-    r = httpx.post(f"{stable}/predict", json=RECORD, timeout=30)  # Ray's proxy -> replica, over gRPC
+    r = httpx.post(f"{st['url']}/predict", json=RECORD, timeout=30)  # the shared port, on loopback
+    assert r.status_code == 200 and st["url"].startswith("http://127.0.0.1:"), (st["url"], r.text)
+    r = httpx.post(f"{st['proxy_url']}/predict", json=RECORD, timeout=30)  # Ray's proxy -> replica, over gRPC
     assert r.status_code == 200, r.text
 
     s = load_settings()
@@ -196,6 +198,7 @@ def test_auth_required_on_loopback_closes_every_route(project):
         opened = {p: c.get(p, headers=key).status_code for p in ("/-/status", "/docs", "/openapi.json")}
         assert opened == dict.fromkeys(opened, 200), opened
         assert c.get("/healthz").json() == {"ok": True}  # says only that a model is loaded
-    stable = status("lbauth")["url"].removesuffix("/predict")  # through Ray's proxy too
-    assert httpx.get(f"{stable}/-/status", timeout=30).status_code == 401
-    assert httpx.get(f"{stable}/-/status", headers=key, timeout=30).status_code == 200
+    st = status("lbauth")
+    for stable in (st["url"], st["proxy_url"]):  # on the shared port and through Ray's proxy too
+        assert httpx.get(f"{stable}/-/status", timeout=30).status_code == 401
+        assert httpx.get(f"{stable}/-/status", headers=key, timeout=30).status_code == 200

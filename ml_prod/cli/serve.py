@@ -58,7 +58,8 @@ def serve_up(spec:Path=SpecArg, profile:Optional[str]=ProfileOpt,
     _ensure_control(s)
     for app_name, e in urls.items():
         console.print(f"[bold]{app_name}[/bold] serving at {e['url']}/predict")
-        if e["replica_urls"]: console.print("  fast path, straight to its replicas: " + ", ".join(f"{u}/predict" for u in e["replica_urls"]))
+        if e["proxy_url"] != e["url"]: console.print(f"  through Ray's proxy: {e['proxy_url']}/predict")
+        if e["replica_urls"]: console.print("  each replica's own port (moves when it is replaced): " + ", ".join(f"{u}/predict" for u in e["replica_urls"]))
 
 @serve_app.command("build")
 def serve_build(spec:Path=SpecArg, output:Path=typer.Option(Path("serve_config.yaml"), "-o", "--output", help="Where to write Ray Serve's config"),
@@ -85,7 +86,7 @@ def serve_status(profile:Optional[str]=ProfileOpt, as_json:bool=typer.Option(Fal
     if wants_json(as_json): return typer.echo(json.dumps(apps, indent=1, default=str))
     if not apps: console.print("no applications deployed")
     for a in apps:
-        console.print(f"[bold]{a['app']}[/bold] {a['status']}  {a['url']}  replicas: {' '.join(a['replica_urls']) or '-'}" + (f"\n  {a['message']}" if a["message"] else ""))
+        console.print(f"[bold]{a['app']}[/bold] {a['status']}  {a['url']}  (Ray's proxy: {a['proxy_url']})  replicas: {' '.join(a['replica_urls']) or '-'}" + (f"\n  {a['message']}" if a["message"] else ""))
         t = Table("arm", "model", "pinned", "weight", "shadow")
         for n, x in a["arms"].items(): t.add_row(n, x["model"], x["pinned"], f"{x['weight']:g}", "yes" if x["shadow"] else "")
         console.print(t)

@@ -117,6 +117,56 @@ def _flush_logs_every(period_s:float=1.0):
                 if isinstance(h, logging.handlers.MemoryHandler): h.flush()
     threading.Thread(target=run, daemon=True, name="ml_prod-log-flush").start()
 
+# %% ../../nbs/api/54_serving_app.ipynb #65a0e2f9
+import contextlib, socket
+
+class _SharedPort:
+    """ASGI front of the replica's app on the application's shared port `listen` ({host, port, prefix, max_inflight}), with the
+    uvicorn server that listens there (`start`, `stop`)."""
+    def __init__(self, app, listen:dict, retry_after_s:float=1):
+        self.app, self.listen, self.retry_after = app, listen, retry_after_s
+        self.inflight, self.server, self.task = 0, None, None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http": return
+        prefix, most = self.listen["prefix"], self.listen.get("max_inflight")
+        rid = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None) or uuid.uuid4().hex
+        async def send_with_id(m):  # the request's id on every answer, as Ray Serve sets it (from the request, or a new one)
+            if m["type"] == "http.response.start" and not any(k.lower() == b"x-request-id" for k, _ in m.get("headers", [])):
+                m = dict(m, headers=[*m.get("headers", []), (b"x-request-id", rid.encode("latin-1"))])
+            await send(m)
+        if scope["path"] != prefix and not scope["path"].startswith(prefix + "/"):
+            return await _send(send_with_id, 404, {"error": f"this port serves the application under {prefix}/ only"}, {})
+        if most is not None and self.inflight >= most:
+            return await _send(send_with_id, 503, {"error": "overloaded: retry shortly"}, {"retry-after": str(self.retry_after)})
+        self.inflight += 1
+        try: await self.app(dict(scope, root_path=prefix), receive, send_with_id)
+        finally: self.inflight -= 1
+
+    async def start(self):
+        "Listen on the shared port (once); `ConfigError` if another process holds it."
+        import uvicorn
+        if self.task: return
+        host, port = self.listen["host"], self.listen["port"]
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # every replica of the application on this node binds it
+        try: sock.bind((host, port))
+        except OSError as e:
+            sock.close()
+            raise ConfigError(f"port: {host}:{port} is held by another process on this node ({e.strerror}): give the application another port") from None
+        self.server = uvicorn.Server(uvicorn.Config(self, lifespan="off", access_log=False, log_config=None, timeout_graceful_shutdown=3))
+        self.server.capture_signals = contextlib.nullcontext  # the replica's signals stay Ray's
+        self.task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[sock]))
+        while not self.server.started and not self.task.done(): await asyncio.sleep(0.01)
+        if self.task.done(): self.task.result()  # raises what stopped it
+
+    async def stop(self):
+        "Close the socket, finish the requests taken on (at most 3 s), close idle connections."
+        if not self.task: return
+        self.server.should_exit = True
+        await asyncio.wait_for(asyncio.shield(self.task), 5)
+
 # %% ../../nbs/api/54_serving_app.ipynb #1529e34f
 def endpoint_deployment():
     "The Ray Serve deployment class `Endpoint` (built on first use, so importing this module does not import Ray)."
@@ -138,8 +188,14 @@ def endpoint_deployment():
             live.update(routes={"/predict": self.core.predict, "/feedback": self.core.feedback}, max_body=args["limits"]["max_body_bytes"],
                         rejects={"/predict": self.core.reject, "/feedback": self.core.reject_feedback}, guard=self._allowed)
             api.openapi = lambda: _openapi(api, self.core)
+            self.shared = _SharedPort(api, args["listen"], args["limits"].get("retry_after_s", 1)) if args.get("listen") else None
 
-        async def reconfigure(self, config:dict): await self.core.reconfigure(config)
+        async def reconfigure(self, config:dict):
+            await self.core.reconfigure(config)
+            if self.shared and self.core.state: await self.shared.start()  # the shared port, once this replica serves a model
+
+        async def __del__(self):  # Ray Serve calls it when the replica stops (after draining its own ports)
+            if getattr(self, "shared", None): await self.shared.stop()
 
         def _allowed(self, headers) -> bool:
             "Whether a request may see this replica's other routes: always without keys, else with a valid one."

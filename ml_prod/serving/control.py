@@ -6,9 +6,9 @@ Docs: https://ml-prod.github.io/ml_prod/api/serving_control.html.md"""
 
 # %% auto #0
 __all__ = ['CLAIM_WAIT_S', 'ServingError', 'resolver', 'recorded_digests', 'digester', 'auth_config', 'replica_settings', 'build',
-           'serve_client', 'wait_running', 'deploy', 'endpoints', 'replica_states', 'forget_replicas', 'status', 'logs',
-           'undeploy', 'update', 'is_pinned', 'history', 'alias_moves', 'revert', 'follow', 'follow_aliases',
-           'maintain_audit']
+           'port_free', 'serve_client', 'wait_running', 'deploy', 'endpoints', 'replica_states', 'forget_replicas',
+           'status', 'logs', 'undeploy', 'update', 'is_pinned', 'history', 'alias_moves', 'revert', 'follow',
+           'follow_aliases', 'maintain_audit']
 
 # %% ../../nbs/api/55_serving_control.ipynb #afb0344f
 import asyncio, hashlib, hmac, json, math, os, sys, time, uuid
@@ -114,7 +114,14 @@ def build(spec:ServeSpec, # the serving spec
     "Ray Serve's config for `spec` on profile `s`: aliases pinned with the content digest of each version, API key digests, MLflow and audit locations."
     s, deployed = s or load_settings(), deployed or {}
     return build_config(spec, s.serve_host, s.serve_port, resolver(s), replica_settings(s), auth_config(s),
-                        digester(s, recorded_digests(deployed.values())), deployed)
+                        digester(s, recorded_digests(deployed.values())), deployed, (lambda p: True) if s.is_multi_node else (lambda p: port_free(s.serve_host, p)))
+
+def port_free(host:str, port:int) -> bool:
+    "Whether nothing on this machine listens on `host:port` (a bind without SO_REUSEPORT succeeds)."
+    import socket
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try: sock.bind((host, port)); return True
+        except OSError: return False
 
 # %% ../../nbs/api/55_serving_control.ipynb #44cc0691
 def serve_client(s:ResolvedSettings, start:bool=True):
@@ -185,7 +192,7 @@ def deploy(spec:ServeSpec|str|Path, # the serving spec or its YAML file
         previous = {n: running[n] for n in new if n in running}  # an application deployed again: its replicas must accept the new config
         for n, old in previous.items(): _preflight(s, new[n], old, f"deploy of {n} stopped, still serving the previous version")
         _apply_checked(s, client, new, previous, cfg["http_options"], "deploy", timeout_s)
-    return {n: endpoints(client, n) for n in new}
+    return {n: endpoints(client, n, multi_node=s.is_multi_node) for n in new}
 
 # %% ../../nbs/api/55_serving_control.ipynb #067e2151
 def _replica_urls(details:dict, app:str) -> dict[str, str]:
@@ -196,13 +203,23 @@ def _replica_urls(details:dict, app:str) -> dict[str, str]:
     return {str(t.get("name") or t["port"]).rpartition("#")[2]: f"http://{host(t['ip'])}:{t['port']}{prefix}" for g in details.get("target_groups") or []
             if g.get("protocol") == "HTTP" and g.get("app_name") == app for t in g.get("targets", [])}
 
-def endpoints(client, app:str, details:dict|None=None) -> dict:
-    "`{url: the stable address through Ray's proxy, replica_urls: the replicas' own (direct ingress) addresses}` of `app`."
+def _shared_url(a:dict) -> str|None:
+    "The address of application `a` (Ray's details of it) on its shared port on this node, if it has one."
+    listen = (a.get("deployed_app_config") or {}).get("args", {}).get("listen")
+    if not listen: return None
+    host = listen["host"] if listen["host"] not in ("0.0.0.0", "::") else _compat.node_ip_address()
+    return f"http://{f'[{host}]' if ':' in host else host}:{listen['port']}{listen['prefix']}"
+
+def endpoints(client, app:str, details:dict|None=None, multi_node:bool=False) -> dict:
+    """`app`'s addresses: `url` the stable one (its shared port on a single-node cluster; Ray's proxy, which fronts every node, on a
+    multi-node one), `shared_url` its shared port on this node, `proxy_url` through Ray's proxy, `replica_urls` the replicas' own ports."""
     details = details or _compat.serve_details(client)
     a = details.get("applications", {}).get(app)
-    if a is None: return dict(url=None, replica_urls=[])
+    if a is None: return dict(url=None, shared_url=None, proxy_url=None, replica_urls=[])
     http = details.get("http_options", {})
-    return dict(url=f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}{a.get('route_prefix') or f'/{app}'}",
+    proxy = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}{a.get('route_prefix') or f'/{app}'}"
+    shared = _shared_url(a)
+    return dict(url=shared if shared and not multi_node else proxy, shared_url=shared, proxy_url=proxy,
                 replica_urls=sorted(_replica_urls(details, app).values()))
 
 def _app_config(client, app:str) -> dict:
@@ -250,7 +267,7 @@ def status(s:ResolvedSettings|None=None) -> list[dict]:
         last = ([e for e in evs if e["reason"] in _CONFIGS] or [None])[-1]  # the history is appended in time order
         steps = [dict(deployment=n, status=_value(d.get("status")), replicas=_replicas(d, urls))
                  for n, d in sorted(a.get("deployments", {}).items()) if n != DEPLOYMENT]
-        out.append(dict(app=name, status=_value(a.get("status")), message=a.get("message", ""), deployment=_value(dep.get("status")), **endpoints(client, name, details),
+        out.append(dict(app=name, status=_value(a.get("status")), message=a.get("message", ""), deployment=_value(dep.get("status")), **endpoints(client, name, details, s.is_multi_node),
                         arms=cfg.get("arms", {}), replicas=replicas, serving=replica_states(s, name, [r["id"] for r in replicas]), steps=steps,
                         last_refusal=last if last and last["reason"] == "refused" else None, pinned=is_pinned(evs),
                         pending=alias_moves(s, a["deployed_app_config"]) if a.get("deployed_app_config") else [], history=_summaries(evs)[-10:]))

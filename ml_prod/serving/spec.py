@@ -15,7 +15,7 @@ from ..errors import ConfigError, field_errors
 # %% auto #0
 __all__ = ['Verdict', 'SERVE_ENV', 'DEPLOYMENT', 'Arm', 'Batching', 'Autoscaling', 'Limits', 'Decision', 'Audit', 'Step',
            'Trigger', 'Promotion', 'Canary', 'Lifecycle', 'Application', 'ServeSpec', 'spec_from_dict', 'load_spec',
-           'pick_arm', 'pin_arm', 'user_config', 'step_args', 'app_config', 'build_config']
+           'pick_arm', 'pin_arm', 'user_config', 'step_args', 'shared_ports', 'app_config', 'build_config']
 
 # %% ../../nbs/api/50_serving_spec.ipynb #82e8324b
 class _Strict(BaseModel): model_config = ConfigDict(extra="forbid")
@@ -183,6 +183,7 @@ class Application(_Strict):
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica works on at once")
     max_queued_requests: int = Field(256, ge=-1, description="Requests waiting for a replica before callers get 503 (-1: no limit)")
     num_cpus: float = Field(1, ge=0, description="CPUs each replica reserves")
+    port: int|None = Field(None, ge=1024, le=65535, description="The stable address http://HOST:PORT/NAME on each node: every replica of the application there listens on this port (SO_REUSEPORT), so it survives a replica's replacement. Default: the port the application has now, else the first free one after serve_port")
     access_log: bool = Field(False, description="Ray Serve's access log line per request (the audit log already records every request)")
     limits: Limits = Field(default_factory=Limits)
     audit: Audit = Field(default_factory=Audit)
@@ -359,12 +360,36 @@ def step_args(a:Application) -> tuple[dict, list[dict]]:
             deployments.append(_step_deployment(st, name, a.access_log))
     return args, deployments
 
+# %% ../../nbs/api/50_serving_spec.ipynb #82672067
+def shared_ports(spec:ServeSpec, # the serving spec
+                 proxy_port:int=8000, # Ray Serve's proxy port: the first port looked at is the next one
+                 deployed:dict|None=None, # application name -> its config deployed now
+                 free=lambda port: True, # whether nothing else on this node listens on `port` (looked at for new picks only)
+                ) -> dict[str, int]:
+    "Each application's shared port: the one its spec names, else the one it has deployed now, else the lowest free one above `proxy_port`."
+    deployed = deployed or {}
+    now = {n: p for n, c in deployed.items() if (p := c.get("args", {}).get("listen", {}).get("port"))}
+    ports = {a.name: a.port or now.get(a.name) for a in spec.applications}
+    owner = {p: n for n, p in now.items() if n not in ports} | {proxy_port: "Ray Serve's proxy (serve_port)"}
+    for n, p in ports.items():
+        if p and p in owner:
+            raise ConfigError(f"applications.{n}.port: {p} is already the port of {owner[p]}: give {n} another port, or leave port: out to get a free one")
+        if p: owner[p] = f"application {n}"
+    for n in ports:
+        if ports[n]: continue
+        p = next(p for p in range(proxy_port + 1, 65536) if p not in owner and free(p))
+        ports[n], owner[p] = p, f"application {n}"
+    return ports
+
+
 # %% ../../nbs/api/50_serving_spec.ipynb #6460d42d
 def app_config(a:Application, resolve=lambda uri: uri, settings:dict|None=None, auth:dict|None=None,
-               digest=lambda pinned: None, deployed:dict|None=None) -> dict:
-    "Ray Serve's config of one application (`deployed`: its config deployed now, if any)."
+               digest=lambda pinned: None, deployed:dict|None=None, listen:dict|None=None) -> dict:
+    "Ray Serve's config of one application (`deployed`: its config deployed now, if any; `listen`: {host, port} of its shared port)."
     steps, step_deployments = step_args(a)
     args = dict(name=a.name, **steps, limits=a.limits.model_dump(), audit=a.audit.model_dump(), settings=settings or {})
+    if listen:  # the replicas' shared port: at most as many requests at once as Ray would let in, then 503 (Ray's backpressure)
+        args["listen"] = dict(listen, prefix=a.route_prefix, max_inflight=a.max_ongoing_requests + a.max_queued_requests if a.max_queued_requests >= 0 else None)
     deployment = dict(name=DEPLOYMENT, max_ongoing_requests=a.max_ongoing_requests, max_queued_requests=a.max_queued_requests,
                       ray_actor_options=dict(num_cpus=a.num_cpus), user_config=user_config(a, resolve, auth, digest, deployed and deployed["deployments"][0].get("user_config")),
                       backpressure_config=dict(status_code=503, retry_after_s=a.limits.retry_after_s),
@@ -381,7 +406,10 @@ def build_config(spec:ServeSpec, # the serving spec
                  auth:dict|None=None, # {required, digests}: sha256 digests of the API keys requests must carry
                  digest=lambda pinned: None, # pinned model URI -> content digest of its files
                  deployed:dict|None=None, # application name -> its config deployed now (its pins become the last good ones)
+                 free=lambda port: True, # whether a port is free on this node (for applications that get a new shared port)
                 ) -> dict:
     "Ray Serve's `ServeDeploySchema` for `spec`, as plain data."
+    ports = shared_ports(spec, port, deployed, free)
     return dict(http_options=dict(host=host, port=port),
-                applications=[app_config(a, resolve, settings, auth, digest, (deployed or {}).get(a.name)) for a in spec.applications])
+                applications=[app_config(a, resolve, settings, auth, digest, (deployed or {}).get(a.name), dict(host=host, port=ports[a.name]))
+                              for a in spec.applications])
