@@ -270,8 +270,17 @@ def target_main(args):
 # ---------------------------------------------------------------------------------------------- the driver side
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+    """A port free now, from below the ephemeral range: one the kernel hands out for bind(0) can be taken meanwhile as the local
+    port of one of the many connections Ray opens (a run once failed so: Serve's proxy could not bind it)."""
+    import random
+    for port in random.sample(range(20000, 30000, 2), 500):  # even: the one after it is the shared port ml_prod picks
+        with socket.socket() as s:
+            try: s.bind(("127.0.0.1", port))
+            except OSError: continue
+        with socket.socket() as s:
+            try: s.bind(("127.0.0.1", port + 1)); return port
+            except OSError: continue
+    raise RuntimeError("no free port pair in 20000-30000")
 
 class Target:
     "A target process in its own process group; `start` waits for its ready file, `stop` always cleans up."
@@ -281,6 +290,7 @@ class Target:
 
     def start(self) -> dict:
         ready = self.workdir/f"{self.name}.ready"
+        ready.unlink(missing_ok=True)  # a file from an earlier round's process
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         for k in list(env):           # the bench's own shell must not leak Ray/Serve flags into the targets
             if k.startswith(("RAY_SERVE_", "RAY_ENABLE_WINDOWS")): env.pop(k)

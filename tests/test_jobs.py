@@ -255,14 +255,18 @@ def test_runtime_env_reaches_the_kernel(env):
 # ---- detached jobs on a persistent local cluster ------------------------------------------------------
 
 def test_detached_job_outlives_its_caller(project_dir):
+    "A detached job on the project's persistent cluster, which listens on the project's `ray_port`."
+    import socket
     from ml_prod.runtime.cluster import cluster_down, cluster_up
     (port,) = free_ports(1)
+    (project_dir / "settings.ini").write_text(f"[DEFAULT]\nray_port = {port}\n")
     s = load_settings()
     p = _cli(["run", "--detach", str(make_nb(project_dir / "d.ipynb", "print('detached')"))], project_dir)
     out = p.communicate(timeout=60)[0]
     assert p.returncode == 1 and "ml_prod cluster up" in out  # no persistent cluster yet
-    cluster_up(s, num_cpus=1, port=port)
+    cluster_up(s, num_cpus=1)  # on settings.ini's ray_port
     try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()  # the GCS listens there
         p = _cli(["run", "--detach", str(make_nb(project_dir / "slow.ipynb", "import time; time.sleep(3)\nprint('done')"))], project_dir)
         out = p.communicate(timeout=120)[0]
         assert p.returncode == 0, out

@@ -302,12 +302,14 @@ SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MI
 DEPLOYMENT = "Endpoint"
 
 def _scaling(a:Application|Step) -> dict:
+    "Replica count or autoscaling; an endpoint scales on its shared port's requests too (`serving_app.autoscale`)."
     if a.autoscaling is None: return dict(num_replicas=a.replicas or 1)
     x = a.autoscaling
+    policy = {"policy": {"policy_function": "ml_prod.serving.app:autoscale"}} if isinstance(a, Application) else {}
     return dict(autoscaling_config=dict(min_replicas=x.min_replicas, max_replicas=x.max_replicas, initial_replicas=max(x.min_replicas, 1),
                                         target_ongoing_requests=x.target_ongoing_requests,
                                         upscale_delay_s=x.upscale_delay_s, downscale_delay_s=x.downscale_delay_s,
-                                        look_back_period_s=x.look_back_period_s))
+                                        look_back_period_s=x.look_back_period_s, **policy))
 
 def pin_arm(arm:dict, # an arm of a user config: model, weight, shadow (and pinned, digest, last_good once pinned)
             pinned:str, # the version it serves from now on
