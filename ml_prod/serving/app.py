@@ -143,7 +143,7 @@ class _SharedPort:
         rid = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None)
         if rid is None:  # as Ray Serve does: a new id, which the audit record keeps as the client's and the answer carries
             rid = uuid.uuid4().hex
-            scope = dict(scope, headers=[*scope["headers"], (b"x-request-id", rid.encode())])
+            scope["headers"].append((b"x-request-id", rid.encode()))  # the scope is this request's own
         close = [(b"connection", b"close")] if self._aged(scope.get("client")) else []
         async def send_with_id(m):  # the request's id on every answer, as Ray Serve sets it (from the request, or a new one)
             if m["type"] == "http.response.start":
@@ -155,7 +155,8 @@ class _SharedPort:
         if most is not None and self.inflight >= most:
             return await _send(send_with_id, 503, {"error": "overloaded: retry shortly"}, {"retry-after": str(self.retry_after)})
         self.inflight += 1
-        try: await self.app(dict(scope, root_path=prefix), receive, send_with_id)
+        scope["root_path"] = prefix
+        try: await self.app(scope, receive, send_with_id)
         finally: self.inflight -= 1
 
     async def start(self):

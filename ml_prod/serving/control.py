@@ -212,14 +212,14 @@ def _shared_url(a:dict) -> str|None:
 
 def endpoints(client, app:str, details:dict|None=None, multi_node:bool=False) -> dict:
     """`app`'s addresses: `url` the stable one (its shared port on a single-node cluster; Ray's proxy, which fronts every node, on a
-    multi-node one), `shared_url` its shared port on this node, `proxy_url` through Ray's proxy, `replica_urls` the replicas' own ports."""
+    multi-node one), `proxy_url` through Ray's proxy, `replica_urls` the replicas' own ports."""
     details = details or _compat.serve_details(client)
     a = details.get("applications", {}).get(app)
-    if a is None: return dict(url=None, shared_url=None, proxy_url=None, replica_urls=[])
+    if a is None: return dict(url=None, proxy_url=None, replica_urls=[])
     http = details.get("http_options", {})
     proxy = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}{a.get('route_prefix') or f'/{app}'}"
     shared = _shared_url(a)
-    return dict(url=shared if shared and not multi_node else proxy, shared_url=shared, proxy_url=proxy,
+    return dict(url=shared if shared and not multi_node else proxy, proxy_url=proxy,
                 replica_urls=sorted(_replica_urls(details, app).values()))
 
 def _app_config(client, app:str) -> dict:
