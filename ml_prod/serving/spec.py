@@ -181,13 +181,19 @@ class Application(_Strict):
     replicas: int|None = Field(None, ge=1, description="Fixed replica count (exclusive with autoscaling)")
     autoscaling: Autoscaling|None = Field(None, description="Replica count follows the load (exclusive with replicas)")
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica works on at once")
-    max_queued_requests: int = Field(256, ge=-1, description="Requests waiting for a replica before callers get 503 (-1: no limit)")
+    max_queued_requests: int = Field(256, ge=-1, description="Requests waiting for a replica before callers get 503 (-1: no limit; else at least 1)")
     num_cpus: float = Field(1, ge=0, description="CPUs each replica reserves")
     port: int|None = Field(None, ge=1024, le=65535, description="The stable address http://HOST:PORT/NAME on each node: every replica of the application there listens on this port (SO_REUSEPORT), so it survives a replica's replacement. Default: the port the application has now, else the first free one after serve_port")
     access_log: bool = Field(False, description="Ray Serve's access log line per request (the audit log already records every request)")
     limits: Limits = Field(default_factory=Limits)
     audit: Audit = Field(default_factory=Audit)
     lifecycle: Lifecycle|None = Field(None, description="The retrain-evaluate-canary-promote loop of this application (`ml_prod.lifecycle`); kept out of Ray Serve's config")
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queue(cls, v):  # Ray Serve refuses 0 only when the deployment is applied, deep in `serve up`
+        if v == 0: raise ValueError("0 is not a queue length Ray Serve takes: give -1 (no limit) or at least 1 (the shortest queue)")
+        return v
 
     @field_validator("arms")
     @classmethod
