@@ -3,7 +3,8 @@
 
     .venv/bin/python bench/chaos_serving.py [--rate 100] [--ab-rate 200] [--ab-requests 20000]
         [--kill-rate 100] [--replicas 3] [--only update,ab,kill,controller,broken,overload] [--budget-s S]
-        [--knee-rates 20,30,50,...] [--step-s 5] [--overload-s 20]
+        [--knee-rates 500,1000,...] [--knee-ms 10] [--step-s 5] [--overload-s 20] [--overload-connections 1024]
+        [--probe-rate 20] [--max-ongoing 64] [--max-queued 256]
 
 A temporary project on the embedded profile; `ml_prod serve up` (conftest's `deploy`) starts its persistent local Ray
 (127.0.0.1: GCS 6379, Serve's proxy 8000) and the tiny model of tests/tiny_model.py is registered as v1 and v2
@@ -30,14 +31,16 @@ retries") and on the last ("after retries"). Scenarios, in order, each on its ow
 5. `broken`: R replicas serving v1 behind the stable address; three broken v3s tried in turn with `serve update`: its
    constructor fails, its health check fails (scoring its input example), only the replicas refuse it; each update
    must fail, `serve status` must say why, v1 must answer every request on the first try.
-6. `overload`: 1 replica behind the stable address, batching as by default; open-loop steps of `--step-s` at the
-   `--knee-rates` in turn until the p99 of the requests answered on the first try (sent -> answer) passes 10 ms (the
-   knee; when the lowest rate's p99 is over 10 ms already, where it passes 3x that: `--knee-ms`, `--knee-factor`); then 5x the knee for `--overload-s`, then half the knee as long: every HTTP answer during the overload 2xx,
-   429 or 503, every 429/503 with a Retry-After header (the raw headers the client kept), the accepted requests' p50/p99
-   beside the knee's p99 (printed), and the recovery: seconds from the overload's end to the first 1 s window from
-   which on no first try is refused and the p99 is under the knee's limit (at most 10 s).
-   Run only when named: its 5x load comes from client processes on the server's own 2 cores, which shed what they
-   cannot send (`max_pending`); read its figures with bench/README.md's notes.
+6. `overload`: 1 replica behind the stable address (the shared port), batching as by default, `--max-queued` as its
+   `max_queued_requests`; load from wrk (C), paced: each connection waits an exponential gap before its next request.
+   Steps of `--step-s` at the `--knee-rates` in turn until wrk's p99 passes `--knee-ms` (10 ms): the knee. Then 5x the
+   knee for `--overload-s` over `--overload-connections`, then half the knee as long, while a Poisson probe client
+   (`--probe-rate`, its own ids and retries) runs from 5 s before the overload to the end. Checked: every answer during
+   the overload (wrk counts each status; the probe keeps its raw headers) 2xx, 429 or 503, every 429/503 with
+   Retry-After, the probe's accepted requests' p50/p99 beside its own before the overload (printed), the recovery:
+   seconds from the overload's end to the first 1 s window from which on no probe request is refused and its p99 is
+   under 10 ms or under its own p99 before the overload, whichever is more (at most 10 s); the probe's audit rows
+   exact. A step with a refusal is the knee too. Run only when named.
 
 The `ab` and `overload` load is split over client processes of at most 80 req/s each (`load_procs`: one asyncio +
 httpx client sends about 140/s on this machine); the others' comes from one client thread.
@@ -49,7 +52,7 @@ answer). The load average is printed before and after each scenario. Exits 1 if 
 this; run it with no other Ray on the machine (it uses the fixed ports above).
 """
 from __future__ import annotations
-import argparse, asyncio, json, os, random, signal, sys, tempfile, threading, time
+import argparse, asyncio, json, os, random, shutil, signal, sys, tempfile, threading, time
 from collections import Counter
 from pathlib import Path
 
@@ -324,80 +327,127 @@ def load_procs(url: str, rate: float, name: str, start_at: float, stop_at: float
     return [r for part in parts for r in part]
 
 
+WRK_LUA = r"""
+wrk.method = "POST"
+wrk.body = [[%(body)s]]
+wrk.headers["Content-Type"] = "application/json"
+local mean_ms, threads = %(mean_ms)f, {}
+counts, bare = {}, 0  -- globals: done() reads each thread's with thread:get
+function setup(thread) table.insert(threads, thread); thread:set("id", #threads) end
+function init(args) math.randomseed(os.time() * 100 + id) end
+function delay() return -math.log(1 - math.random()) * mean_ms end  -- exponential gaps: Poisson arrivals per connection
+function response(status, headers, body)
+  counts[tostring(status)] = (counts[tostring(status)] or 0) + 1
+  if (status == 429 or status == 503) and headers["retry-after"] == nil and headers["Retry-After"] == nil then bare = bare + 1 end
+end
+function done(summary, latency, requests)
+  local all, nbare = {}, 0
+  for _, t in ipairs(threads) do
+    for k, v in pairs(t:get("counts")) do all[k] = (all[k] or 0) + v end
+    nbare = nbare + t:get("bare")
+  end
+  local parts = {}
+  for k, v in pairs(all) do table.insert(parts, string.format('"%%s":%%d', k, v)) end
+  local e = summary.errors
+  io.write(string.format('WRK_JSON {"requests":%%d,"duration_us":%%d,"p50_us":%%d,"p99_us":%%d,"socket_errors":%%d,"timeouts":%%d,"bare":%%d,"status":{%%s}}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), e.connect + e.read + e.write, e.timeout, nbare, table.concat(parts, ",")))
+end
+"""
+
+
+def wrk_paced(url: str, rate: float, seconds: float, connections: int, workdir: Path) -> dict:
+    """wrk (C; `apt-get install -y wrk`) at about `rate` req/s: `connections` connections, each waiting an exponential
+    gap of mean connections / rate before its next request (wrk's `delay()`), so the arrivals are Poisson while answers
+    come faster than the gaps (a connection whose answer is slow falls behind: the achieved rate is printed). Counts every
+    answer's status and the 429/503 answers without Retry-After; latencies are wrk's, over all answers."""
+    import subprocess
+    from conftest import RECORD
+    body = json.dumps(RECORD)  # the record every client of this script sends
+    script = workdir / f"paced-{rate:g}.lua"
+    script.write_text(WRK_LUA % {"body": body, "mean_ms": 1000 * connections / rate})
+    cmd = ["wrk", "-t2", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "5s", "-s", str(script), url]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    line = next((l for l in p.stdout.splitlines() if l.startswith("WRK_JSON ")), None)
+    if line is None: raise RuntimeError(f"wrk gave no result (rc {p.returncode}):\n{p.stdout[-1500:]}\n{p.stderr[-1500:]}")
+    r = json.loads(line[len("WRK_JSON "):])
+    r["achieved"] = r["requests"] / (r["duration_us"] / 1e6)
+    return r
+
+
 def scenario_overload(a, project, v1, problems) -> dict:
-    """Open-loop steps at rising rates against 1 replica (its stable address, default batching) until the p99 of the
-    answered requests passes `a.knee_ms` (or `a.knee_factor` x the lowest rate's p99 when that passes it already); then 5x
-    that rate for `a.overload_s`, then half of it for as long: only 2xx, 429 or 503 (with Retry-After) during the
-    overload, normal again (no refusal, p99 under the knee's limit) within 10 s after it."""
+    """Paced wrk steps at rising rates against 1 replica (its stable address, the shared port; default batching) until
+    wrk's p99 passes `a.knee_ms`: the knee. Then 5x the knee for `a.overload_s`, then half the knee for as long, while
+    a Poisson probe client (`a.probe_rate`, its own ids, retries) runs from 5 s before the overload to the end: only 2xx,
+    429 or 503 (with Retry-After) during the overload (wrk's and the probe's answers), the probe's accepted requests'
+    latency beside its own before the overload, normal again (no refused probe, its p99 under the knee's limit) within
+    10 s after, the probe's audit rows exact."""
     from conftest import cli, deploy
     from test_serving import set_alias
     set_alias("ovl", v1)
-    base = deploy(project, {"name": "ovl", "arms": {"main": {"model": "models:/tiny@ovl", "weight": 1}}, "num_cpus": 0.25}, direct=False)
-    url = f"{base}/predict"
-    def run(rate, name, seconds, start_at=None):
-        t = time.monotonic() + 0.5 if start_at is None else start_at  # the processes' start-up
-        return load_procs(url, rate, name, t, t + seconds, max_connections=128, max_pending=256)
-    steps, knee, knee_p99, limit, all_reqs = [], None, None, None, run(20, "ovl-warm", 5)
+    spec = {"name": "ovl", "arms": {"main": {"model": "models:/tiny@ovl", "weight": 1}}, "num_cpus": 0.25,
+            "max_ongoing_requests": a.max_ongoing, "max_queued_requests": a.max_queued}
+    base = deploy(project, spec, direct=False)
+    url, work = f"{base}/predict", Path(tempfile.mkdtemp(prefix="ml_prod-overload-"))
+    wrk_paced(url, a.knee_rates[0], 3, 64, work)  # warm-up
+    steps, knee = [], None
     for rate in a.knee_rates:
-        reqs = run(rate, f"ovl-k{rate:g}", a.step_s)
-        all_reqs += reqs
-        lat, c = _latency_ms(reqs), counts(reqs)
-        p50, p99 = _pct(lat, 0.5), _pct(lat, 0.99)
-        steps.append(f"{rate:g}/s: sent {_sent_rate(reqs):.0f}/s, {len(reqs)} requests, p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
-                     f"client lag p99 {c['lag_p99'] * 1000:.0f} ms, non-2xx first tries {c['first'] or 0}")
-        print("  knee step", steps[-1], flush=True)
-        if limit is None and p99 > a.knee_ms:  # already at the lowest rate: no 10 ms knee on this machine
-            limit = a.knee_factor * p99
-            print(f"  the p99 at {rate:g}/s is over {a.knee_ms:g} ms already: the knee is where it passes {a.knee_factor:g}x that, "
-                  f"{limit:.1f} ms", flush=True)
-        elif p99 > (limit or a.knee_ms): knee, knee_p99 = rate, p99; break
-        limit = limit or a.knee_ms
+        w = wrk_paced(url, rate, a.step_s, 64, work)
+        non2xx = sum(v for k, v in w["status"].items() if not k.startswith("2"))
+        steps.append(f"{rate:g}/s: achieved {w['achieved']:.0f}/s, p50 {w['p50_us'] / 1000:.2f} ms, p99 {w['p99_us'] / 1000:.2f} ms, non-2xx {non2xx}")
+        print("  knee step", steps[-1], f"(load {_load_avg()})", flush=True)
+        if w["p99_us"] / 1000 > a.knee_ms or non2xx: knee = rate; break
         time.sleep(1)
     if knee is None:
-        problems.append(f"overload: the p99 stayed under {limit:.1f} ms up to {a.knee_rates[-1]:g}/s; no knee found")
+        problems.append(f"overload: wrk's p99 stayed under {a.knee_ms:g} ms without a refusal up to {a.knee_rates[-1]:g}/s; no knee found")
         cli("serve", "down", "ovl", check=False)
-        return dict(name="overload (no knee found)", rate=a.knee_rates[-1], c=counts(all_reqs), au=audit_check("ovl", all_reqs, "ovl-"),
+        return dict(name="overload (no knee found)", rate=a.knee_rates[-1], c=counts([]), au=dict(rows=0, answered=0, missing=0, duplicated=0, extra=0),
                     recovery="; ".join(steps))
     time.sleep(2)
     over_rate, normal_rate = 5 * knee, knee / 2
-    t_start = time.monotonic() + 1.0
+    t_start = time.monotonic() + 5.5
     t_end = t_start + a.overload_s
     box = {}
-    normal = threading.Thread(target=lambda: box.update(normal=run(normal_rate, "ovl-after", a.overload_s, start_at=t_end)), daemon=True)
-    normal.start()  # its own processes, started with the overload's
-    over = run(over_rate, "ovl-over", a.overload_s, start_at=t_start)
-    normal.join()
-    after = box["normal"]
-    all_reqs += over + after
-    codes_over, bare_over = _refusals(over)
-    codes_after, bare_after = _refusals(after)
-    wrong = {k: v for k, v in codes_over.items() if k.isdigit() and k not in ("429", "503")}  # HTTP answers
-    unanswered = {k: v for k, v in codes_over.items() if not k.isdigit()}  # the client's own timeouts, resets
-    acc = _latency_ms(over)
-    acc_p50, acc_p99 = _pct(acc, 0.5), _pct(acc, 0.99)
-    rec = _recovery(after, t_end, limit)
-    after_p99 = _pct(_latency_ms([r for r in after if rec is not None and r.sent >= t_end + rec]), 0.99)
-    c_over, c_after = counts(over), counts(after)
-    c, au = counts(all_reqs), audit_check("ovl", all_reqs, "ovl-")
-    print(f"  overload {over_rate:g}/s: sent {_sent_rate(over):.0f}/s, {len(over)} requests, first tries 2xx {len(acc)}, "
-          f"non-2xx attempts {dict(codes_over)}; accepted p50 {acc_p50:.1f} ms, p99 {acc_p99:.1f} ms (knee p99 {knee_p99:.1f} ms at {knee:g}/s); "
-          f"client lag p99 {c_over['lag_p99'] * 1000:.0f} ms", flush=True)
-    print(f"  after, {normal_rate:g}/s: sent {_sent_rate(after):.0f}/s, {len(after)} requests, non-2xx attempts {dict(codes_after)}; "
-          f"normal again {rec if rec is None else f'{rec:.1f} s'} after the overload ended (p99 from then {after_p99:.1f} ms)", flush=True)
+    probe = threading.Thread(target=lambda: box.update(reqs=load_procs(url, a.probe_rate, "ovl-probe", t_start - 5, t_end + a.overload_s,
+                                                                        max_connections=64)), daemon=True)
+    probe.start()
+    time.sleep(max(0.0, t_start - time.monotonic()))
+    over = wrk_paced(url, over_rate, a.overload_s, a.overload_connections, work)
+    after = wrk_paced(url, normal_rate, max(1.0, t_end + a.overload_s - time.monotonic()), 64, work)
+    probe.join()
+    reqs = box["reqs"]
+    before = [r for r in reqs if r.sent < t_start]
+    during = [r for r in reqs if t_start <= r.sent < t_end]
+    codes_over, bare_probe = _refusals(during)
+    codes_after, bare_after = _refusals([r for r in reqs if r.sent >= t_end])
+    wrong = {k: v for k, v in over["status"].items() if not k.startswith("2") and k not in ("429", "503")}
+    wrong.update({k: v for k, v in codes_over.items() if k.isdigit() and k not in ("429", "503")})
+    refused = sum(over["status"].get(k, 0) for k in ("429", "503"))
+    b_lat, acc = _latency_ms(before), _latency_ms(during)
+    limit = max(a.knee_ms, _pct(b_lat, 0.99))  # normal: as before the overload (the probe's own p99 can pass 10 ms on 2 cores)
+    rec = _recovery(reqs, t_end, limit)
+    c, au = counts(reqs), audit_check("ovl", reqs, "ovl-")
+    print(f"  overload {over_rate:g}/s for {a.overload_s:g} s, {a.overload_connections} connections: wrk achieved {over['achieved']:.0f}/s, "
+          f"statuses {over['status']}, without Retry-After {over['bare']}, socket errors {over['socket_errors']}, timeouts {over['timeouts']}; "
+          f"probe accepted {len(acc)} of {len(during)}: p50 {_pct(acc, 0.5):.1f} / p99 {_pct(acc, 0.99):.1f} ms (before: {_pct(b_lat, 0.5):.1f} / "
+          f"{_pct(b_lat, 0.99):.1f} ms), its refusals {dict(codes_over)} (load {_load_avg()})", flush=True)
+    print(f"  after, {normal_rate:g}/s: wrk achieved {after['achieved']:.0f}/s, statuses {after['status']}; probe refusals {dict(codes_after)}; "
+          f"normal again {'never' if rec is None else f'{rec:.1f} s'} after the overload ended", flush=True)
     if wrong: problems.append(f"overload: answers other than 2xx/429/503 during the overload: {wrong}")
-    if unanswered: print(f"  overload: attempts without an HTTP answer (client-side): {unanswered}", flush=True)
-    if bare_over or bare_after: problems.append(f"overload: {len(bare_over) + len(bare_after)} 429/503 answers without Retry-After, e.g. {(bare_over + bare_after)[:2]}")
-    if rec is None or rec > 10: problems.append(f"overload: not normal (no 429/503, p99 < {limit:.1f} ms) within 10 s after the overload: {rec}")
-    if not (codes_over["429"] + codes_over["503"]): problems.append(f"overload: no request refused at {over_rate:g}/s (sent {_sent_rate(over):.0f}/s): not an overload")
+    if over["bare"] or bare_probe or bare_after:
+        problems.append(f"overload: 429/503 answers without Retry-After: wrk {over['bare']}, probe {len(bare_probe) + len(bare_after)}")
+    if rec is None or rec > 10: problems.append(f"overload: not normal (no refused probe, p99 < {limit:.1f} ms) within 10 s after the overload: {rec}")
+    if not refused: problems.append(f"overload: no request refused at {over_rate:g}/s (achieved {over['achieved']:.0f}/s): not an overload")
     if au["missing"] or au["duplicated"]: problems.append(f"overload: audit rows missing {au['missing']}, duplicated {au['duplicated']}")
-    note = (f"knee {knee:g}/s (p99 {knee_p99:.1f} ms > {limit:.1f} ms; steps: " + "; ".join(steps) + f"); overload {over_rate:g}/s for {a.overload_s:g} s "
-            f"(sent {_sent_rate(over):.0f}/s, {len(over)} requests): non-2xx attempts {dict(codes_over)}, accepted first tries {len(acc)} "
-            f"p50 {acc_p50:.1f} / p99 {acc_p99:.1f} ms vs the knee's p99 {knee_p99:.1f} ms; after, {normal_rate:g}/s (sent {_sent_rate(after):.0f}/s, "
-            f"{len(after)} requests): non-2xx {dict(codes_after)}, normal again after {'never' if rec is None else f'{rec:.1f} s'}"
-            f" (no refusal, p99 < {limit:.1f} ms; p99 from then {after_p99:.1f} ms); 429/503 without Retry-After: {len(bare_over) + len(bare_after)}")
+    note = (f"knee {knee:g}/s (the first step whose wrk p99 passed {a.knee_ms:g} ms or that had a refusal; steps: " + "; ".join(steps) + f"); overload {over_rate:g}/s for {a.overload_s:g} s "
+            f"over {a.overload_connections} connections (achieved {over['achieved']:.0f}/s, {over['requests']} answers): statuses {over['status']}, "
+            f"{over['bare']} 429/503 without Retry-After, {over['socket_errors']} socket errors, {over['timeouts']} timeouts; probe at {a.probe_rate:g}/s: "
+            f"accepted first tries {len(acc)} of {len(during)} p50 {_pct(acc, 0.5):.1f} / p99 {_pct(acc, 0.99):.1f} ms vs {_pct(b_lat, 0.5):.1f} / "
+            f"{_pct(b_lat, 0.99):.1f} ms before; after, {normal_rate:g}/s (achieved {after['achieved']:.0f}/s): statuses {after['status']}, "
+            f"normal again after {'never' if rec is None else f'{rec:.1f} s'} (no refused probe, its p99 under {limit:.1f} ms: {a.knee_ms:g} ms or its own before the overload)")
     cli("serve", "down", "ovl", check=False)
-    return dict(name=f"overload at 5x the p99 knee, 1 replica (stable address)", rate=over_rate, c=c, au=au, recovery=note,
-                phases=dict(over=c_over, after=c_after))
+    shutil.rmtree(work, ignore_errors=True)
+    return dict(name=f"overload at 5x the p99 knee, 1 replica (stable address), max_ongoing_requests {a.max_ongoing}, max_queued_requests {a.max_queued}", rate=over_rate, c=c, au=au,
+                recovery=note)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -444,14 +494,16 @@ def main() -> int:
     ap.add_argument("--ab-requests", type=int, default=20_000, help="the issue's 100,000 with --ab-requests 100000")
     ap.add_argument("--kill-rate", type=float, default=100)
     ap.add_argument("--replicas", type=int, default=3)
-    ap.add_argument("--knee-rates", default="20,50,100,150,200,300,400,600", help="overload: the knee search's rates (req/s)")
+    ap.add_argument("--knee-rates", default="500,1000,1500,2000,2500,3000,3500,4000,5000,6000", help="overload: the knee search's rates (req/s), paced wrk")
+    ap.add_argument("--probe-rate", type=float, default=20, help="overload: the Poisson probe client's rate (req/s)")
+    ap.add_argument("--max-ongoing", type=int, default=64, help="overload: the application's max_ongoing_requests")
+    ap.add_argument("--max-queued", type=int, default=256, help="overload: the application's max_queued_requests (refused beyond max_ongoing + this)")
+    ap.add_argument("--overload-connections", type=int, default=1024, help="overload: wrk's connections at 5x the knee")
     ap.add_argument("--knee-ms", type=float, default=10, help="overload: the knee is the rate whose p99 passes this")
-    ap.add_argument("--knee-factor", type=float, default=3,
-                    help="overload: when the lowest rate's p99 passes --knee-ms already, the knee is where it passes this many times that")
     ap.add_argument("--step-s", type=float, default=5, help="overload: seconds of each knee step")
     ap.add_argument("--overload-s", type=float, default=20, help="overload: seconds at 5x the knee, then as many at half the knee")
     ap.add_argument("--only", default="update,ab,kill,controller,broken",
-                    help="scenarios in order; `overload` only when named (its clients share the server's cores, see bench/README.md)")
+                    help="scenarios in order; `overload` only when named (wrk at 5x the knee takes the machine's cores for --overload-s)")
     ap.add_argument("--budget-s", type=float, default=1800, help="no scenario starts after this many seconds")
     a = ap.parse_args()
     a.knee_rates = [float(x) for x in a.knee_rates.split(",")]

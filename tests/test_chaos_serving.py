@@ -220,7 +220,7 @@ def test_broken_v3_is_refused_while_v1_serves_without_an_error(app, kind):
 
 @pytest.mark.long  # ~70 s, beyond this module's CI share; bench/chaos_serving.py --only controller is its long form
 def test_serve_controller_killed_mid_load_and_mid_update(app, project):
-    """SIGKILL of the ServeController under load through the stable address (Ray's proxy), then again while a v1 -> v2
+    """SIGKILL of the ServeController under load through the stable address (the shared port), then again while a v1 -> v2
     update is being applied (v2 loading in the replica): traffic keeps flowing, every request answered within 2
     retries, the update completes, `serve status` works again, the audit has one raw row per answered request."""
     pids = project / "ctl-loads"
