@@ -362,6 +362,8 @@ def wrk_paced(url: str, rate: float, seconds: float, connections: int, workdir: 
     answer's status and the 429/503 answers without Retry-After; latencies are wrk's, over all answers."""
     import subprocess
     from conftest import RECORD
+    if shutil.which("wrk") is None:
+        raise RuntimeError("the overload scenario needs wrk: apt-get install -y wrk (Debian/Ubuntu), brew install wrk (macOS)")
     body = json.dumps(RECORD)  # the record every client of this script sends
     script = workdir / f"paced-{rate:g}.lua"
     script.write_text(WRK_LUA % {"body": body, "mean_ms": 1000 * connections / rate})
