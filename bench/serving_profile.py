@@ -51,9 +51,10 @@ OTHER = "other Python"
 FRAME = re.compile(r"^(?P<fn>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
 
-LEAVES = {  # a sample whose innermost Python frame is one of these runs native code that frame called
-    "Thread.run": "event loop in C (uvloop: sockets, callbacks)",  # the replica's loop thread runs uvloop's run_forever
-    "_worker": "thread pool: its queue's wait and wake-up",        # concurrent.futures' worker in SimpleQueue.get
+LEAVES = {  # a sample whose innermost Python frame is one of these is in native code that frame called: work, or a wait
+    # for the GIL that the non-blocking sampler takes for running (see bench/README.md: with two busy threads it is mostly that)
+    "Thread.run": "event loop in C: no Python frame (uvloop's own work, GIL waits)",  # the replica's loop thread in uvloop's run_forever
+    "_worker": "thread pool: its queue's wait and wake-up",  # concurrent.futures' worker in SimpleQueue.get
 }
 
 
