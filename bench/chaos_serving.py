@@ -31,8 +31,8 @@ retries") and on the last ("after retries"). Scenarios, in order, each on its ow
 5. `broken`: R replicas serving v1 behind the stable address; three broken v3s tried in turn with `serve update`: its
    constructor fails, its health check fails (scoring its input example), only the replicas refuse it; each update
    must fail, `serve status` must say why, v1 must answer every request on the first try.
-6. `overload`: 1 replica behind the stable address (the shared port), batching as by default, `--max-queued` as its
-   `max_queued_requests`; load from wrk (C), paced: each connection waits an exponential gap before its next request.
+6. `overload`: 1 replica behind the stable address (the shared port), batching as by default, `--max-ongoing` and
+   `--max-queued` as its `max_ongoing_requests` and `max_queued_requests`; load from wrk (C), paced: each connection waits an exponential gap before its next request.
    Steps of `--step-s` at the `--knee-rates` in turn until wrk's p99 passes `--knee-ms` (10 ms): the knee. Then 5x the
    knee for `--overload-s` over `--overload-connections`, then half the knee as long, while a Poisson probe client
    (`--probe-rate`, its own ids and retries) runs from 5 s before the overload to the end. Checked: every answer during
@@ -278,12 +278,6 @@ def _latency_ms(reqs: list[Req]) -> list[float]:
     return [1000 * (r.attempts[0][2] - r.sent) for r in reqs if r.first_ok]
 
 
-def _sent_rate(reqs: list[Req]) -> float:
-    "Requests a second actually sent (first attempts), from the first send to the last."
-    ts = sorted(r.sent for r in reqs if r.sent)
-    return (len(ts) - 1) / (ts[-1] - ts[0]) if len(ts) > 1 and ts[-1] > ts[0] else 0.0
-
-
 def _refusals(reqs: list[Req]) -> tuple[Counter, list]:
     "Every attempt's status that is not 2xx (Counter), and the 429/503 attempts without a Retry-After header."
     codes, bare = Counter(), []
@@ -362,8 +356,6 @@ def wrk_paced(url: str, rate: float, seconds: float, connections: int, workdir: 
     answer's status and the 429/503 answers without Retry-After; latencies are wrk's, over all answers."""
     import subprocess
     from conftest import RECORD
-    if shutil.which("wrk") is None:
-        raise RuntimeError("the overload scenario needs wrk: apt-get install -y wrk (Debian/Ubuntu), brew install wrk (macOS)")
     body = json.dumps(RECORD)  # the record every client of this script sends
     script = workdir / f"paced-{rate:g}.lua"
     script.write_text(WRK_LUA % {"body": body, "mean_ms": 1000 * connections / rate})
@@ -385,6 +377,8 @@ def scenario_overload(a, project, v1, problems) -> dict:
     10 s after, the probe's audit rows exact."""
     from conftest import cli, deploy
     from test_serving import set_alias
+    if shutil.which("wrk") is None:
+        raise RuntimeError("the overload scenario needs wrk: apt-get install -y wrk (Debian/Ubuntu), brew install wrk (macOS)")
     set_alias("ovl", v1)
     spec = {"name": "ovl", "arms": {"main": {"model": "models:/tiny@ovl", "weight": 1}}, "num_cpus": 0.25,
             "max_ongoing_requests": a.max_ongoing, "max_queued_requests": a.max_queued}
